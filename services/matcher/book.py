@@ -1,0 +1,206 @@
+"""Order book state: per side a ladder of price levels, each level a FIFO queue of resting orders.
+
+The layout is chosen for CPython speed, because the core must apply about a million commands a second:
+
+- A resting order is a flat list ``[order_id, account, client_order_id, side, price, quantity, leaves]``
+  (the ``O_*`` constants name the slots). Lists are about five times cheaper to create than objects
+  with ``__slots__`` and ``__init__``, and creating one is on the path of every new order.
+- Each side keeps ``levels`` (key -> Level) and a binary heap of keys with the best level at ``heap[0]``.
+  A key is the price for asks and minus the price for bids, so on both sides "better" means "smaller"
+  and one matching loop serves both.
+- Cancels are lazy and O(1): the order's leaves drop to 0 and it stays in its level's deque until it
+  reaches the head. A level is compacted when dead entries outnumber live ones.
+- The heap is lazy too: an emptied level leaves its key behind, stale keys are popped when they reach
+  the top, and the heap is rebuilt when stale keys outnumber live ones.
+  Invariant: ``heap[0]``, when the heap is not empty, is the key of a live level.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from heapq import heapify, heappop, heappush
+from typing import Any, Final
+
+from services.matcher.commands import BUY
+from shared.instruments import Instrument
+
+O_ID, O_ACCOUNT, O_CID, O_SIDE, O_PRICE, O_QTY, O_LEAVES = range(7)
+Order = list[Any]  # see O_* for the slots
+
+MAX_KEY: Final = 1 << 62  # beyond any price key: the limit of a market order
+_STALE_SLACK: Final = 64
+
+
+class Level:
+    """All resting orders at one price, oldest first. ``total`` is the sum of their leaves."""
+
+    __slots__ = ("dead", "orders", "price", "total")
+
+    def __init__(self, price: int) -> None:
+        self.price = price
+        self.total = 0
+        self.orders: deque[Order] = deque()
+        self.dead = 0  # cancelled entries still in `orders`
+
+    def live_orders(self) -> Iterator[Order]:
+        return (o for o in self.orders if o[O_LEAVES])
+
+
+class BookSide:
+    """One side of the book: levels by key and a heap of keys, best first."""
+
+    __slots__ = ("heap", "levels", "sign", "side")
+
+    def __init__(self, side: str) -> None:
+        self.side = side
+        self.sign = -1 if side == BUY else 1
+        self.levels: dict[int, Level] = {}
+        self.heap: list[int] = []
+
+    def add(self, order: Order) -> Level:
+        """Append a resting order at the back of its price level, creating the level if needed."""
+        key = order[O_PRICE] * self.sign
+        level = self.levels.get(key)
+        if level is None:
+            level = self.levels[key] = Level(order[O_PRICE])
+            heappush(self.heap, key)
+            if len(self.heap) > 2 * len(self.levels) + _STALE_SLACK:
+                self.rebuild_heap()
+        else:
+            order[O_PRICE] = level.price  # one shared int per level instead of one per order
+        level.orders.append(order)
+        level.total += order[O_LEAVES]
+        return level
+
+    def remove(self, order: Order) -> Level:
+        """Take a resting order out of its level in O(1); drops the level when it empties."""
+        key = order[O_PRICE] * self.sign
+        level = self.levels[key]
+        level.total -= order[O_LEAVES]
+        order[O_LEAVES] = 0
+        if level.total == 0:
+            self.drop(key)
+        else:
+            level.dead += 1
+            if level.dead > _STALE_SLACK and level.dead * 2 > len(level.orders):
+                level.orders = deque(level.live_orders())
+                level.dead = 0
+        return level
+
+    def drop(self, key: int) -> None:
+        """Forget an empty level and keep heap[0] live."""
+        del self.levels[key]
+        heap = self.heap
+        if heap[0] == key:
+            levels = self.levels
+            heappop(heap)
+            while heap and heap[0] not in levels:
+                heappop(heap)
+
+    def rebuild_heap(self) -> None:
+        self.heap = list(self.levels)
+        heapify(self.heap)
+
+    def best(self) -> Level | None:
+        return self.levels[self.heap[0]] if self.heap else None
+
+    def iter_levels(self, limit_key: int = MAX_KEY) -> Iterator[Level]:
+        """Levels best first, up to limit_key, without consuming the heap.
+
+        Near the top the book is dense, so walking key by key is cheapest; after a run of empty keys we
+        sort the remaining keys once instead.
+        """
+        levels = self.levels
+        if not levels:
+            return
+        key = self.heap[0]
+        remaining = len(levels)
+        misses = 0
+        while key <= limit_key and remaining:
+            level = levels.get(key)
+            key += 1
+            if level is None:
+                misses += 1
+                if misses > _STALE_SLACK:
+                    break
+                continue
+            misses = 0
+            remaining -= 1
+            yield level
+        else:
+            return
+        for k in sorted(k for k in levels if key <= k <= limit_key):
+            yield levels[k]
+
+
+class OrderBook:
+    """One symbol's book and the counters that make its output sequences."""
+
+    __slots__ = ("asks", "bids", "book_seq", "cids", "inst", "orders", "symbol", "trade_seq")
+
+    def __init__(self, inst: Instrument) -> None:
+        self.inst = inst
+        self.symbol = inst.symbol
+        self.bids = BookSide(BUY)
+        self.asks = BookSide("sell")
+        self.orders: dict[int, Order] = {}  # order id -> resting order
+        self.cids: dict[str, dict[str, Order]] = {}  # account -> client order id -> resting order
+        self.trade_seq = 0
+        self.book_seq = 0
+
+    def side_of(self, side: str) -> BookSide:
+        return self.bids if side == BUY else self.asks
+
+    def bbo(self) -> tuple[int | None, int, int | None, int]:
+        bid, ask = self.bids.best(), self.asks.best()
+        return (
+            bid.price if bid else None,
+            bid.total if bid else 0,
+            ask.price if ask else None,
+            ask.total if ask else 0,
+        )
+
+    def find(self, account: str, order_id: int | None, cid: str | None) -> Order | None:
+        """The caller's resting order by id, else by client order id; None if unknown or someone else's."""
+        if order_id is not None:
+            order = self.orders.get(order_id)
+        elif cid is not None:
+            order = self.cids.get(account, {}).get(cid)
+        else:
+            return None
+        if order is None or order[O_ACCOUNT] != account:
+            return None
+        return order
+
+    def index(self, order: Order) -> None:
+        self.orders[order[O_ID]] = order
+        cid = order[O_CID]
+        if cid is not None:
+            by_cid = self.cids.get(order[O_ACCOUNT])
+            if by_cid is None:
+                by_cid = self.cids[order[O_ACCOUNT]] = {}
+            by_cid[cid] = order
+
+    def unindex(self, order: Order) -> None:
+        del self.orders[order[O_ID]]
+        if order[O_CID] is not None:
+            self.unindex_cid(order)
+
+    def unindex_cid(self, order: Order) -> None:
+        by_cid = self.cids[order[O_ACCOUNT]]
+        del by_cid[order[O_CID]]
+        if not by_cid:
+            del self.cids[order[O_ACCOUNT]]
+
+    def depth(self, n: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """Top n levels per side as (price, total), best first."""
+        out = []
+        for side in (self.bids, self.asks):
+            rows = []
+            for level in side.iter_levels():
+                if len(rows) >= n:
+                    break
+                rows.append((level.price, level.total))
+            out.append(rows)
+        return out[0], out[1]

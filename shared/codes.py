@@ -1,0 +1,60 @@
+"""Stable reject codes and cancel reasons: part of the public wire contract (docs/protocol.md).
+
+Codes are plain strings so they travel unchanged from the core through Redis to clients.
+"""
+
+from typing import Final
+
+INVALID_MESSAGE: Final = "INVALID_MESSAGE"
+UNKNOWN_OP: Final = "UNKNOWN_OP"
+UNKNOWN_SYMBOL: Final = "UNKNOWN_SYMBOL"
+INVALID_SIDE: Final = "INVALID_SIDE"
+INVALID_TYPE: Final = "INVALID_TYPE"
+INVALID_TIF: Final = "INVALID_TIF"
+INVALID_PRICE: Final = "INVALID_PRICE"
+INVALID_QUANTITY: Final = "INVALID_QUANTITY"
+MIN_NOTIONAL: Final = "MIN_NOTIONAL"
+WOULD_TAKE: Final = "WOULD_TAKE"
+DUPLICATE_CLIENT_ORDER_ID: Final = "DUPLICATE_CLIENT_ORDER_ID"
+UNKNOWN_ORDER: Final = "UNKNOWN_ORDER"
+UNAUTHENTICATED: Final = "UNAUTHENTICATED"
+RATE_LIMITED: Final = "RATE_LIMITED"
+OVERLOADED: Final = "OVERLOADED"
+# Extensions beyond the minimum list of the protocol.
+INVALID_CLIENT_ORDER_ID: Final = "INVALID_CLIENT_ORDER_ID"
+INVALID_STP: Final = "INVALID_STP"
+INVALID_ACCOUNT: Final = "INVALID_ACCOUNT"
+INTERNAL_ERROR: Final = "INTERNAL_ERROR"
+
+REASONS: Final[dict[str, str]] = {
+    INVALID_MESSAGE: "message is not a valid JSON object with the required fields",
+    UNKNOWN_OP: "unknown op",
+    UNKNOWN_SYMBOL: "unknown symbol",
+    INVALID_SIDE: "side must be buy or sell",
+    INVALID_TYPE: "type must be limit or market (or the shorthand ioc / fok)",
+    INVALID_TIF: "tif must be gtc, ioc or fok; market orders cannot be gtc; post_only needs limit gtc",
+    INVALID_PRICE: "price is missing, off the tick grid, not positive, not finite or too large",
+    INVALID_QUANTITY: "quantity is off the lot grid, below the minimum or above the maximum",
+    MIN_NOTIONAL: "price x quantity is below the symbol's minimum notional",
+    WOULD_TAKE: "post-only order (or amend) would take liquidity",
+    DUPLICATE_CLIENT_ORDER_ID: "client_order_id is already used by an open order of this account",
+    UNKNOWN_ORDER: "no open order with that id belongs to this account",
+    UNAUTHENTICATED: "authenticate first (op auth)",
+    RATE_LIMITED: "too many messages; slow down",
+    OVERLOADED: "the matcher is behind; order not queued, retry later",
+    INVALID_CLIENT_ORDER_ID: "client_order_id must be a string of 1 to 36 printable characters",
+    INVALID_STP: "stp must be cancel_taker, cancel_maker or cancel_both",
+    INVALID_ACCOUNT: "account must be a string of 1 to 64 characters",
+    INTERNAL_ERROR: "internal error; the order was not queued",
+}
+
+# Why an order ended in "cancelled".
+REASON_USER: Final = "user"
+REASON_IOC: Final = "unfilled_ioc"
+REASON_MARKET: Final = "unfilled_market"
+REASON_FOK: Final = "fok_unfillable"
+REASON_STP: Final = "self_trade_prevention"
+
+
+def reason_for(code: str) -> str:
+    return REASONS.get(code, code.lower().replace("_", " "))
