@@ -60,16 +60,36 @@ def to_units(value: Any, increment: Decimal, maximum: Decimal) -> int:
         return int(d / increment)
 
 
+def scale_of(increment: Decimal) -> tuple[int, int]:
+    """(m, k) with increment == m x 10^-k exactly: lets us format with integer arithmetic only."""
+    sign, digits, exp = increment.as_tuple()
+    m = int("".join(map(str, digits)))
+    if not isinstance(exp, int):
+        raise ValueError("increment must be finite")
+    return (m * 10**exp, 0) if exp >= 0 else (m, -exp)
+
+
+def fmt_fixed(n: int, places: int) -> str:
+    """n x 10^-places as a plain decimal string with exactly `places` decimals (integer maths only)."""
+    if places == 0:
+        return str(n)
+    sign = "-" if n < 0 else ""
+    digits = str(-n if n < 0 else n).rjust(places + 1, "0")
+    return f"{sign}{digits[:-places]}.{digits[-places:]}"
+
+
+def fmt_trimmed(n: int, places: int, min_places: int) -> str:
+    """Like fmt_fixed, without trailing zeros beyond min_places."""
+    while places > min_places and n % 10 == 0:
+        n //= 10
+        places -= 1
+    return fmt_fixed(n, places)
+
+
 def units_to_str(units: int, increment: Decimal) -> str:
     """Render an integer count of `increment` as a plain decimal string ("30000.50")."""
-    with localcontext() as ctx:
-        ctx.prec = _EXACT_PREC
-        return _plain(Decimal(units) * increment, increment)
-
-
-def _plain(d: Decimal, increment: Decimal) -> str:
-    places = max(0, -increment.as_tuple().exponent)  # type: ignore[operator]
-    return f"{d:.{places}f}"
+    m, k = scale_of(increment)
+    return fmt_fixed(units * m, k)
 
 
 @dataclass(frozen=True)
@@ -92,6 +112,10 @@ class Instrument:
     min_notional_units: int = field(init=False)  # in ticks x lots
     maker_rate: int = field(init=False)  # over FEE_DENOM
     taker_rate: int = field(init=False)
+    # Integer formatting parameters: value = units x mult x 10^-places.
+    _price_fmt: tuple[int, int] = field(init=False, repr=False)
+    _qty_fmt: tuple[int, int] = field(init=False, repr=False)
+    _quote_fmt: tuple[int, int] = field(init=False, repr=False)  # ticks x lots
 
     def __post_init__(self) -> None:
         for name in ("tick_size", "lot_size", "min_qty", "max_qty", "min_notional", "max_price"):
@@ -130,6 +154,11 @@ class Instrument:
         object.__setattr__(self, "min_notional_units", max(0, int(notional_units)))
         object.__setattr__(self, "maker_rate", rates[0])
         object.__setattr__(self, "taker_rate", rates[1])
+        pm, pk = scale_of(self.tick_size)
+        qm, qk = scale_of(self.lot_size)
+        object.__setattr__(self, "_price_fmt", (pm, pk))
+        object.__setattr__(self, "_qty_fmt", (qm, qk))
+        object.__setattr__(self, "_quote_fmt", (pm * qm, pk + qk))
 
     # Edge conversions -------------------------------------------------------------------------
     def price_to_ticks(self, value: Any) -> int:
@@ -139,26 +168,22 @@ class Instrument:
         return to_units(value, self.lot_size, self.max_qty)
 
     def price_str(self, ticks: int) -> str:
-        return units_to_str(ticks, self.tick_size)
+        m, k = self._price_fmt
+        return fmt_fixed(ticks * m, k)
 
     def qty_str(self, lots: int) -> str:
-        return units_to_str(lots, self.lot_size)
+        m, k = self._qty_fmt
+        return fmt_fixed(lots * m, k)
 
     def fee_str(self, fee_units: int) -> str:
-        """Exact fee in quote currency: fee_units x tick x lot / FEE_DENOM, no rounding."""
-        with localcontext() as ctx:
-            ctx.prec = _EXACT_PREC
-            return self._quote_str(Decimal(fee_units) * self.tick_size * self.lot_size / FEE_DENOM)
+        """Exact fee in quote currency (fee_units x tick x lot / FEE_DENOM): all significant digits,
+        at least the price's decimal places, never rounded."""
+        m, k = self._quote_fmt
+        return fmt_trimmed(fee_units * m * 100_000_000 // FEE_DENOM, k + 8, self._price_fmt[1])
 
     def notional_str(self, price_ticks: int, qty_lots: int) -> str:
-        with localcontext() as ctx:
-            ctx.prec = _EXACT_PREC
-            return self._quote_str(Decimal(price_ticks * qty_lots) * self.tick_size * self.lot_size)
-
-    def _quote_str(self, d: Decimal) -> str:
-        """An exact quote amount: all significant digits, and at least the price's decimal places."""
-        places = max(-self.tick_size.as_tuple().exponent, -d.normalize().as_tuple().exponent, 0)  # type: ignore[operator]
-        return f"{d:.{places}f}"
+        m, k = self._quote_fmt
+        return fmt_trimmed(price_ticks * qty_lots * m, k, self._price_fmt[1])
 
     def spec(self) -> dict[str, str]:
         return {

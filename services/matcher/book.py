@@ -63,14 +63,18 @@ class BookSide:
         key = order[O_PRICE] * self.sign
         level = self.levels.get(key)
         if level is None:
-            level = self.levels[key] = Level(order[O_PRICE])
-            heappush(self.heap, key)
-            if len(self.heap) > 2 * len(self.levels) + _STALE_SLACK:
-                self.rebuild_heap()
+            level = self.new_level(key, order[O_PRICE])
         else:
             order[O_PRICE] = level.price  # one shared int per level instead of one per order
         level.orders.append(order)
         level.total += order[O_LEAVES]
+        return level
+
+    def new_level(self, key: int, price: int) -> Level:
+        level = self.levels[key] = Level(price)
+        heappush(self.heap, key)
+        if len(self.heap) > 2 * len(self.levels) + _STALE_SLACK:
+            self.rebuild_heap()
         return level
 
     def remove(self, order: Order) -> Level:
@@ -137,7 +141,7 @@ class BookSide:
 class OrderBook:
     """One symbol's book and the counters that make its output sequences."""
 
-    __slots__ = ("asks", "bids", "book_seq", "cids", "inst", "orders", "symbol", "trade_seq")
+    __slots__ = ("asks", "bbo", "bids", "book_seq", "cids", "inst", "orders", "symbol", "trade_seq")
 
     def __init__(self, inst: Instrument) -> None:
         self.inst = inst
@@ -148,18 +152,22 @@ class OrderBook:
         self.cids: dict[str, dict[str, Order]] = {}  # account -> client order id -> resting order
         self.trade_seq = 0
         self.book_seq = 0
+        # (bid price|None, bid total, ask price|None, ask total); the engine refreshes it whenever a
+        # command touches a best level, so most commands reuse it instead of recomputing.
+        self.bbo: tuple[int | None, int, int | None, int] = (None, 0, None, 0)
 
     def side_of(self, side: str) -> BookSide:
         return self.bids if side == BUY else self.asks
 
-    def bbo(self) -> tuple[int | None, int, int | None, int]:
+    def refresh_bbo(self) -> tuple[int | None, int, int | None, int]:
         bid, ask = self.bids.best(), self.asks.best()
-        return (
+        self.bbo = (
             bid.price if bid else None,
             bid.total if bid else 0,
             ask.price if ask else None,
             ask.total if ask else 0,
         )
+        return self.bbo
 
     def find(self, account: str, order_id: int | None, cid: str | None) -> Order | None:
         """The caller's resting order by id, else by client order id; None if unknown or someone else's."""
@@ -183,15 +191,11 @@ class OrderBook:
             by_cid[cid] = order
 
     def unindex(self, order: Order) -> None:
+        # An account's (possibly empty) cid dict is kept: accounts come back, and dropping and
+        # re-creating it would cost an allocation on the hot path.
         del self.orders[order[O_ID]]
         if order[O_CID] is not None:
-            self.unindex_cid(order)
-
-    def unindex_cid(self, order: Order) -> None:
-        by_cid = self.cids[order[O_ACCOUNT]]
-        del by_cid[order[O_CID]]
-        if not by_cid:
-            del self.cids[order[O_ACCOUNT]]
+            del self.cids[order[O_ACCOUNT]][order[O_CID]]
 
     def depth(self, n: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """Top n levels per side as (price, total), best first."""

@@ -85,6 +85,7 @@ class Engine:
             return [_rejected(symbol, "new", seq, account, cid, codes.UNKNOWN_SYMBOL)]
         inst = book.inst
         code = None
+        by_cid: dict[str, Order] | None = None
         if type(account) is not str or not account:
             code = codes.INVALID_ACCOUNT
         elif side != BUY and side != SELL:
@@ -107,8 +108,10 @@ class Engine:
             code = codes.INVALID_TIF if post_only is True else codes.INVALID_MESSAGE
         elif type(stp) is not str or stp not in STP_MODES:
             code = codes.INVALID_STP
-        elif cid is not None and cid in book.cids.get(account, ()):
-            code = codes.DUPLICATE_CLIENT_ORDER_ID
+        elif cid is not None:
+            by_cid = book.cids.get(account)
+            if by_cid is not None and cid in by_cid:
+                code = codes.DUPLICATE_CLIENT_ORDER_ID
         if code is not None:
             return [_rejected(symbol, "new", seq, account, cid, code)]
 
@@ -126,14 +129,28 @@ class Engine:
         out: list[Event] = [(ACCEPTED, symbol, seq, account, cid, side, otype, tif, price, qty)]
         order: Order = [seq, account, cid, side, price, qty, qty]
         if not crosses:
-            if tif == GTC:  # the common case: a passive limit order joins the book
-                level = own.add(order)
-                book.index(order)
-                book.book_seq += 1
-                out.append((BOOK, symbol, book.book_seq, [(side, level.price, level.total)], book.bbo()))
-            else:
+            if tif != GTC:
                 reason = codes.REASON_FOK if tif == FOK else _unfilled(otype)
                 out.append((CANCELLED, symbol, seq, account, cid, side, price, qty, qty, reason))
+                return out
+            # The common case, a passive limit order joining the book: BookSide.add and
+            # OrderBook.index written out, since this path is most of the flow.
+            key = -limit_key
+            level = own.levels.get(key)
+            if level is None:
+                level = own.new_level(key, price)  # type: ignore[arg-type]
+            else:
+                order[O_PRICE] = level.price
+            level.orders.append(order)
+            total = level.total = level.total + qty
+            book.orders[seq] = order
+            if cid is not None:
+                if by_cid is None:
+                    by_cid = book.cids[account] = {}
+                by_cid[cid] = order
+            book.book_seq += 1
+            bbo = book.refresh_bbo() if own.heap[0] == key else book.bbo
+            out.append((BOOK, symbol, book.book_seq, [(side, level.price, total)], bbo))
             return out
 
         if tif == FOK and not _fillable(opp, limit_key, account, stp, qty):
@@ -157,7 +174,7 @@ class Engine:
                 out.append((CANCELLED, symbol, seq, account, cid, side, price, qty, leaves, reason))
         if changes:
             book.book_seq += 1
-            out.append((BOOK, symbol, book.book_seq, changes, book.bbo()))
+            out.append((BOOK, symbol, book.book_seq, changes, book.refresh_bbo()))
         return out
 
     def _match(
@@ -177,7 +194,7 @@ class Engine:
         maker_rate, taker_rate = inst.maker_rate, inst.taker_rate
         t_id, account, t_cid, t_side, t_price, t_qty, t_leaves = taker
         levels, heap, opp_side = opp.levels, opp.heap, opp.side
-        orders = book.orders
+        orders, cids = book.orders, book.cids
         trade_seq = book.trade_seq
         stopped = False
         while heap and heap[0] <= limit_key:
@@ -188,12 +205,12 @@ class Engine:
             before = level.total
             while True:
                 maker = q[0]
-                m_leaves = maker[O_LEAVES]
+                m_id, m_account, m_cid, _, _, m_qty, m_leaves = maker
                 if not m_leaves:  # lazily cancelled
                     q.popleft()
                     level.dead -= 1
                     continue
-                if maker[O_ACCOUNT] == account:
+                if m_account == account:
                     if stp == STP_CANCEL_TAKER:
                         stopped = True
                         break
@@ -202,8 +219,8 @@ class Engine:
                     maker[O_LEAVES] = 0
                     book.unindex(maker)
                     out.append(
-                        (CANCELLED, symbol, maker[O_ID], account, maker[O_CID], opp_side, price,
-                         maker[O_QTY], m_leaves, codes.REASON_STP)
+                        (CANCELLED, symbol, m_id, account, m_cid, opp_side, price, m_qty, m_leaves,
+                         codes.REASON_STP)
                     )
                     if stp == STP_CANCEL_BOTH:
                         stopped = True
@@ -220,15 +237,14 @@ class Engine:
                 trade_seq += 1
                 out.append(
                     (TRADE, symbol, trade_seq, price, fill, t_side,
-                     maker[O_ID], maker[O_ACCOUNT], maker[O_CID], maker[O_QTY], m_leaves,
-                     notional * maker_rate,
+                     m_id, m_account, m_cid, m_qty, m_leaves, notional * maker_rate,
                      t_id, account, t_cid, t_price, t_qty, t_leaves, notional * taker_rate, ts)
                 )
                 if not m_leaves:
                     q.popleft()
-                    del orders[maker[O_ID]]
-                    if maker[O_CID] is not None:
-                        book.unindex_cid(maker)
+                    del orders[m_id]
+                    if m_cid is not None:
+                        del cids[m_account][m_cid]
                 if not t_leaves or not level.total:
                     break
             if level.total != before:
@@ -250,15 +266,17 @@ class Engine:
         order = self._lookup(book, account, order_id, cid)
         if order is None:
             return [_rejected(symbol, "cancel", order_id, account, cid, codes.UNKNOWN_ORDER)]
-        side = order[O_SIDE]
-        leaves = order[O_LEAVES]
-        level = book.side_of(side).remove(order)
+        side, price, leaves = order[O_SIDE], order[O_PRICE], order[O_LEAVES]
+        own = book.bids if side == BUY else book.asks
+        was_best = own.heap[0] == price * own.sign
+        level = own.remove(order)
         book.unindex(order)
         book.book_seq += 1
         return [
-            (CANCELLED, symbol, order[O_ID], account, order[O_CID], side, order[O_PRICE], order[O_QTY],
-             leaves, codes.REASON_USER),
-            (BOOK, symbol, book.book_seq, [(side, level.price, level.total)], book.bbo()),
+            (CANCELLED, symbol, order[O_ID], account, order[O_CID], side, price, order[O_QTY], leaves,
+             codes.REASON_USER),
+            (BOOK, symbol, book.book_seq, [(side, price, level.total)],
+             book.refresh_bbo() if was_best else book.bbo),
         ]
 
     def _amend(self, cmd: Amend) -> list[Event]:
@@ -316,18 +334,21 @@ class Engine:
         ]
         if changes:
             book.book_seq += 1
-            out.append((BOOK, symbol, book.book_seq, changes, book.bbo()))
+            out.append((BOOK, symbol, book.book_seq, changes, book.refresh_bbo()))
         return out
 
     @staticmethod
     def _lookup(book: OrderBook, account: Any, order_id: Any, cid: Any) -> Order | None:
-        if type(account) is not str:
-            return None
+        """The caller's resting order by id, else by client order id; None if unknown or foreign."""
         if order_id is not None:
-            return book.find(account, order_id, None) if type(order_id) is int else None
-        if type(cid) is str:
-            return book.find(account, None, cid)
-        return None
+            order = book.orders.get(order_id) if type(order_id) is int else None
+        elif type(cid) is str and type(account) is str:
+            order = book.cids.get(account, {}).get(cid)
+        else:
+            return None
+        if order is None or order[O_ACCOUNT] != account:
+            return None
+        return order
 
     # Views ------------------------------------------------------------------------------------
     def book(self, symbol: str) -> OrderBook:

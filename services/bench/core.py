@@ -1,0 +1,173 @@
+"""`cme bench core`: throughput, per-command latency and memory of the pure matching core.
+
+Figures come from replaying a pre-generated seeded flow (services.bench.flow) into a fresh engine,
+every event produced and kept until the command returns. Throughput is timed without per-command
+clocks; latency percentiles come from a second replay that reads the clock around each command.
+The cyclic garbage collector is off, as in the matcher (the core creates no reference cycles).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import platform
+import resource
+import sys
+import time
+import tracemalloc
+from typing import Any
+
+import orjson
+
+from services.bench.flow import SYMBOL, FlowConfig, Step, generate
+from services.matcher.commands import BUY, GTC, LIMIT, SELL, NewOrder
+from services.matcher.engine import Engine
+from shared.instruments import Instrument
+
+TS0 = 1_700_000_000_000
+
+
+def _progress(label: str, done: int, total: int, quiet: bool) -> None:
+    if not quiet:
+        print(f"\r  {label}: {done * 100 // max(total, 1):3d}%", end="", file=sys.stderr, flush=True)
+
+
+def _fresh(pre: list[Step]) -> Engine:
+    engine = Engine([Instrument(SYMBOL)])
+    for cmd, seq in pre:
+        engine.apply(cmd, seq, TS0 + seq)
+    return engine
+
+
+def _throughput(pre: list[Step], steps: list[Step], quiet: bool) -> tuple[float, int, int]:
+    """Commands per second over the whole flow, plus counts of events and trades."""
+    engine = _fresh(pre)
+    apply = engine.apply
+    chunk = max(1, len(steps) // 20)
+    events = 0
+    elapsed = 0.0
+    for start in range(0, len(steps), chunk):
+        part = steps[start : start + chunk]
+        t0 = time.perf_counter()
+        for cmd, seq in part:
+            events += len(apply(cmd, seq, seq))
+        elapsed += time.perf_counter() - t0
+        _progress("throughput", start + len(part), len(steps), quiet)
+    if not quiet:
+        print(file=sys.stderr)
+    return len(steps) / elapsed, events, engine.books[SYMBOL].trade_seq
+
+
+def _latency(pre: list[Step], steps: list[Step], quiet: bool) -> dict[str, float]:
+    engine = _fresh(pre)
+    apply = engine.apply
+    clock = time.perf_counter_ns
+    samples = [0] * len(steps)
+    chunk = max(1, len(steps) // 20)
+    for start in range(0, len(steps), chunk):
+        for i in range(start, min(start + chunk, len(steps))):
+            cmd, seq = steps[i]
+            t0 = clock()
+            apply(cmd, seq, seq)
+            samples[i] = clock() - t0
+        _progress("latency", min(start + chunk, len(steps)), len(steps), quiet)
+    if not quiet:
+        print(file=sys.stderr)
+    samples.sort()
+    n = len(samples)
+
+    def pct(p: float) -> float:
+        return samples[min(n - 1, int(n * p))] / 1000.0
+
+    return {"p50_us": pct(0.50), "p99_us": pct(0.99), "p999_us": pct(0.999), "max_us": samples[-1] / 1000.0}
+
+
+def bytes_per_resting_order(n: int, quiet: bool) -> dict[str, float]:
+    """Traced memory of a book holding n resting orders (every one with a client order id)."""
+    engine = Engine([Instrument(SYMBOL)])
+    accounts = [f"acct{i:03d}" for i in range(50)]
+    cmds = [
+        NewOrder(
+            SYMBOL,
+            accounts[i % 50],
+            BUY if i % 2 else SELL,
+            LIMIT,
+            GTC,
+            2_990_000 - (i % 5000) if i % 2 else 3_010_000 + (i % 5000),
+            1 + i % 1000,
+            f"c{i}",
+        )
+        for i in range(n)
+    ]
+    gc.collect()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    chunk = max(1, n // 20)
+    for start in range(0, n, chunk):
+        for i in range(start, min(start + chunk, n)):
+            engine.apply(cmds[i], i + 1, i + 1)
+        _progress("memory", min(start + chunk, n), n, quiet)
+    used = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    if not quiet:
+        print(file=sys.stderr)
+    assert len(engine.books[SYMBOL].orders) == n
+    return {"resting_orders": n, "bytes_per_resting_order": used / n}
+
+
+def run_variant(name: str, cfg: FlowConfig, quiet: bool) -> dict[str, Any]:
+    if not quiet:
+        print(f"[{name}] {cfg.commands:,} commands, seed {cfg.seed}", file=sys.stderr)
+    pre, steps = generate(cfg, progress=not quiet)
+    rate, events, trades = _throughput(pre, steps, quiet)
+    lat = _latency(pre, steps, quiet)
+    return {
+        "variant": name,
+        "commands": len(steps),
+        "preloaded_orders": len(pre),
+        "commands_per_s": round(rate),
+        "events": events,
+        "trades": trades,
+        **{k: round(v, 2) for k, v in lat.items()},
+    }
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    gc.disable()  # as the matcher does: no cycles in the core, and no collector pauses in the numbers
+    quiet = args.quiet
+    results: list[dict[str, Any]] = []
+    if not args.deep:
+        results.append(run_variant("default", FlowConfig(args.commands, args.seed), quiet))
+    if not args.flat:
+        results.append(run_variant("deep book", FlowConfig(args.commands, args.seed, deep=True), quiet))
+    memory = None if args.no_memory else bytes_per_resting_order(args.memory_orders, quiet)
+    report: dict[str, Any] = {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "variants": results,
+        "memory": memory,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    _print_table(report)
+    if args.json:
+        with open(args.json, "wb") as f:
+            f.write(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    return 0
+
+
+def _print_table(report: dict[str, Any]) -> None:
+    print(f"cme bench core  (CPython {report['python']}, one core, cyclic GC off)")
+    print(f"{'variant':<10} {'commands':>10} {'cmd/s':>11} {'p50 us':>8} {'p99 us':>8} {'p99.9 us':>9} {'trades':>9}")
+    for r in report["variants"]:
+        print(
+            f"{r['variant']:<10} {r['commands']:>10,} {r['commands_per_s']:>11,} {r['p50_us']:>8.2f} "
+            f"{r['p99_us']:>8.2f} {r['p999_us']:>9.2f} {r['trades']:>9,}"
+        )
+    variants = report["variants"]
+    if len(variants) == 2:
+        ratio = variants[1]["commands_per_s"] / variants[0]["commands_per_s"]
+        print(f"deep book / default throughput: {ratio:.3f}")
+    if report["memory"]:
+        m = report["memory"]
+        print(f"memory: {m['bytes_per_resting_order']:.0f} bytes per resting order ({m['resting_orders']:,} resting)")
+    print(f"peak RSS: {report['peak_rss_mb']} MB")
