@@ -55,11 +55,12 @@ class Profile:
     """Shape of a random stream."""
 
     mid: int = 10_000  # ticks: 100.00 USDT, so 10 lots (0.0001) already meet the minimum notional
-    band: int = 5  # limit prices are mid + step * randint(-band, band)
+    band: int = 5  # a buy's limit is mid - step * randint(-cross, band), a sell's mid + step * (...)
+    cross: int = 2  # how far past mid an order may reach: this makes the book cross
     step: int = 1
-    p_new: float = 0.55
-    p_cancel: float = 0.20
-    p_amend: float = 0.17  # the rest are invalid commands
+    p_new: float = 0.60
+    p_cancel: float = 0.12
+    p_amend: float = 0.20  # the rest are invalid commands
     p_market: float = 0.12
     max_qty: int = 60
     p_eth: float = 0.15
@@ -82,8 +83,11 @@ def random_stream(
     """
     p = profile
 
-    def price() -> int:
-        return p.mid + p.step * rng.randint(-p.band, p.band)
+    def price(side: str | None = None) -> int:
+        if side is None:
+            return p.mid + p.step * rng.randint(-p.band, p.band)
+        sign = -1 if side == BUY else 1
+        return p.mid + sign * p.step * rng.randint(-p.cross, p.band)
 
     def symbol() -> str:
         return ETH if rng.random() < p.p_eth else BTC
@@ -100,9 +104,11 @@ def random_stream(
         if rng.random() < p.p_market:
             otype, px, tif = MARKET, None, rng.choice((IOC, IOC, FOK))
         else:
-            otype, px = LIMIT, price()
+            otype, px = LIMIT, price(side)
             tif = rng.choices((GTC, IOC, FOK), (70, 15, 15))[0]
         qty = rng.randint(10, p.max_qty) if rng.random() < 0.97 else rng.randint(1, 9)
+        if otype == MARKET or tif != GTC:
+            qty *= rng.choice((1, 2, 4))  # sweeps over several levels
         post_only = otype == LIMIT and tif == GTC and rng.random() < 0.1
         if rng.random() < 0.01:
             post_only = True  # sometimes on ioc / fok / market: INVALID_TIF

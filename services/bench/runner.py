@@ -1,0 +1,17 @@
+"""`cme bench core|e2e` dispatch."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.what == "core":
+        from services.bench.core import run_from_args
+
+        if args.commands is None:
+            args.commands = 1_000_000
+        return run_from_args(args)
+    from services.bench.e2e import run_from_args as run_e2e
+
+    return run_e2e(args)
