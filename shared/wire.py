@@ -2,7 +2,8 @@
 
 The matcher renders each batch once and publishes the bytes; gateways and feeds forward them without
 re-encoding. Payload framing on the pub/sub channels (shared.keys):
-- md and trades: NDJSON, one protocol message per line (orjson never emits a raw newline).
+- the first line is `#<publish wall clock in ns>` (for publish-to-send latency), then
+- md and trades: NDJSON, one protocol message per line (orjson never emits a raw newline);
 - exec: one line per message, `<account> <json>`; account names contain no spaces (gateway rule).
 """
 
@@ -30,8 +31,21 @@ class Rendered:
         self.trades: list[bytes] = []
         self.execs: list[bytes] = []
 
-    def payloads(self) -> tuple[bytes, bytes, bytes]:
-        return b"\n".join(self.md), b"\n".join(self.trades), b"\n".join(self.execs)
+    def payloads(self, now_ns: int) -> tuple[bytes | None, bytes | None, bytes | None]:
+        """(md, trades, exec) payloads, None where a channel has nothing to say."""
+        return frame(self.md, now_ns), frame(self.trades, now_ns), frame(self.execs, now_ns)
+
+
+def frame(lines: list[bytes], now_ns: int) -> bytes | None:
+    return b"\n".join([b"#%d" % now_ns, *lines]) if lines else None
+
+
+def unframe(payload: bytes) -> tuple[int, list[bytes]]:
+    """(publish ns, lines) of a channel payload; publish ns is 0 if the header is missing."""
+    lines = payload.split(b"\n")
+    if lines and lines[0].startswith(b"#"):
+        return int(lines[0][1:] or 0), lines[1:]
+    return 0, lines
 
 
 def _oid(seq: int | None) -> str | None:

@@ -55,11 +55,11 @@ class Profile:
     """Shape of a random stream."""
 
     mid: int = 10_000  # ticks: 100.00 USDT, so 10 lots (0.0001) already meet the minimum notional
-    band: int = 5  # a buy's limit is mid - step * randint(-cross, band), a sell's mid + step * (...)
+    band: int = 8  # a buy's limit is mid - step * randint(-cross, band), a sell's mid + step * (...)
     cross: int = 2  # how far past mid an order may reach: this makes the book cross
     step: int = 1
     p_new: float = 0.60
-    p_cancel: float = 0.12
+    p_cancel: float = 0.10
     p_amend: float = 0.20  # the rest are invalid commands
     p_market: float = 0.12
     max_qty: int = 60
@@ -70,7 +70,7 @@ NARROW = Profile()
 # Levels 100 ticks apart: the walk over keys in BookSide.iter_levels gives up and sorts.
 SPARSE = Profile(band=40, step=100, p_new=0.6, p_cancel=0.25, p_amend=0.12)
 # Many cancels and amends: dead queue entries, stale heap keys, lots of level churn.
-CHURN = Profile(band=3, p_new=0.45, p_cancel=0.30, p_amend=0.22, p_market=0.05)
+CHURN = Profile(band=2, cross=0, p_new=0.5, p_cancel=0.2, p_amend=0.25, p_market=0.05)
 
 
 def random_stream(
