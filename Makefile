@@ -22,7 +22,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# Prometheus (Debian's package, with promtool) backs the metrics tests; the script installs it when it
+# is missing and the machine allows it, and says loudly when it cannot.
 test: lint
+	bash deploy/install-prometheus.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

@@ -20,7 +20,9 @@ def _add_common(p: argparse.ArgumentParser, *, redis_required: bool = True) -> N
         default=DEFAULT_REDIS if not redis_required else "redis://127.0.0.1:6379/0",
         help="Redis to use" + ("" if redis_required else " (default: start an embedded redis-server)"),
     )
-    p.add_argument("--instruments", metavar="FILE", help="JSON list of instrument specs (default: BTC-USDT, ETH-USDT)")
+    p.add_argument(
+        "--instruments", metavar="FILE", help="JSON list of instrument specs (default: BTC-USDT, ETH-USDT)"
+    )
     p.add_argument("--metrics-port", type=int, default=9100, help="port of /metrics (0: any free port)")
     p.add_argument("--instance", help="instance name shown in metrics (default: service-host-pid)")
     p.add_argument("--log-level", default="INFO")
@@ -56,9 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(gateway)
     gateway.add_argument("--host", default="127.0.0.1")
     gateway.add_argument("--port", type=int, default=8000)
-    gateway.add_argument("--api-keys", metavar="FILE", help="JSON object api_key -> account (default: open mode)")
-    gateway.add_argument("--max-lag", type=int, default=50_000, help="matcher lag (entries) before OVERLOADED")
-    gateway.add_argument("--rate-limit", type=float, default=5_000.0, help="messages per second per connection")
+    gateway.add_argument(
+        "--api-keys", metavar="FILE", help="JSON object api_key -> account (default: open mode)"
+    )
+    gateway.add_argument(
+        "--max-lag", type=int, default=50_000, help="matcher lag (entries) before OVERLOADED"
+    )
+    gateway.add_argument(
+        "--rate-limit", type=float, default=5_000.0, help="messages per second per connection"
+    )
     gateway.add_argument("--max-frame", type=int, default=16_384, help="largest accepted frame in bytes")
     gateway.set_defaults(module="services.gateway.server")
 
@@ -68,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     feeds.add_argument("--md-port", type=int, default=8001)
     feeds.add_argument("--trades-port", type=int, default=8002)
     feeds.add_argument("--depth-interval", type=float, default=0.1, help="seconds between depth messages")
-    feeds.add_argument("--max-buffer", type=int, default=10_000, help="queued messages before a client is dropped")
+    feeds.add_argument(
+        "--max-buffer", type=int, default=10_000, help="queued messages before a client is dropped"
+    )
     feeds.set_defaults(module="services.feeds.server")
 
     demo = sub.add_parser("demo", help="play a short client scenario against a running stack")
@@ -93,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     e2e = bench.add_argument_group("e2e")
     e2e.add_argument("--gateway", default=None, help="ws URL of a running gateway (default: start a stack)")
     e2e.add_argument("--clients", type=int, default=8)
-    e2e.add_argument("--rate", type=float, default=0.0, help="offered orders/s in total (0: as fast as possible)")
+    e2e.add_argument(
+        "--rate", type=float, default=0.0, help="offered orders/s in total (0: as fast as possible)"
+    )
     e2e.add_argument("--duration", type=float, default=10.0, help="seconds of load")
     bench.set_defaults(module="services.bench.runner")
     return parser

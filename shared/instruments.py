@@ -53,6 +53,8 @@ def to_units(value: Any, increment: Decimal, maximum: Decimal) -> int:
         raise OffGrid("not positive")
     if d > maximum:
         raise OffGrid("too large")
+    if d < increment:  # also keeps the remainder below from underflowing for exponents like 1e-1000059
+        raise OffGrid("off grid")
     with localcontext() as ctx:
         ctx.prec = _EXACT_PREC
         if d % increment != 0:
@@ -62,7 +64,7 @@ def to_units(value: Any, increment: Decimal, maximum: Decimal) -> int:
 
 def scale_of(increment: Decimal) -> tuple[int, int]:
     """(m, k) with increment == m x 10^-k exactly: lets us format with integer arithmetic only."""
-    sign, digits, exp = increment.as_tuple()
+    _sign, digits, exp = increment.as_tuple()
     m = int("".join(map(str, digits)))
     if not isinstance(exp, int):
         raise ValueError("increment must be finite")
@@ -92,6 +94,18 @@ def units_to_str(units: int, increment: Decimal) -> str:
     return fmt_fixed(units * m, k)
 
 
+_DECIMAL_FIELDS = (
+    "tick_size",
+    "lot_size",
+    "min_qty",
+    "max_qty",
+    "min_notional",
+    "max_price",
+    "maker_fee",
+    "taker_fee",
+)
+
+
 @dataclass(frozen=True)
 class Instrument:
     """One tradable symbol. Decimal fields are the human spec; the int fields are what the core uses."""
@@ -118,16 +132,21 @@ class Instrument:
     _quote_fmt: tuple[int, int] = field(init=False, repr=False)  # ticks x lots
 
     def __post_init__(self) -> None:
-        for name in ("tick_size", "lot_size", "min_qty", "max_qty", "min_notional", "max_price"):
+        for name in _DECIMAL_FIELDS:
             v = getattr(self, name)
-            if not isinstance(v, Decimal):
-                object.__setattr__(self, name, Decimal(str(v)))
-        for name in ("maker_fee", "taker_fee"):
-            v = getattr(self, name)
-            if not isinstance(v, Decimal):
-                object.__setattr__(self, name, Decimal(str(v)))
+            try:
+                d = v if isinstance(v, Decimal) else Decimal(str(v))
+            except ArithmeticError as exc:
+                raise ValueError(f"{self.symbol}: {name} is not a decimal: {v!r}") from exc
+            if not d.is_finite():
+                raise ValueError(f"{self.symbol}: {name} must be finite")
+            object.__setattr__(self, name, d)
         if self.tick_size <= 0 or self.lot_size <= 0:
             raise ValueError(f"{self.symbol}: tick and lot sizes must be positive")
+        if self.max_price < self.tick_size:
+            raise ValueError(f"{self.symbol}: max price must be at least one tick")
+        if self.min_notional < 0:
+            raise ValueError(f"{self.symbol}: min notional must not be negative")
         with localcontext() as ctx:
             ctx.prec = _EXACT_PREC
             min_lots = self.min_qty / self.lot_size
@@ -200,8 +219,10 @@ class Instrument:
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> Instrument:
-        known = {k: Decimal(str(v)) for k, v in spec.items() if k != "symbol"}
-        return cls(symbol=str(spec["symbol"]), **known)
+        unknown = set(spec) - {"symbol", *_DECIMAL_FIELDS}
+        if unknown:
+            raise ValueError(f"unknown instrument fields: {sorted(unknown)}")
+        return cls(symbol=str(spec["symbol"]), **{k: v for k, v in spec.items() if k != "symbol"})
 
 
 def default_instruments() -> dict[str, Instrument]:

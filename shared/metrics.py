@@ -31,7 +31,11 @@ class FastHistogram(Collector):
     """A histogram with one optional label set per child, cheap enough for per-command use."""
 
     def __init__(
-        self, name: str, doc: str, labelnames: tuple[str, ...] = (), buckets: tuple[float, ...] = LATENCY_BUCKETS
+        self,
+        name: str,
+        doc: str,
+        labelnames: tuple[str, ...] = (),
+        buckets: tuple[float, ...] = LATENCY_BUCKETS,
     ) -> None:
         self.name, self.doc, self.labelnames = name, doc, labelnames
         self.bounds = list(buckets)
@@ -85,18 +89,26 @@ SERVICE_INFO = Info("cme_service", "Which service and instance this process is",
 
 # --- gateway ----------------------------------------------------------------------------------
 GATEWAY_ACK_SECONDS = FastHistogram(
-    "cme_gateway_ack_latency_seconds", "Gateway receive of an order to its ack (after the stream append)", ("op",)
+    "cme_gateway_ack_latency_seconds",
+    "Gateway receive of an order to its ack (after the stream append)",
+    ("op",),
 )
 ORDERS = Counter(
-    "cme_orders_total", "Order messages by symbol, type and result at the gateway", ("symbol", "type", "result"),
+    "cme_orders_total",
+    "Order messages by symbol, type and result at the gateway",
+    ("symbol", "type", "result"),
     registry=REGISTRY,
 )
-REJECTS = Counter("cme_rejects_total", "Rejects by code and where they happened", ("code", "stage"), registry=REGISTRY)
+REJECTS = Counter(
+    "cme_rejects_total", "Rejects by code and where they happened", ("code", "stage"), registry=REGISTRY
+)
 CONNECTIONS = Gauge("cme_ws_connections", "Open WebSocket connections", ("server",), registry=REGISTRY)
 REDIS_ROUNDTRIPS = Counter("cme_redis_roundtrips_total", "Redis round trips", ("op",), registry=REGISTRY)
 REDIS_ERRORS = Counter("cme_redis_errors_total", "Redis errors", ("op",), registry=REGISTRY)
 APPEND_BATCH = FastHistogram(
-    "cme_gateway_append_batch_size", "Orders appended per Redis round trip", (),
+    "cme_gateway_append_batch_size",
+    "Orders appended per Redis round trip",
+    (),
     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
 )
 
@@ -111,17 +123,28 @@ ORDER_TO_PUBLISH_SECONDS = FastHistogram(
     "cme_order_to_publish_seconds", "Gateway receive to the matcher's publish of its reports", ("symbol",)
 )
 BATCH_SIZE = FastHistogram(
-    "cme_matcher_batch_size", "Stream entries applied per commit", ("symbol",),
+    "cme_matcher_batch_size",
+    "Stream entries applied per commit",
+    ("symbol",),
     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000),
 )
 TRADES = Counter("cme_trades_total", "Trades", ("symbol",), registry=REGISTRY)
-TRADED_NOTIONAL = Counter("cme_traded_notional_total", "Traded notional in quote currency", ("symbol",), registry=REGISTRY)
+TRADED_NOTIONAL = Counter(
+    "cme_traded_notional_total", "Traded notional in quote currency", ("symbol",), registry=REGISTRY
+)
 STREAM_LENGTH = Gauge("cme_stream_length", "Entries in the orders stream", ("symbol",), registry=REGISTRY)
-MATCHER_LAG = Gauge("cme_matcher_lag_entries", "Entries appended but not yet applied", ("symbol",), registry=REGISTRY)
+MATCHER_LAG = Gauge(
+    "cme_matcher_lag_entries", "Entries appended but not yet applied", ("symbol",), registry=REGISTRY
+)
 APPLIED = Counter("cme_matcher_applied_total", "Stream entries applied", ("symbol",), registry=REGISTRY)
-CHECKPOINT_SECONDS = FastHistogram("cme_checkpoint_duration_seconds", "Time to write a checkpoint", ("symbol",))
+CHECKPOINT_SECONDS = FastHistogram(
+    "cme_checkpoint_duration_seconds", "Time to write a checkpoint", ("symbol",)
+)
 CHECKPOINT_TIMESTAMP = Gauge(
-    "cme_checkpoint_last_timestamp_seconds", "Unix time of the last checkpoint", ("symbol",), registry=REGISTRY
+    "cme_checkpoint_last_timestamp_seconds",
+    "Unix time of the last checkpoint",
+    ("symbol",),
+    registry=REGISTRY,
 )
 REPLAYED = Gauge("cme_replayed_entries", "Entries replayed at the last start", ("symbol",), registry=REGISTRY)
 PUBLISHED = Counter("cme_published_messages_total", "Messages published", ("channel",), registry=REGISTRY)
@@ -133,11 +156,18 @@ RESTING_ORDERS = Gauge("cme_book_resting_orders", "Resting orders", ("symbol",),
 FEED_SEND_SECONDS = FastHistogram(
     "cme_feed_publish_to_send_seconds", "Matcher publish to the feed's write to clients", ("channel",)
 )
-FEED_SENT = Counter("cme_feed_messages_sent_total", "Messages written to clients", ("channel",), registry=REGISTRY)
-FEED_DROPPED = Counter(
-    "cme_feed_dropped_clients_total", "Clients disconnected for falling behind", ("reason",), registry=REGISTRY
+FEED_SENT = Counter(
+    "cme_feed_messages_sent_total", "Messages written to clients", ("channel",), registry=REGISTRY
 )
-FEED_RESYNCS = Counter("cme_feed_resyncs_total", "Book resyncs after a sequence gap", ("symbol",), registry=REGISTRY)
+FEED_DROPPED = Counter(
+    "cme_feed_dropped_clients_total",
+    "Clients disconnected for falling behind",
+    ("reason",),
+    registry=REGISTRY,
+)
+FEED_RESYNCS = Counter(
+    "cme_feed_resyncs_total", "Book resyncs after a sequence gap", ("symbol",), registry=REGISTRY
+)
 
 
 def instance_name(service: str) -> str:

@@ -6,6 +6,7 @@ trade message's latency_us); it never reaches the core, which takes its time fro
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import orjson
@@ -22,8 +23,26 @@ def encode(cmd: Command, recv_ns: int) -> bytes:
 def decode(fields: dict[Any, Any]) -> tuple[Command | None, int]:
     """(command, recv_ns); command is None for an entry that is not ours (it is then skipped)."""
     raw = fields.get(FIELD, fields.get("d"))
+    if raw is None:
+        return None, 0
     try:
         data, recv_ns = orjson.loads(raw)
         return command_from_list(data), int(recv_ns)
     except (TypeError, ValueError, KeyError, orjson.JSONDecodeError):
         return None, 0
+
+
+def encode_events(obj: Any) -> bytes:
+    """JSON for the durable events stream. Fee units of large trades can exceed 64 bits, which orjson
+    refuses; those rare batches fall back to the stdlib encoder (same JSON, slower)."""
+    try:
+        return orjson.dumps(obj)
+    except TypeError:
+        return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def decode_events(data: bytes) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)

@@ -121,22 +121,62 @@ def render(
         elif kind == ev.ACCEPTED:
             _, _, oid, account, cid, side, _otype, _tif, price, qty = e
             out.execs.append(
-                _line(account, _exec(inst, order_id=oid, cid=cid, side=side, status="new", exec_type="new",
-                                     price=price, quantity=qty, leaves=qty, ts=ts))
+                _line(
+                    account,
+                    _exec(
+                        inst,
+                        order_id=oid,
+                        cid=cid,
+                        side=side,
+                        status="new",
+                        exec_type="new",
+                        price=price,
+                        quantity=qty,
+                        leaves=qty,
+                        ts=ts,
+                    ),
+                )
             )
         elif kind == ev.CANCELLED:
             _, _, oid, account, cid, side, price, qty, leaves, reason = e
             out.execs.append(
-                _line(account, _exec(inst, order_id=oid, cid=cid, side=side, status="cancelled",
-                                     exec_type="cancelled", price=price, quantity=qty, leaves=0,
-                                     filled=qty - leaves, ts=ts, reason=reason))
+                _line(
+                    account,
+                    _exec(
+                        inst,
+                        order_id=oid,
+                        cid=cid,
+                        side=side,
+                        status="cancelled",
+                        exec_type="cancelled",
+                        price=price,
+                        quantity=qty,
+                        leaves=0,
+                        filled=qty - leaves,
+                        ts=ts,
+                        reason=reason,
+                    ),
+                )
             )
         elif kind == ev.AMENDED:
             _, _, oid, account, cid, side, price, qty, leaves = e
             status = "new" if qty == leaves else "partially_filled"
             out.execs.append(
-                _line(account, _exec(inst, order_id=oid, cid=cid, side=side, status=status,
-                                     exec_type="amended", price=price, quantity=qty, leaves=leaves, ts=ts))
+                _line(
+                    account,
+                    _exec(
+                        inst,
+                        order_id=oid,
+                        cid=cid,
+                        side=side,
+                        status=status,
+                        exec_type="amended",
+                        price=price,
+                        quantity=qty,
+                        leaves=leaves,
+                        ts=ts,
+                    ),
+                )
             )
         elif kind == ev.REJECTED:
             _, _, op, oid, account, cid, code = e
@@ -144,14 +184,25 @@ def render(
                 continue  # nobody to tell; the gateway never sends such a command
             if op == "new" and oid is not None:
                 msg = {
-                    "type": "execution", "order_id": _oid(oid), "client_order_id": cid, "symbol": inst.symbol,
-                    "status": "rejected", "exec_type": "rejected", "code": code, "reason": reason_for(code),
+                    "type": "execution",
+                    "order_id": _oid(oid),
+                    "client_order_id": cid,
+                    "symbol": inst.symbol,
+                    "status": "rejected",
+                    "exec_type": "rejected",
+                    "code": code,
+                    "reason": reason_for(code),
                     "ts": ts,
                 }
             else:
                 msg = {
-                    "type": "reject", "op": op, "symbol": inst.symbol, "order_id": _oid(oid),
-                    "client_order_id": cid, "code": code, "reason": reason_for(code),
+                    "type": "reject",
+                    "op": op,
+                    "symbol": inst.symbol,
+                    "order_id": _oid(oid),
+                    "client_order_id": cid,
+                    "code": code,
+                    "reason": reason_for(code),
                 }
             out.execs.append(_line(account, msg))
 
@@ -206,16 +257,38 @@ def trade_reports(e: ev.Event, inst: Instrument) -> tuple[Message, Message]:
     price, qty, aggressor, ts, trade_id = e[ev.T_PRICE], e[ev.T_QTY], e[ev.T_AGGRESSOR], e[ev.T_TS], e[2]
     m_leaves, t_leaves = e[ev.T_MAKER_LEAVES], e[ev.T_TAKER_LEAVES]
     maker = _exec(
-        inst, order_id=e[ev.T_MAKER_OID], cid=e[ev.T_MAKER_CID], side="sell" if aggressor == "buy" else "buy",
-        status="filled" if m_leaves == 0 else "partially_filled", exec_type="trade", price=price,
-        quantity=e[ev.T_MAKER_QTY], leaves=m_leaves, last_price=price, last_qty=qty, fee=e[ev.T_MAKER_FEE],
-        liquidity="maker", trade_id=trade_id, ts=ts,
+        inst,
+        order_id=e[ev.T_MAKER_OID],
+        cid=e[ev.T_MAKER_CID],
+        side="sell" if aggressor == "buy" else "buy",
+        status="filled" if m_leaves == 0 else "partially_filled",
+        exec_type="trade",
+        price=price,
+        quantity=e[ev.T_MAKER_QTY],
+        leaves=m_leaves,
+        last_price=price,
+        last_qty=qty,
+        fee=e[ev.T_MAKER_FEE],
+        liquidity="maker",
+        trade_id=trade_id,
+        ts=ts,
     )
     taker = _exec(
-        inst, order_id=e[ev.T_TAKER_OID], cid=e[ev.T_TAKER_CID], side=aggressor,
-        status="filled" if t_leaves == 0 else "partially_filled", exec_type="trade",
-        price=e[ev.T_TAKER_PRICE], quantity=e[ev.T_TAKER_QTY], leaves=t_leaves, last_price=price,
-        last_qty=qty, fee=e[ev.T_TAKER_FEE], liquidity="taker", trade_id=trade_id, ts=ts,
+        inst,
+        order_id=e[ev.T_TAKER_OID],
+        cid=e[ev.T_TAKER_CID],
+        side=aggressor,
+        status="filled" if t_leaves == 0 else "partially_filled",
+        exec_type="trade",
+        price=e[ev.T_TAKER_PRICE],
+        quantity=e[ev.T_TAKER_QTY],
+        leaves=t_leaves,
+        last_price=price,
+        last_qty=qty,
+        fee=e[ev.T_TAKER_FEE],
+        liquidity="taker",
+        trade_id=trade_id,
+        ts=ts,
     )
     return maker, taker
 

@@ -157,7 +157,8 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 def _print_table(report: dict[str, Any]) -> None:
     print(f"cme bench core  (CPython {report['python']}, one core, cyclic GC off)")
-    print(f"{'variant':<10} {'commands':>10} {'cmd/s':>11} {'p50 us':>8} {'p99 us':>8} {'p99.9 us':>9} {'trades':>9}")
+    head = ("variant", "commands", "cmd/s", "p50 us", "p99 us", "p99.9 us", "trades")
+    print(f"{head[0]:<10} {head[1]:>10} {head[2]:>11} {head[3]:>8} {head[4]:>8} {head[5]:>9} {head[6]:>9}")
     for r in report["variants"]:
         print(
             f"{r['variant']:<10} {r['commands']:>10,} {r['commands_per_s']:>11,} {r['p50_us']:>8.2f} "
@@ -169,5 +170,6 @@ def _print_table(report: dict[str, Any]) -> None:
         print(f"deep book / default throughput: {ratio:.3f}")
     if report["memory"]:
         m = report["memory"]
-        print(f"memory: {m['bytes_per_resting_order']:.0f} bytes per resting order ({m['resting_orders']:,} resting)")
+        per_order, resting = m["bytes_per_resting_order"], m["resting_orders"]
+        print(f"memory: {per_order:.0f} bytes per resting order ({resting:,} resting)")
     print(f"peak RSS: {report['peak_rss_mb']} MB")

@@ -2,10 +2,11 @@
 
 Mix per command: about 60 % passive limits within 50 ticks of a random-walking mid, 15 % limits priced
 through 1-3 levels of the other side, 20 % cancels of live orders, 5 % market / IOC / FOK. Order sizes are
-drawn independently of the book (a crossing order through k levels has up to k x the passive size), so the
-deep-book variant differs from the default in depth only, not in how much each order sweeps. Every new order has a client order id,
-as real clients send them. To know which orders are live (for cancels) and where the levels are (for
-crossing orders), the generator drives its own engine; the benchmark then replays the recorded
+drawn independently of the book (a crossing order through k levels has up to k x the passive size), so
+the deep-book variant differs from the default in depth only, not in how much each order sweeps. Every
+new order has a client order id, as real clients send them. To know which orders are live (for
+cancels) and where the levels are (for crossing orders), the generator drives its own engine; the
+benchmark then replays the recorded
 commands into a fresh one, which gives exactly the same outcomes because the core is deterministic.
 """
 

@@ -50,7 +50,7 @@ class Level:
 class BookSide:
     """One side of the book: levels by key and a heap of keys, best first."""
 
-    __slots__ = ("heap", "levels", "sign", "side")
+    __slots__ = ("heap", "levels", "side", "sign")
 
     def __init__(self, side: str) -> None:
         self.side = side
@@ -201,7 +201,7 @@ class OrderBook:
         """Top n levels per side as (price, total), best first."""
         out = []
         for side in (self.bids, self.asks):
-            rows = []
+            rows: list[tuple[int, int]] = []
             for level in side.iter_levels():
                 if len(rows) >= n:
                     break

@@ -68,5 +68,5 @@ def command_to_list(cmd: Command) -> list[Any]:
 
 def command_from_list(data: list[Any]) -> Command:
     kind, *fields = data
-    cls = {"NewOrder": NewOrder, "Cancel": Cancel, "Amend": Amend}[kind]
+    cls: type[Command] = {"NewOrder": NewOrder, "Cancel": Cancel, "Amend": Amend}[kind]
     return cls(*fields)

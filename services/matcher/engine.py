@@ -53,6 +53,8 @@ from shared import codes
 from shared.instruments import Instrument
 
 _MAX_CID = 36
+_MAX_ACCOUNT = 64
+_INT64 = 1 << 63
 
 
 class Engine:
@@ -86,7 +88,7 @@ class Engine:
         inst = book.inst
         code = None
         by_cid: dict[str, Order] | None = None
-        if type(account) is not str or not account:
+        if type(account) is not str or not 0 < len(account) <= _MAX_ACCOUNT:
             code = codes.INVALID_ACCOUNT
         elif side != BUY and side != SELL:
             code = codes.INVALID_SIDE
@@ -96,13 +98,17 @@ class Engine:
             code = codes.INVALID_TIF
         elif type(qty) is not int or not inst.min_qty_lots <= qty <= inst.max_qty_lots:
             code = codes.INVALID_QUANTITY
-        elif otype == LIMIT and (type(price) is not int or not 0 < price <= inst.max_price_ticks):
-            code = codes.INVALID_PRICE
-        elif otype == MARKET and price is not None:
+        elif (
+            type(price) is not int or not 0 < price <= inst.max_price_ticks
+            if otype == LIMIT
+            else price is not None  # a market order takes no price
+        ):
             code = codes.INVALID_PRICE
         elif otype == LIMIT and price * qty < inst.min_notional_units:  # type: ignore[operator]
             code = codes.MIN_NOTIONAL
-        elif cid is not None and (type(cid) is not str or not 0 < len(cid) <= _MAX_CID):
+        elif cid is not None and (
+            type(cid) is not str or not 0 < len(cid) <= _MAX_CID or not cid.isprintable()
+        ):
             code = codes.INVALID_CLIENT_ORDER_ID
         elif post_only is not False and (post_only is not True or otype != LIMIT or tif != GTC):
             code = codes.INVALID_TIF if post_only is True else codes.INVALID_MESSAGE
@@ -167,10 +173,10 @@ class Engine:
                 level = own.add(order)
                 book.index(order)
                 changes.append((side, level.price, level.total))
-                reason = None
+                reason = ""
             else:
                 reason = _unfilled(otype)
-            if reason is not None:
+            if reason:
                 out.append((CANCELLED, symbol, seq, account, cid, side, price, qty, leaves, reason))
         if changes:
             book.book_seq += 1
@@ -219,8 +225,18 @@ class Engine:
                     maker[O_LEAVES] = 0
                     book.unindex(maker)
                     out.append(
-                        (CANCELLED, symbol, m_id, account, m_cid, opp_side, price, m_qty, m_leaves,
-                         codes.REASON_STP)
+                        (
+                            CANCELLED,
+                            symbol,
+                            m_id,
+                            account,
+                            m_cid,
+                            opp_side,
+                            price,
+                            m_qty,
+                            m_leaves,
+                            codes.REASON_STP,
+                        )
                     )
                     if stp == STP_CANCEL_BOTH:
                         stopped = True
@@ -236,9 +252,28 @@ class Engine:
                 notional = price * fill
                 trade_seq += 1
                 out.append(
-                    (TRADE, symbol, trade_seq, price, fill, t_side,
-                     m_id, m_account, m_cid, m_qty, m_leaves, notional * maker_rate,
-                     t_id, account, t_cid, t_price, t_qty, t_leaves, notional * taker_rate, ts)
+                    (
+                        TRADE,
+                        symbol,
+                        trade_seq,
+                        price,
+                        fill,
+                        t_side,
+                        m_id,
+                        m_account,
+                        m_cid,
+                        m_qty,
+                        m_leaves,
+                        notional * maker_rate,
+                        t_id,
+                        account,
+                        t_cid,
+                        t_price,
+                        t_qty,
+                        t_leaves,
+                        notional * taker_rate,
+                        ts,
+                    )
                 )
                 if not m_leaves:
                     q.popleft()
@@ -273,10 +308,25 @@ class Engine:
         book.unindex(order)
         book.book_seq += 1
         return [
-            (CANCELLED, symbol, order[O_ID], account, order[O_CID], side, price, order[O_QTY], leaves,
-             codes.REASON_USER),
-            (BOOK, symbol, book.book_seq, [(side, price, level.total)],
-             book.refresh_bbo() if was_best else book.bbo),
+            (
+                CANCELLED,
+                symbol,
+                order[O_ID],
+                account,
+                order[O_CID],
+                side,
+                price,
+                order[O_QTY],
+                leaves,
+                codes.REASON_USER,
+            ),
+            (
+                BOOK,
+                symbol,
+                book.book_seq,
+                [(side, price, level.total)],
+                book.refresh_bbo() if was_best else book.bbo,
+            ),
         ]
 
     def _amend(self, cmd: Amend) -> list[Event]:
@@ -329,8 +379,17 @@ class Engine:
             if price != old_price:
                 changes.insert(0, (side, old_level.price, old_level.total))
         out: list[Event] = [
-            (AMENDED, symbol, result[O_ID], account, result[O_CID], side, result[O_PRICE], qty,
-             result[O_LEAVES])
+            (
+                AMENDED,
+                symbol,
+                result[O_ID],
+                account,
+                result[O_CID],
+                side,
+                result[O_PRICE],
+                qty,
+                result[O_LEAVES],
+            )
         ]
         if changes:
             book.book_seq += 1
@@ -361,7 +420,7 @@ def _rejected(symbol: Any, op: str, order_id: Any, account: Any, cid: Any, code:
         REJECTED,
         symbol if type(symbol) is str else None,
         op,
-        order_id if type(order_id) is int else None,
+        order_id if type(order_id) is int and -_INT64 <= order_id < _INT64 else None,
         account if type(account) is str else None,
         cid if type(cid) is str else None,
         code,

@@ -15,7 +15,7 @@ trade      (kind, symbol, trade_id, price, quantity, aggressor_side,
 cancelled  (kind, symbol, order_id, account, client_order_id, side, price|None, quantity, leaves, reason)
 amended    (kind, symbol, order_id, account, client_order_id, side, price, quantity, leaves)
 book       (kind, symbol, book_seq, changes, bbo)
-           changes: tuple of (side, price, new level total) per level the command touched, 0 = removed;
+           changes: list of (side, price, new level total) per level the command touched, 0 = removed;
            bbo: (bid_price|None, bid_total, ask_price|None, ask_total) after the command.
            book_seq rises by exactly one per book event per symbol.
 """
@@ -37,7 +37,13 @@ Event = tuple[Any, ...]
 T_TRADE_ID, T_PRICE, T_QTY, T_AGGRESSOR = 2, 3, 4, 5
 T_MAKER_OID, T_MAKER_ACCOUNT, T_MAKER_CID, T_MAKER_QTY, T_MAKER_LEAVES, T_MAKER_FEE = 6, 7, 8, 9, 10, 11
 T_TAKER_OID, T_TAKER_ACCOUNT, T_TAKER_CID, T_TAKER_PRICE, T_TAKER_QTY, T_TAKER_LEAVES, T_TAKER_FEE = (
-    12, 13, 14, 15, 16, 17, 18,
+    12,
+    13,
+    14,
+    15,
+    16,
+    17,
+    18,
 )
 T_TS = 19
 B_SEQ, B_CHANGES, B_BBO = 2, 3, 4

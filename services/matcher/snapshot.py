@@ -8,9 +8,8 @@ id and client-id indexes, dead queue entries) are rebuilt on restore, so they ar
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
-
-import orjson
 
 from services.matcher.book import O_ACCOUNT, O_CID, O_ID, O_LEAVES, O_QTY, BookSide, OrderBook
 from services.matcher.engine import Engine
@@ -60,12 +59,15 @@ def restore(engine: Engine, snap: dict[str, Any]) -> None:
                         order = [oid, account, cid, side.side, price, qty, leaves]
                         side.add(order)
                         book.index(order)
+        book.refresh_bbo()
         engine.books[symbol] = book
     engine.last_seq = snap["last_seq"]
 
 
 def to_bytes(snap: dict[str, Any]) -> bytes:
-    return orjson.dumps(snap, option=orjson.OPT_SORT_KEYS)
+    """Canonical JSON. The stdlib encoder, not orjson: orjson imports datetime, which imports time,
+    and the core must not even import a clock."""
+    return json.dumps(snap, sort_keys=True, separators=(",", ":")).encode()
 
 
 def state_hash(engine: Engine) -> str:

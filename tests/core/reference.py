@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 from services.matcher.commands import (
     BUY,
@@ -128,14 +128,14 @@ def _rejected(symbol: Any, op: str, order_id: Any, account: Any, cid: Any, code:
         REJECTED,
         _text(symbol),
         op,
-        order_id if type(order_id) is int else None,
+        order_id if type(order_id) is int and -(2**63) <= order_id < 2**63 else None,
         _text(account),
         _text(cid),
         code,
     )
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return type(value) is int  # bool is not a quantity or a price
 
 
@@ -184,11 +184,11 @@ class Reference:
         inst = book.inst
         if type(account) is not str or len(account) == 0:
             return codes.INVALID_ACCOUNT
-        if not (side == BUY or side == SELL):
+        if side not in (BUY, SELL):
             return codes.INVALID_SIDE
-        if not (otype == LIMIT or otype == MARKET):
+        if otype not in (LIMIT, MARKET):
             return codes.INVALID_TYPE
-        if not (tif == GTC or tif == IOC or tif == FOK):
+        if tif not in (GTC, IOC, FOK):
             return codes.INVALID_TIF
         if otype == MARKET and tif == GTC:
             return codes.INVALID_TIF
@@ -197,10 +197,10 @@ class Reference:
         if otype == LIMIT:
             if not _is_int(price) or price <= 0 or price > inst.max_price_ticks:
                 return codes.INVALID_PRICE
+            if price * qty < inst.min_notional_units:
+                return codes.MIN_NOTIONAL
         elif price is not None:
             return codes.INVALID_PRICE
-        if otype == LIMIT and price * qty < inst.min_notional_units:
-            return codes.MIN_NOTIONAL
         if cid is not None and (type(cid) is not str or not 1 <= len(cid) <= MAX_CID_LEN):
             return codes.INVALID_CLIENT_ORDER_ID
         if post_only is True:
@@ -215,7 +215,7 @@ class Reference:
         return None
 
     def _new(self, cmd: NewOrder, seq: int, ts: int) -> list[Event]:
-        symbol, account, side, otype, tif, price, qty, cid, post_only, stp = cmd
+        symbol, account, side, otype, tif, price, qty, cid, post_only, _ = cmd
         book = self.book_for(symbol)
         if book is None:
             return [_rejected(symbol, "new", seq, account, cid, codes.UNKNOWN_SYMBOL)]
@@ -241,6 +241,7 @@ class Reference:
             if stopped:
                 reason = codes.REASON_STP
             elif tif == GTC:
+                assert price is not None  # a limit order
                 book.resting.append(RefOrder(seq, account, cid, side, price, qty, leaves, seq))
                 changes.append((side, price, book.total(side, price)))
                 reason = None
@@ -337,9 +338,7 @@ def _makers(book: RefBook, side: str, limit: int | None) -> list[RefOrder]:
     return [m for m in book.side_orders(opp_side) if _acceptable(side, limit, m.price)]
 
 
-def _match(
-    book: RefBook, cmd: NewOrder, seq: int, ts: int, out: list[Event]
-) -> tuple[int, bool, list[int]]:
+def _match(book: RefBook, cmd: NewOrder, seq: int, ts: int, out: list[Event]) -> tuple[int, bool, list[int]]:
     """Trade the incoming order against the book; return (leaves, stopped by STP, touched prices)."""
     symbol, account, side, _, _, price, qty, cid, _, stp = cmd
     inst = book.inst
