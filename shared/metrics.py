@@ -54,6 +54,11 @@ class FastHistogram(Collector):
             self.counts[bisect_left(self.bounds, seconds)] += 1
             self.total += seconds
 
+        def observe_n(self, seconds: float, n: int) -> None:
+            """n observations of the same value (one message written to n clients)."""
+            self.counts[bisect_left(self.bounds, seconds)] += n
+            self.total += seconds * n
+
         def observe_many(self, seconds: list[float]) -> None:
             counts, bounds = self.counts, self.bounds
             for s in seconds:

@@ -1,0 +1,265 @@
+"""The feed's copy of one symbol's order book, rebuilt from the matcher's l2 messages. Pure: no I/O.
+
+A view is either synced (it holds exactly the matcher's book as of `seq`) or unsynced (it holds nothing
+it may serve). It becomes synced from an l2_snapshot and stays synced only while l2_update seqs follow
+on by exactly one; anything else (a gap, a malformed message, a BBO that disagrees with the levels)
+makes it unsynced, and the server then asks the matcher for a fresh snapshot. A wrong book is never
+served: at worst the feed goes quiet for a symbol until the snapshot arrives.
+
+Prices are keyed by integer ticks so ordering is exact, and every level keeps the price and quantity
+strings exactly as the matcher rendered them, so what we serve is byte for byte what it published.
+"""
+
+from __future__ import annotations
+
+import enum
+from bisect import bisect_left, insort
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from shared.instruments import Instrument, OffGrid
+
+Message = dict[str, Any]
+Level = list[str]  # [price, quantity] as rendered by the matcher
+
+
+class Applied(enum.Enum):
+    """What apply_update did with one l2_update."""
+
+    OK = "ok"  # applied: forward it to clients
+    DUPLICATE = "duplicate"  # seq at or below ours: already applied, ignore
+    GAP = "gap"  # seq skipped (or the message was unusable): the view is now unsynced
+    UNSYNCED = "unsynced"  # we are waiting for a snapshot; ignore
+
+
+class Malformed(ValueError):
+    """An l2 message that does not follow the protocol."""
+
+
+_TICKS_CACHE_MAX = 100_000  # price strings remembered per view; prices near the mid repeat constantly
+
+
+class _Side:
+    """One side: ticks -> [price, qty] strings, plus the ticks in ascending order for exact ordering."""
+
+    __slots__ = ("keys", "levels")
+
+    def __init__(self) -> None:
+        self.levels: dict[int, Level] = {}
+        self.keys: list[int] = []  # ascending; bids read it from the end
+
+    def set(self, ticks: int, level: Level) -> None:
+        if ticks not in self.levels:
+            insort(self.keys, ticks)
+        self.levels[ticks] = level
+
+    def remove(self, ticks: int) -> None:
+        if self.levels.pop(ticks, None) is not None:
+            del self.keys[bisect_left(self.keys, ticks)]
+
+    def clear(self) -> None:
+        self.levels.clear()
+        self.keys.clear()
+
+    def top(self, n: int | None, descending: bool) -> list[Level]:
+        keys = self.keys
+        if n is not None and n <= 0:
+            return []
+        if descending:
+            picked = (keys if n is None else keys[-n:])[::-1]
+        else:
+            picked = keys if n is None else keys[:n]
+        levels = self.levels
+        return [levels[k] for k in picked]
+
+    def best(self, descending: bool) -> Level | None:
+        if not self.keys:
+            return None
+        return self.levels[self.keys[-1] if descending else self.keys[0]]
+
+
+class BookView:
+    """One symbol's book as the feed knows it."""
+
+    def __init__(self, inst: Instrument) -> None:
+        self.inst = inst
+        self.symbol = inst.symbol
+        self.synced = False
+        self.seq = 0
+        self.bids = _Side()
+        self.asks = _Side()
+        # Set whenever what a depth subscriber would see may have changed; the server's depth timer
+        # clears it after sending, which is what conflates many updates into one depth message.
+        self.changed = False
+        self._ticks: dict[str, int] = {}
+
+    # Input --------------------------------------------------------------------------------------
+    def apply_snapshot(self, msg: Message) -> bool:
+        """Adopt a matcher snapshot. True if clients must get a fresh snapshot (the book they were
+        shown is not this one); False if we were already synced at this seq with the same levels.
+
+        Any seq is accepted, also one below ours: the matcher publishes every update with seq <= the
+        snapshot's before it, in order, so a lower seq means the matcher itself went back (restart
+        from an older checkpoint, reset) and its word is the truth.
+        """
+        seq = msg.get("seq")
+        bids, asks = msg.get("bids"), msg.get("asks")
+        if type(seq) is not int or seq < 0 or not isinstance(bids, list) or not isinstance(asks, list):
+            raise Malformed("l2_snapshot needs an integer seq and bids/asks lists")
+        new_bids, new_asks = _Side(), _Side()
+        for rows, side in ((bids, new_bids), (asks, new_asks)):
+            for row in rows:
+                price, qty = self._level(row)
+                if not _is_zero(qty):
+                    side.set(self.ticks(price), [price, qty])
+        if self.synced and seq == self.seq and _same(new_bids, self.bids) and _same(new_asks, self.asks):
+            return False
+        self.bids, self.asks = new_bids, new_asks
+        self.seq = seq
+        self.synced = True
+        self.changed = True
+        return True
+
+    def apply_update(self, msg: Message) -> Applied:
+        """Apply one l2_update if it is the next in sequence. On GAP the view is unsynced."""
+        if not self.synced:
+            return Applied.UNSYNCED
+        seq = msg.get("seq")
+        if type(seq) is not int:
+            self.unsync()
+            return Applied.GAP
+        if seq <= self.seq:
+            return Applied.DUPLICATE
+        if seq != self.seq + 1:
+            self.unsync()
+            return Applied.GAP
+        try:
+            self._apply_changes(msg.get("changes"))
+            self._check_bbo(msg.get("bbo"))
+        except Malformed:
+            # Half-applied or inconsistent: we cannot tell what the book is any more.
+            self.unsync()
+            return Applied.GAP
+        self.seq = seq
+        self.changed = True
+        return Applied.OK
+
+    def unsync(self) -> None:
+        """Forget the book: it can no longer be trusted (gap, lost connection...)."""
+        self.synced = False
+        self.bids.clear()
+        self.asks.clear()
+
+    # Output -------------------------------------------------------------------------------------
+    def snapshot(self) -> Message:
+        """The full book as an l2_snapshot: the updates with seq > self.seq continue from it."""
+        return {
+            "type": "l2_snapshot",
+            "symbol": self.symbol,
+            "seq": self.seq,
+            "bids": self.bids.top(None, descending=True),
+            "asks": self.asks.top(None, descending=False),
+        }
+
+    def depth(self, n: int) -> Message:
+        """The top n levels per side and the BBO: one conflated depth-channel message."""
+        return {
+            "type": "depth",
+            "symbol": self.symbol,
+            "seq": self.seq,
+            "bids": self.bids.top(n, descending=True),
+            "asks": self.asks.top(n, descending=False),
+            "bbo": self.bbo(),
+        }
+
+    def bbo(self) -> dict[str, Level | None]:
+        return {"bid": self.bids.best(descending=True), "ask": self.asks.best(descending=False)}
+
+    # Helpers ------------------------------------------------------------------------------------
+    def ticks(self, price: str) -> int:
+        """Integer ticks of a price string (validated against the instrument's grid, cached)."""
+        cached = self._ticks.get(price)
+        if cached is None:
+            try:
+                cached = self.inst.price_to_ticks(price)
+            except OffGrid as exc:
+                raise Malformed(f"bad price {price!r}: {exc}") from exc
+            if len(self._ticks) >= _TICKS_CACHE_MAX:
+                self._ticks.clear()
+            self._ticks[price] = cached
+        return cached
+
+    @staticmethod
+    def _level(row: Any) -> tuple[str, str]:
+        if not isinstance(row, list) or len(row) != 2 or type(row[0]) is not str or type(row[1]) is not str:
+            raise Malformed("a level is [price, quantity] as strings")
+        return row[0], row[1]
+
+    def _apply_changes(self, changes: Any) -> None:
+        if not isinstance(changes, list):
+            raise Malformed("l2_update needs a changes list")
+        for change in changes:
+            if not isinstance(change, list) or len(change) != 3:
+                raise Malformed("a change is [side, price, total]")
+            side_name, price, qty = change
+            if side_name == "buy":
+                side = self.bids
+            elif side_name == "sell":
+                side = self.asks
+            else:
+                raise Malformed(f"bad side {side_name!r}")
+            if type(price) is not str or type(qty) is not str:
+                raise Malformed("price and total are strings")
+            ticks = self.ticks(price)
+            if _is_zero(qty):
+                side.remove(ticks)
+            else:
+                side.set(ticks, [price, qty])
+
+    def _check_bbo(self, bbo: Any) -> None:
+        """The matcher sends its BBO with every update: a free end-to-end check of our levels."""
+        if bbo is None:
+            return  # optional for us; the matcher always sends it
+        if not isinstance(bbo, dict):
+            raise Malformed("bbo is an object")
+        for key, side, descending in (("bid", self.bids, True), ("ask", self.asks, False)):
+            theirs = bbo.get(key)
+            ours = side.best(descending)
+            if theirs is None or ours is None:
+                if theirs is not ours:
+                    raise Malformed(f"bbo {key} disagrees with the levels")
+                continue
+            price, qty = self._level(theirs)
+            if self.ticks(price) != self.ticks(ours[0]) or not _same_qty(qty, ours[1]):
+                raise Malformed(f"bbo {key} disagrees with the levels")
+
+
+def _is_zero(qty: str) -> bool:
+    """Numeric test: "0", "0.00000" and "0E-5" all remove a level."""
+    if qty[:1] in _NONZERO_LEAD:
+        return False  # the usual rendering of a live level, without building a Decimal
+    try:
+        d = Decimal(qty)
+    except InvalidOperation as exc:
+        raise Malformed(f"bad quantity {qty!r}") from exc
+    if not d.is_finite() or d < 0:
+        raise Malformed(f"bad quantity {qty!r}")
+    return d == 0
+
+
+_NONZERO_LEAD = frozenset("123456789")
+
+
+def _same_qty(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    try:
+        return Decimal(a) == Decimal(b)
+    except InvalidOperation as exc:
+        raise Malformed(f"bad quantity {a!r}") from exc
+
+
+def _same(a: _Side, b: _Side) -> bool:
+    if a.keys != b.keys:
+        return False
+    return all(_same_qty(a.levels[k][1], b.levels[k][1]) for k in a.keys)

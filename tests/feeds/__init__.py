@@ -1,0 +1,1 @@
+"""Tests of the market-data and trade feeds (services.feeds)."""
