@@ -1,0 +1,296 @@
+"""The matcher against a real Redis: exact published messages, events stream, progress, snapshot requests,
+checkpoints and trimming, and the `cme matcher` process (metrics, SIGTERM)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, cast
+
+import orjson
+import pytest
+import redis
+
+from services.matcher import checkpoint as ck
+from services.matcher.commands import Cancel, Command, NewOrder
+from shared import keys
+from shared.ids import entry_to_seq
+from tests.matcher import (
+    BTC,
+    ETH,
+    INSTRUMENTS,
+    Collector,
+    Flow,
+    Process,
+    Record,
+    add_flow,
+    append,
+    await_until,
+    config,
+    expected,
+    in_process,
+    progress,
+    split_md,
+    stream_events,
+    stream_ids,
+    wait_until,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture()
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture()
+def collector(redis_url: str) -> Iterator[Collector]:
+    c = Collector(redis_url)
+    yield c
+    c.close()
+
+
+def _applied(r: redis.Redis, symbol: str) -> int:
+    return int(progress(r, symbol).get("applied", 0))
+
+
+def _json(x: Any) -> Any:
+    return orjson.loads(orjson.dumps(x))  # tuples -> lists, as the events stream has them
+
+
+async def test_one_batch_publishes_exact_messages(
+    r: redis.Redis, collector: Collector, redis_url: str, tmp_path: Path
+) -> None:
+    cmds: list[tuple[str, Command | bytes]] = [
+        (BTC, NewOrder(BTC, "alice", "buy", "limit", "gtc", 3_000_000, 100, "a1")),
+        (BTC, NewOrder(BTC, "bob", "sell", "limit", "gtc", 2_999_900, 40, "b1")),
+        (BTC, NewOrder(BTC, "carol", "sell", "limit", "gtc", 3_000_100, 5, None)),
+    ]
+    ids = append(r, cmds)  # appended before the start: one XREAD, one batch, one commit
+    async with in_process(config(redis_url, tmp_path)) as run:
+        await await_until(lambda: _applied(r, BTC) == 3, what="applied")
+        await await_until(lambda: collector.count(BTC, "exec") == 1, what="exec payload")
+        assert await run.stop() == 0
+
+    # One PUBLISH per channel for the batch (md also carries the start-up snapshot).
+    assert [collector.count(BTC, k) for k in ("md", "trades", "exec")] == [2, 1, 1]
+    updates, snaps = split_md(collector.lines(BTC, "md"))
+    assert snaps == [{"type": "l2_snapshot", "symbol": BTC, "seq": 0, "bids": [], "asks": []}]
+    assert [orjson.loads(u) for u in updates] == [
+        {"type": "l2_update", "symbol": BTC, "seq": 1, "changes": [["buy", "30000.00", "0.00100"]],
+         "bbo": {"bid": ["30000.00", "0.00100"], "ask": None}},
+        {"type": "l2_update", "symbol": BTC, "seq": 2, "changes": [["buy", "30000.00", "0.00060"]],
+         "bbo": {"bid": ["30000.00", "0.00060"], "ask": None}},
+        {"type": "l2_update", "symbol": BTC, "seq": 3, "changes": [["sell", "30001.00", "0.00005"]],
+         "bbo": {"bid": ["30000.00", "0.00060"], "ask": ["30001.00", "0.00005"]}},
+    ]  # fmt: skip
+    (trade,) = collector.messages(BTC, "trades")
+    assert isinstance(trade.pop("latency_us"), int)
+    assert trade == {
+        "type": "trade", "symbol": BTC, "trade_id": 1, "price": "30000.00", "quantity": "0.00040",
+        "aggressor_side": "sell", "maker_order_id": ids[0], "taker_order_id": ids[1], "maker_fee": "0.012",
+        "taker_fee": "0.024", "ts": entry_to_seq(ids[1]) >> 20,
+    }  # fmt: skip
+    execs = [(line.split(b" ", 1)[0].decode(), orjson.loads(line.split(b" ", 1)[1]))
+             for line in collector.lines(BTC, "exec")]  # fmt: skip
+    assert [(a, m["order_id"], m["status"], m["fee"]) for a, m in execs] == [
+        ("alice", ids[0], "new", "0.00"),
+        ("bob", ids[1], "new", "0.00"),
+        ("alice", ids[0], "partially_filled", "0.012"),
+        ("bob", ids[1], "filled", "0.024"),
+        ("carol", ids[2], "new", "0.00"),
+    ]
+    assert execs[3][1]["liquidity"] == "taker" and execs[2][1]["remaining_quantity"] == "0.00060"
+
+    # Durable output and progress, committed with the publishes.
+    exp = expected(INSTRUMENTS[BTC], [(i, c) for i, (_, c) in zip(ids, cmds, strict=True)])  # type: ignore[misc]
+    assert stream_events(r, BTC) == _json(exp.events)
+    assert r.xlen(keys.events(BTC)) == 1
+    state = progress(r, BTC)
+    assert {k: state[k] for k in ("last_id", "applied", "book_seq", "trade_seq")} == {
+        "last_id": ids[2],
+        "applied": "3",
+        "book_seq": "3",
+        "trade_seq": "1",
+    }
+
+
+async def test_rejects_cancels_and_junk_entries(
+    r: redis.Redis, collector: Collector, redis_url: str, tmp_path: Path
+) -> None:
+    async with in_process(config(redis_url, tmp_path)) as run:
+        (oid,) = append(r, [(ETH, NewOrder(ETH, "alice", "sell", "limit", "gtc", 200_000, 300, "x"))])
+        append(r, [(ETH, b"not json"), (ETH, Cancel(ETH, "mallory", entry_to_seq(oid)))])
+        append(r, [(ETH, NewOrder(ETH, "bob", "buy", "limit", "gtc", 200_000, 0, "q0"))])
+        append(r, [(ETH, Cancel(ETH, "alice", None, "x"))])
+        await await_until(lambda: _applied(r, ETH) == 5, what="applied")
+        await await_until(lambda: len(collector.lines(ETH, "exec")) == 4, what="execs")
+        assert await run.stop() == 0
+    execs = [(line.split(b" ", 1)[0].decode(), orjson.loads(line.split(b" ", 1)[1]))
+             for line in collector.lines(ETH, "exec")]  # fmt: skip
+    assert [a for a, _ in execs] == ["alice", "mallory", "bob", "alice"]
+    assert execs[1][1] == {
+        "type": "reject", "op": "cancel", "symbol": ETH, "order_id": oid, "client_order_id": None,
+        "code": "UNKNOWN_ORDER", "reason": execs[1][1]["reason"],
+    }  # fmt: skip
+    assert execs[2][1]["status"] == "rejected" and execs[2][1]["code"] == "INVALID_QUANTITY"
+    assert execs[3][1]["status"] == "cancelled" and execs[3][1]["order_id"] == oid
+    updates, _ = split_md(collector.lines(ETH, "md"))
+    changes = [orjson.loads(u)["changes"] for u in updates]
+    assert changes[0] == [["sell", "2000.00", "0.00300"]]
+    assert [(side, price, Decimal(qty)) for side, price, qty in changes[1]] == [
+        ("sell", "2000.00", Decimal(0))
+    ]
+    assert [orjson.loads(u)["seq"] for u in updates] == [1, 2]
+    events = stream_events(r, ETH)
+    assert len(events) == 5 and events[1][1] == []  # the junk entry: applied, no events
+
+
+def _book_after(updates: list[dict[str, Any]], upto: int) -> dict[str, dict[str, str]]:
+    book: dict[str, dict[str, str]] = {"buy": {}, "sell": {}}
+    for u in updates:
+        if u["seq"] > upto:
+            break
+        for side, price, qty in u["changes"]:
+            if Decimal(qty) == 0:
+                book[side].pop(price, None)
+            else:
+                book[side][price] = qty
+    return book
+
+
+async def test_snapshot_requests_are_aligned_with_updates(
+    r: redis.Redis, collector: Collector, redis_url: str, tmp_path: Path
+) -> None:
+    flow, record = Flow(7), cast(Record, {})
+    stop = threading.Event()
+
+    def produce() -> None:
+        writer = redis.Redis.from_url(redis_url)
+        while not stop.is_set():
+            add_flow(writer, flow, record, (BTC,), 20)
+            time.sleep(0.002)
+        writer.close()
+
+    async with in_process(config(redis_url, tmp_path, batch=50)) as run:
+        r.publish(keys.snapshot_request_channel(BTC), b"")  # idle: answered at once
+        await await_until(lambda: len(split_md(collector.lines(BTC, "md"))[1]) == 2, what="idle snapshot")
+        producer = threading.Thread(target=produce)
+        producer.start()
+        try:
+            for _ in range(8):
+                r.publish(keys.snapshot_request_channel(BTC), b"")
+                await asyncio.sleep(0.03)
+        finally:
+            stop.set()
+            producer.join()
+        total = sum([len(v) for v in record.values()])
+        await await_until(lambda: _applied(r, BTC) == total, what="all applied")
+        r.publish(keys.snapshot_request_channel(BTC), b"")
+        await await_until(lambda: len(split_md(collector.lines(BTC, "md"))[1]) >= 5, what="snapshots")
+        assert await run.stop() == 0
+
+    messages = [orjson.loads(line) for line in collector.lines(BTC, "md")]
+    updates = [m for m in messages if m["type"] == "l2_update"]
+    assert [u["seq"] for u in updates] == list(range(1, len(updates) + 1))
+    last_seq = 0
+    snapshots = 0
+    for m in messages:  # channel order: every update <= snapshot.seq before it, every later one after
+        if m["type"] == "l2_update":
+            assert m["seq"] == last_seq + 1
+            last_seq = m["seq"]
+        else:
+            snapshots += 1
+            assert m["seq"] == last_seq
+            book = _book_after(updates, m["seq"])
+            assert {p: q for p, q in m["bids"]} == book["buy"]
+            assert {p: q for p, q in m["asks"]} == book["sell"]
+            prices = [Decimal(p) for p, _ in m["bids"]]
+            assert prices == sorted(prices, reverse=True)
+    assert snapshots >= 5 and last_seq > 0
+
+
+async def test_checkpoints_and_trim(r: redis.Redis, redis_url: str, tmp_path: Path) -> None:
+    flow, record = Flow(11), cast(Record, {})
+    cfg = config(redis_url, tmp_path, checkpoint_every=40, keep_checkpoints=2, batch=10)
+    async with in_process(cfg) as run:
+        for _ in range(10):
+            add_flow(r, flow, record, (BTC,), 30)
+            await await_until(lambda: _applied(r, BTC) == len(record[BTC]), what="applied")
+        assert await run.stop() == 0
+    folder = ck.directory(tmp_path, BTC)
+    files = ck.list_files(folder)
+    assert len(files) == 2
+    newest = ck.read_file(files[-1][1])
+    assert newest.entry_id == record[BTC][-1][0] and newest.applied == 300  # the final checkpoint
+    blob = r.get(keys.checkpoint(BTC))
+    assert isinstance(blob, bytes) and ck.decode(blob) == newest
+    exp = expected(INSTRUMENTS[BTC], record[BTC])
+    assert orjson.loads(orjson.dumps(newest.snapshot)) == _json(_snapshot_of(exp.engine))
+    # The stream keeps exactly the entries from the oldest kept checkpoint on.
+    oldest = files[0][0]
+    kept = [(i, c) for i, c in record[BTC] if entry_to_seq(i) >= oldest]
+    assert 0 < len(kept) < 300
+    assert stream_ids(r, keys.orders(BTC)) == [i for i, _ in kept]
+
+
+def _snapshot_of(engine: Any) -> Any:
+    from services.matcher.snapshot import snapshot
+
+    return snapshot(engine)
+
+
+def test_cme_matcher_process_serves_metrics_and_checkpoints_on_sigterm(
+    r: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    proc = Process(
+        redis_url, tmp_path / "var", tmp_path / "matcher.log", "--symbols", BTC, "--log-level", "info"
+    )
+    try:
+        proc.wait_live()
+        record: Record = {}
+        add_flow(r, Flow(3), record, (BTC,), 200)
+        wait_until(lambda: _applied(r, BTC) == 200, what="applied")
+        port = int(re.findall(r"metrics on port (\d+)", proc.text())[0])
+        gauges = (
+            'cme_stream_length{symbol="BTC-USDT"} 200.0',
+            'cme_matcher_lag_entries{symbol="BTC-USDT"} 0.0',
+        )
+        wait_until(lambda: all(g in _scrape(port) for g in gauges), 5, "polled gauges")
+        text = _scrape(port)
+        assert 'cme_matcher_applied_total{symbol="BTC-USDT"} 200.0' in text
+        assert re.search(r'cme_matcher_command_seconds_count\{symbol="BTC-USDT"\} 200', text)
+        assert 'cme_redis_roundtrips_total{op="commit"}' in text
+        (endpoint,) = cast(list[bytes], r.hvals(keys.instances("matcher")))  # registered for discovery
+        assert endpoint.decode().endswith(f":{port}")
+        assert proc.terminate() == 0
+    finally:
+        if proc.proc.poll() is None:
+            proc.kill()
+    assert "stopped cleanly" in proc.text()
+    files = ck.list_files(ck.directory(tmp_path / "var", BTC))
+    assert len(files) == 1 and ck.read_file(files[0][1]).applied == 200
+    assert r.hlen(keys.instances("matcher")) == 0  # deregistered on the way out
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        body: bytes = resp.read()
+    return body.decode()
+
+
+def test_sigint_is_a_clean_stop_too(redis_url: str, tmp_path: Path) -> None:
+    proc = Process(redis_url, tmp_path / "var", tmp_path / "matcher.log", "--symbols", ETH)
+    proc.wait_live()
+    proc.proc.send_signal(signal.SIGINT)
+    assert proc.proc.wait(15) == 0
