@@ -82,16 +82,32 @@ def fmt_fixed(n: int, places: int) -> str:
 
 def fmt_trimmed(n: int, places: int, min_places: int) -> str:
     """Like fmt_fixed, without trailing zeros beyond min_places."""
-    while places > min_places and n % 10 == 0:
-        n //= 10
-        places -= 1
-    return fmt_fixed(n, places)
+    if n < 0:
+        return "-" + fmt_trimmed(-n, places, min_places)
+    extra = places - min_places
+    if extra <= 0:
+        return fmt_fixed(n, places)
+    head, tail = divmod(n, 10**extra)
+    text = fmt_fixed(head, min_places)
+    if tail:
+        text += str(tail).rjust(extra, "0").rstrip("0")
+    return text
 
 
 def units_to_str(units: int, increment: Decimal) -> str:
     """Render an integer count of `increment` as a plain decimal string ("30000.50")."""
     m, k = scale_of(increment)
     return fmt_fixed(units * m, k)
+
+
+_CACHE_MAX = 100_000
+
+
+def _remember(cache: dict[int, str], key: int, text: str) -> str:
+    if len(cache) >= _CACHE_MAX:
+        cache.clear()
+    cache[key] = text
+    return text
 
 
 _DECIMAL_FIELDS = (
@@ -130,6 +146,10 @@ class Instrument:
     _price_fmt: tuple[int, int] = field(init=False, repr=False)
     _qty_fmt: tuple[int, int] = field(init=False, repr=False)
     _quote_fmt: tuple[int, int] = field(init=False, repr=False)  # ticks x lots
+    # Rendered strings by value: prices near the top of book and common sizes repeat constantly, and a
+    # dict hit costs a tenth of formatting. Bounded, cleared when full.
+    _price_cache: dict[int, str] = field(init=False, repr=False, compare=False)
+    _qty_cache: dict[int, str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in _DECIMAL_FIELDS:
@@ -178,6 +198,8 @@ class Instrument:
         object.__setattr__(self, "_price_fmt", (pm, pk))
         object.__setattr__(self, "_qty_fmt", (qm, qk))
         object.__setattr__(self, "_quote_fmt", (pm * qm, pk + qk))
+        object.__setattr__(self, "_price_cache", {})
+        object.__setattr__(self, "_qty_cache", {})
 
     # Edge conversions -------------------------------------------------------------------------
     def price_to_ticks(self, value: Any) -> int:
@@ -187,12 +209,18 @@ class Instrument:
         return to_units(value, self.lot_size, self.max_qty)
 
     def price_str(self, ticks: int) -> str:
-        m, k = self._price_fmt
-        return fmt_fixed(ticks * m, k)
+        text = self._price_cache.get(ticks)
+        if text is None:
+            text = _remember(
+                self._price_cache, ticks, fmt_fixed(ticks * self._price_fmt[0], self._price_fmt[1])
+            )
+        return text
 
     def qty_str(self, lots: int) -> str:
-        m, k = self._qty_fmt
-        return fmt_fixed(lots * m, k)
+        text = self._qty_cache.get(lots)
+        if text is None:
+            text = _remember(self._qty_cache, lots, fmt_fixed(lots * self._qty_fmt[0], self._qty_fmt[1]))
+        return text
 
     def fee_str(self, fee_units: int) -> str:
         """Exact fee in quote currency (fee_units x tick x lot / FEE_DENOM): all significant digits,

@@ -53,50 +53,43 @@ def _oid(seq: int | None) -> str | None:
 
 
 def _exec(
-    inst: Instrument,
-    *,
-    order_id: int,
+    symbol: str,
+    oid: int,
     cid: str | None,
     side: str,
     status: str,
     exec_type: str,
-    price: int | None,
-    quantity: int,
-    leaves: int,
+    price: str | None,
+    quantity: str,
+    filled: str,
+    remaining: str,
+    last_price: str | None,
+    last_qty: str | None,
+    fee: str,
+    liquidity: str | None,
+    trade_id: int | None,
     ts: int,
-    filled: int | None = None,
-    last_price: int | None = None,
-    last_qty: int | None = None,
-    fee: int | None = None,
-    liquidity: str | None = None,
-    trade_id: int | None = None,
-    reason: str | None = None,
-    code: str | None = None,
 ) -> Message:
-    msg: Message = {
+    # Positional on purpose: the matcher renders one or two of these per command.
+    return {
         "type": "execution",
-        "order_id": seq_to_entry(order_id),
+        "order_id": seq_to_entry(oid),
         "client_order_id": cid,
-        "symbol": inst.symbol,
+        "symbol": symbol,
         "side": side,
         "status": status,
         "exec_type": exec_type,
-        "price": None if price is None else inst.price_str(price),
-        "quantity": inst.qty_str(quantity),
-        "filled_quantity": inst.qty_str(quantity - leaves if filled is None else filled),
-        "remaining_quantity": inst.qty_str(leaves),
-        "last_price": None if last_price is None else inst.price_str(last_price),
-        "last_quantity": None if last_qty is None else inst.qty_str(last_qty),
-        "fee": inst.fee_str(fee or 0),
+        "price": price,
+        "quantity": quantity,
+        "filled_quantity": filled,
+        "remaining_quantity": remaining,
+        "last_price": last_price,
+        "last_quantity": last_qty,
+        "fee": fee,
         "liquidity": liquidity,
         "trade_id": trade_id,
         "ts": ts,
     }
-    if reason is not None:
-        msg["reason"] = reason
-    if code is not None:
-        msg["code"] = code
-    return msg
 
 
 def _line(account: str, msg: Message) -> bytes:
@@ -108,103 +101,89 @@ def render(
 ) -> None:
     """Render one command's events into `out`. ts: the command's time (ms); recv_ns/now_ns: gateway
     receive and publish wall clocks, for the trade message's latency_us (0 when unknown)."""
+    p, q = inst.price_str, inst.qty_str
+    zero_fee = inst.fee_str(0)
     for e in events:
         kind = e[0]
         if kind == ev.BOOK:
             out.md.append(orjson.dumps(l2_update(e, inst)))
         elif kind == ev.TRADE:
             latency_us = (now_ns - recv_ns) // 1000 if recv_ns and now_ns else None
-            out.trades.append(orjson.dumps(trade_message(e, inst, latency_us)))
-            maker, taker = trade_reports(e, inst)
-            out.execs.append(_line(e[ev.T_MAKER_ACCOUNT], maker))
-            out.execs.append(_line(e[ev.T_TAKER_ACCOUNT], taker))
+            render_trade(e, inst, latency_us, out)
         elif kind == ev.ACCEPTED:
-            _, _, oid, account, cid, side, _otype, _tif, price, qty = e
-            out.execs.append(
-                _line(
-                    account,
-                    _exec(
-                        inst,
-                        order_id=oid,
-                        cid=cid,
-                        side=side,
-                        status="new",
-                        exec_type="new",
-                        price=price,
-                        quantity=qty,
-                        leaves=qty,
-                        ts=ts,
-                    ),
-                )
+            _, symbol, oid, account, cid, side, _otype, _tif, price, qty = e
+            qs, ps = q(qty), None if price is None else p(price)
+            msg = _exec(
+                symbol, oid, cid, side, "new", "new", ps, qs, q(0), qs, None, None, zero_fee, None, None, ts
             )
+            out.execs.append(_line(account, msg))
         elif kind == ev.CANCELLED:
-            _, _, oid, account, cid, side, price, qty, leaves, reason = e
-            out.execs.append(
-                _line(
-                    account,
-                    _exec(
-                        inst,
-                        order_id=oid,
-                        cid=cid,
-                        side=side,
-                        status="cancelled",
-                        exec_type="cancelled",
-                        price=price,
-                        quantity=qty,
-                        leaves=0,
-                        filled=qty - leaves,
-                        ts=ts,
-                        reason=reason,
-                    ),
-                )
-            )
+            _, symbol, oid, account, cid, side, price, qty, leaves, reason = e
+            msg = _exec(symbol, oid, cid, side, "cancelled", "cancelled", None if price is None else p(price),
+                        q(qty), q(qty - leaves), q(0), None, None, zero_fee, None, None, ts)  # fmt: skip
+            msg["reason"] = reason
+            out.execs.append(_line(account, msg))
         elif kind == ev.AMENDED:
-            _, _, oid, account, cid, side, price, qty, leaves = e
+            _, symbol, oid, account, cid, side, price, qty, leaves = e
             status = "new" if qty == leaves else "partially_filled"
             out.execs.append(
-                _line(
-                    account,
-                    _exec(
-                        inst,
-                        order_id=oid,
-                        cid=cid,
-                        side=side,
-                        status=status,
-                        exec_type="amended",
-                        price=price,
-                        quantity=qty,
-                        leaves=leaves,
-                        ts=ts,
-                    ),
-                )
-            )
+                _line(account, _exec(symbol, oid, cid, side, status, "amended", p(price), q(qty),
+                                     q(qty - leaves), q(leaves), None, None, zero_fee, None, None, ts))
+            )  # fmt: skip
         elif kind == ev.REJECTED:
-            _, _, op, oid, account, cid, code = e
+            _, symbol, op, oid, account, cid, code = e
             if account is None:
                 continue  # nobody to tell; the gateway never sends such a command
             if op == "new" and oid is not None:
                 msg = {
-                    "type": "execution",
-                    "order_id": _oid(oid),
-                    "client_order_id": cid,
-                    "symbol": inst.symbol,
-                    "status": "rejected",
-                    "exec_type": "rejected",
-                    "code": code,
-                    "reason": reason_for(code),
+                    "type": "execution", "order_id": _oid(oid), "client_order_id": cid, "symbol": inst.symbol,
+                    "status": "rejected", "exec_type": "rejected", "code": code, "reason": reason_for(code),
                     "ts": ts,
-                }
+                }  # fmt: skip
             else:
                 msg = {
-                    "type": "reject",
-                    "op": op,
-                    "symbol": inst.symbol,
-                    "order_id": _oid(oid),
-                    "client_order_id": cid,
-                    "code": code,
-                    "reason": reason_for(code),
-                }
+                    "type": "reject", "op": op, "symbol": inst.symbol, "order_id": _oid(oid),
+                    "client_order_id": cid, "code": code, "reason": reason_for(code),
+                }  # fmt: skip
             out.execs.append(_line(account, msg))
+
+
+def render_trade(e: ev.Event, inst: Instrument, latency_us: int | None, out: Rendered) -> None:
+    """The trade message and the maker's and taker's execution reports, each number formatted once."""
+    (_, symbol, trade_id, price, qty, aggressor, m_oid, m_account, m_cid, m_qty, m_leaves, m_fee,
+     t_oid, t_account, t_cid, t_price, t_qty, t_leaves, t_fee, ts) = e  # fmt: skip
+    p, q = inst.price_str, inst.qty_str
+    price_s, qty_s = p(price), q(qty)
+    m_fee_s, t_fee_s = inst.fee_str(m_fee), inst.fee_str(t_fee)
+    out.trades.append(
+        orjson.dumps(
+            {
+                "type": "trade",
+                "symbol": symbol,
+                "trade_id": trade_id,
+                "price": price_s,
+                "quantity": qty_s,
+                "aggressor_side": aggressor,
+                "maker_order_id": seq_to_entry(m_oid),
+                "taker_order_id": seq_to_entry(t_oid),
+                "maker_fee": m_fee_s,
+                "taker_fee": t_fee_s,
+                "ts": ts,
+                "latency_us": latency_us,
+            }
+        )
+    )
+    m_side = "sell" if aggressor == "buy" else "buy"
+    m_status = "filled" if m_leaves == 0 else "partially_filled"
+    t_status = "filled" if t_leaves == 0 else "partially_filled"
+    t_price_s = None if t_price is None else p(t_price)
+    maker = _exec(symbol, m_oid, m_cid, m_side, m_status, "trade", price_s, q(m_qty), q(m_qty - m_leaves),
+                  q(m_leaves), price_s, qty_s, m_fee_s, "maker", trade_id, ts)  # fmt: skip
+    t_filled = q(t_qty - t_leaves)
+    taker = _exec(symbol, t_oid, t_cid, aggressor, t_status, "trade", t_price_s, q(t_qty), t_filled,
+                  q(t_leaves), price_s, qty_s, t_fee_s, "taker", trade_id, ts)  # fmt: skip
+    out.execs.append(_line(m_account, maker))
+    out.execs.append(_line(t_account, taker))
 
 
 def l2_update(e: ev.Event, inst: Instrument) -> Message:
@@ -236,60 +215,17 @@ def l2_snapshot(
 
 
 def trade_message(e: ev.Event, inst: Instrument, latency_us: int | None = None) -> Message:
-    return {
-        "type": "trade",
-        "symbol": e[1],
-        "trade_id": e[ev.T_TRADE_ID],
-        "price": inst.price_str(e[ev.T_PRICE]),
-        "quantity": inst.qty_str(e[ev.T_QTY]),
-        "aggressor_side": e[ev.T_AGGRESSOR],
-        "maker_order_id": seq_to_entry(e[ev.T_MAKER_OID]),
-        "taker_order_id": seq_to_entry(e[ev.T_TAKER_OID]),
-        "maker_fee": inst.fee_str(e[ev.T_MAKER_FEE]),
-        "taker_fee": inst.fee_str(e[ev.T_TAKER_FEE]),
-        "ts": e[ev.T_TS],
-        "latency_us": latency_us,
-    }
+    out = Rendered()
+    render_trade(e, inst, latency_us, out)
+    msg: Message = orjson.loads(out.trades[0])
+    return msg
 
 
 def trade_reports(e: ev.Event, inst: Instrument) -> tuple[Message, Message]:
     """The execution reports a trade gives its maker and its taker."""
-    price, qty, aggressor, ts, trade_id = e[ev.T_PRICE], e[ev.T_QTY], e[ev.T_AGGRESSOR], e[ev.T_TS], e[2]
-    m_leaves, t_leaves = e[ev.T_MAKER_LEAVES], e[ev.T_TAKER_LEAVES]
-    maker = _exec(
-        inst,
-        order_id=e[ev.T_MAKER_OID],
-        cid=e[ev.T_MAKER_CID],
-        side="sell" if aggressor == "buy" else "buy",
-        status="filled" if m_leaves == 0 else "partially_filled",
-        exec_type="trade",
-        price=price,
-        quantity=e[ev.T_MAKER_QTY],
-        leaves=m_leaves,
-        last_price=price,
-        last_qty=qty,
-        fee=e[ev.T_MAKER_FEE],
-        liquidity="maker",
-        trade_id=trade_id,
-        ts=ts,
-    )
-    taker = _exec(
-        inst,
-        order_id=e[ev.T_TAKER_OID],
-        cid=e[ev.T_TAKER_CID],
-        side=aggressor,
-        status="filled" if t_leaves == 0 else "partially_filled",
-        exec_type="trade",
-        price=e[ev.T_TAKER_PRICE],
-        quantity=e[ev.T_TAKER_QTY],
-        leaves=t_leaves,
-        last_price=price,
-        last_qty=qty,
-        fee=e[ev.T_TAKER_FEE],
-        liquidity="taker",
-        trade_id=trade_id,
-        ts=ts,
-    )
+    out = Rendered()
+    render_trade(e, inst, None, out)
+    maker, taker = (orjson.loads(split_exec_line(line)[1]) for line in out.execs)
     return maker, taker
 
 
