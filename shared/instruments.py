@@ -33,7 +33,9 @@ def to_decimal(value: Any) -> Decimal:
         text = repr(value)
     elif isinstance(value, str):
         text = value.strip()
-        if not text or len(text) > 64:
+        if (
+            not text or len(text) > 64 or "_" in text
+        ):  # Decimal would accept "1_000"; JSON clients never mean it
             raise OffGrid("not a decimal string")
     else:
         raise OffGrid("not a number")
@@ -57,9 +59,12 @@ def to_units(value: Any, increment: Decimal, maximum: Decimal) -> int:
         raise OffGrid("off grid")
     with localcontext() as ctx:
         ctx.prec = _EXACT_PREC
-        if d % increment != 0:
-            raise OffGrid("off grid")
-        return int(d / increment)
+        try:
+            if d % increment != 0:
+                raise OffGrid("off grid")
+            return int(d / increment)
+        except ArithmeticError as exc:  # more digits than any grid here allows
+            raise OffGrid("off grid") from exc
 
 
 def scale_of(increment: Decimal) -> tuple[int, int]:

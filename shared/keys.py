@@ -57,3 +57,8 @@ def snapshot_request_channel(symbol: str) -> str:
 def instances(service: str) -> str:
     """Hash instance -> metrics endpoint, for discovery and dashboards (not used for correctness)."""
     return f"{PREFIX}:instances:{service}"
+
+
+def matcher_lease(symbol: str) -> str:
+    """Who may consume the symbol's stream: exactly one matcher holds it, renewing it while alive."""
+    return f"{PREFIX}:{{{symbol}}}:lease"

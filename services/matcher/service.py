@@ -39,6 +39,7 @@ from redis.exceptions import RedisError, ResponseError
 from services.matcher import checkpoint as ck
 from services.matcher.engine import Engine
 from services.matcher.events import TRADE, Event
+from services.matcher.lease import LeaseLost, Leases
 from services.matcher.snapshot import restore, snapshot
 from shared import keys, metrics
 from shared.ids import SEQ_BITS, entry_to_seq, seq_to_entry
@@ -137,6 +138,7 @@ class Matcher:
         self.r: aioredis.Redis = aioredis.Redis.from_url(
             cfg.redis_url, decode_responses=False, retry=Retry(NoBackoff(), 0)
         )
+        self.leases = Leases(self.r, list(self.states), cfg.instance)
 
     def stop(self) -> None:
         """Ask for a clean stop: finish the batch in hand, checkpoint, return 0."""
@@ -151,6 +153,10 @@ class Matcher:
         pubsub = self.r.pubsub()
         try:
             await self._wait_for_redis()
+            self._rt("lease")
+            if not await self.leases.acquire(lambda: self._stopping):
+                log.info("stopped while standing by")
+                return 0
             self._rt("subscribe")
             await pubsub.subscribe(*self.by_request)
             self._listener = asyncio.create_task(self._listen(pubsub))
@@ -168,6 +174,8 @@ class Matcher:
             self.ready.set()
             await self._live()
             await self._shutdown_checkpoints()
+            self._rt("lease")
+            await self.leases.release()
             if self.cfg.metrics_endpoint:
                 self._rt("register")
                 await self.r.hdel(keys.instances("matcher"), self.cfg.instance)
@@ -177,6 +185,9 @@ class Matcher:
             metrics.REDIS_ERRORS.labels(self._op).inc()
             log.error("Redis failed during %s (%s: %s); exiting so a restart recovers exactly",
                       self._op, type(exc).__name__, exc)  # fmt: skip
+            return 1
+        except LeaseLost as exc:
+            log.error("%s: another matcher took over; exiting without publishing more", exc)
             return 1
         finally:
             for task in (self._listener, self._ckpt_task):
@@ -297,6 +308,8 @@ class Matcher:
             self._maybe_checkpoint()
             if time.monotonic() >= next_poll:
                 next_poll = time.monotonic() + POLL_SECONDS
+                self._rt("lease")
+                await self.leases.renew()
                 await self._poll(states)
 
     async def _process(self, st: SymbolState, entries: list[Entry], read_ns: int) -> None:
