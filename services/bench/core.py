@@ -58,6 +58,42 @@ def _throughput(pre: list[Step], steps: list[Step], quiet: bool) -> tuple[float,
     return len(steps) / elapsed, events, engine.books[SYMBOL].trade_seq
 
 
+def metrics_overhead(pre: list[Step], steps: list[Step], rounds: int, quiet: bool) -> dict[str, Any]:
+    """Throughput with and without the matcher's metrics recording (services.matcher.batch plus the
+    command-time histogram), in batches of the matcher's default size, alternating the two so that
+    machine noise hits both alike. Best round of each."""
+    from services.matcher.batch import apply_batch
+    from shared.metrics import COMMAND_SECONDS
+
+    items = [(cmd, seq, seq) for cmd, seq in steps]
+    batches = [items[i : i + 1000] for i in range(0, len(items), 1000)]
+    hist = COMMAND_SECONDS.labels(SYMBOL)
+    best = {"without": float("inf"), "with": float("inf")}
+    for r in range(rounds):
+        for mode in ("without", "with"):
+            engine = _fresh(pre)
+            apply = engine.apply
+            t0 = time.perf_counter()
+            if mode == "with":
+                for batch in batches:
+                    samples: list[float] = []
+                    apply_batch(apply, batch, samples)
+                    hist.observe_many(samples)
+            else:
+                for batch in batches:
+                    [apply(cmd, seq, ts) for cmd, seq, ts in batch]
+            best[mode] = min(best[mode], time.perf_counter() - t0)
+        _progress("metrics overhead", r + 1, rounds, quiet)
+    if not quiet:
+        print(file=sys.stderr)
+    without, with_ = len(steps) / best["without"], len(steps) / best["with"]
+    return {
+        "without_metrics_per_s": round(without),
+        "with_metrics_per_s": round(with_),
+        "loss_pct": round(100 * (1 - with_ / without), 2),
+    }
+
+
 def _latency(pre: list[Step], steps: list[Step], quiet: bool) -> dict[str, float]:
     engine = _fresh(pre)
     apply = engine.apply
@@ -115,13 +151,15 @@ def bytes_per_resting_order(n: int, quiet: bool) -> dict[str, float]:
     return {"resting_orders": n, "bytes_per_resting_order": used / n}
 
 
-def run_variant(name: str, cfg: FlowConfig, quiet: bool) -> dict[str, Any]:
+def run_variant(name: str, cfg: FlowConfig, quiet: bool, with_metrics: bool = False) -> dict[str, Any]:
     if not quiet:
         print(f"[{name}] {cfg.commands:,} commands, seed {cfg.seed}", file=sys.stderr)
     pre, steps = generate(cfg, progress=not quiet)
     rate, events, trades = _throughput(pre, steps, quiet)
     lat = _latency(pre, steps, quiet)
+    extra = {"metrics": metrics_overhead(pre, steps, 3, quiet)} if with_metrics else {}
     return {
+        **extra,
         "variant": name,
         "commands": len(steps),
         "preloaded_orders": len(pre),
@@ -137,7 +175,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     quiet = args.quiet
     results: list[dict[str, Any]] = []
     if not args.deep:
-        results.append(run_variant("default", FlowConfig(args.commands, args.seed), quiet))
+        results.append(run_variant("default", FlowConfig(args.commands, args.seed), quiet, args.metrics))
     if not args.flat:
         results.append(run_variant("deep book", FlowConfig(args.commands, args.seed, deep=True), quiet))
     memory = None if args.no_memory else bytes_per_resting_order(args.memory_orders, quiet)
@@ -168,6 +206,13 @@ def _print_table(report: dict[str, Any]) -> None:
     if len(variants) == 2:
         ratio = variants[1]["commands_per_s"] / variants[0]["commands_per_s"]
         print(f"deep book / default throughput: {ratio:.3f}")
+    for r in variants:
+        if "metrics" in r:
+            m = r["metrics"]
+            print(
+                f"{r['variant']} with the matcher's metrics: {m['with_metrics_per_s']:,} cmd/s vs "
+                f"{m['without_metrics_per_s']:,} without ({m['loss_pct']:.1f} % lost)"
+            )
     if report["memory"]:
         m = report["memory"]
         per_order, resting = m["bytes_per_resting_order"], m["resting_orders"]

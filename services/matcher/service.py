@@ -37,6 +37,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from services.matcher import checkpoint as ck
+from services.matcher.batch import Item, apply_batch
 from services.matcher.engine import Engine
 from services.matcher.events import TRADE, Event
 from services.matcher.lease import LeaseLost, Leases
@@ -313,26 +314,36 @@ class Matcher:
                 await self._poll(states)
 
     async def _process(self, st: SymbolState, entries: list[Entry], read_ns: int) -> None:
-        engine, apply, perf = st.engine, st.engine.apply, time.perf_counter_ns
+        engine = st.engine
         read_ms = read_ns // 1_000_000
-        durations: list[float] = []
-        waits: list[float] = []
-        pairs: list[list[Any]] = []
-        outputs: list[tuple[list[Event], int, int]] = []
+        items: list[Item] = []
+        recvs: list[int] = []
+        last = engine.last_seq
         for raw_id, fields in entries:
             seq = _entry_seq(raw_id)
             cmd, recv_ns = decode(fields)
-            if cmd is None or seq is None or seq <= engine.last_seq:
+            if cmd is None or seq is None or seq <= last:
                 log.warning("%s: skipping entry %r: not a command", st.symbol, raw_id)
-                pairs.append([raw_id.decode(), []])
                 continue
-            ts = seq >> SEQ_BITS
-            t0 = perf()
-            events = apply(cmd, seq, ts)
-            durations.append((perf() - t0) * 1e-9)
-            waits.append((read_ms - ts) * 1e-3)
-            pairs.append([raw_id.decode(), events])
-            outputs.append((events, ts, recv_ns))
+            last = seq
+            items.append((cmd, seq, seq >> SEQ_BITS))
+            recvs.append(recv_ns)
+        durations: list[float] = []
+        results = iter(apply_batch(engine.apply, items, durations))
+        pairs: list[list[Any]] = []  # every entry in order; skipped ones with no events
+        outputs: list[tuple[list[Event], int, int]] = []
+        pending = iter(zip(items, recvs, strict=True))
+        next_item = next(pending, None)
+        for raw_id, _ in entries:
+            if next_item is not None and next_item[0][1] == _entry_seq(raw_id):
+                (_, _, ts), recv_ns = next_item
+                events = next(results)
+                outputs.append((events, ts, recv_ns))
+                pairs.append([raw_id.decode(), events])
+                next_item = next(pending, None)
+            else:
+                pairs.append([raw_id.decode(), []])
+        waits = [(read_ms - ts) * 1e-3 for _, _, ts in items]
         wanted, st.snapshot_wanted = st.snapshot_wanted, False
 
         now_ns = time.time_ns()
