@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--md", default="ws://127.0.0.1:8001")
     demo.add_argument("--trades", default="ws://127.0.0.1:8002")
     demo.add_argument("--symbol", default="BTC-USDT")
+    demo.add_argument(
+        "--data-dir", default="./var", help="the stack's data dir (its stack.json: restart check)"
+    )
     demo.set_defaults(module="services.demo")
 
     bench = sub.add_parser("bench", help="run a benchmark: core (pure matching) or e2e (whole stack)")
@@ -107,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--rate", type=float, default=0.0, help="offered orders/s in total (0: as fast as possible)"
     )
     e2e.add_argument("--duration", type=float, default=10.0, help="seconds of load")
+    e2e.add_argument("--window", type=int, default=None, help="unanswered orders per client without --rate")
+    e2e.add_argument("--procs", type=int, default=None, help="load-generating processes")
     bench.set_defaults(module="services.bench.runner")
     return parser
 

@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -33,13 +34,27 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-class RedisServer:
-    """A redis-server child with AOF on (appendfsync everysec) and its files in data_dir."""
+Spawn = Callable[[list[str]], "subprocess.Popen[bytes]"]
 
-    def __init__(self, data_dir: str | os.PathLike[str], port: int = 0, host: str = "127.0.0.1") -> None:
+
+def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+class RedisServer:
+    """A redis-server child with AOF on (appendfsync everysec) and its files in data_dir.
+
+    `spawn` starts the process from its argv; `cme up` passes one that puts Redis in a session of its
+    own, so a Ctrl-C at the terminal reaches only the supervisor, which stops Redis last.
+    """
+
+    def __init__(
+        self, data_dir: str | os.PathLike[str], port: int = 0, host: str = "127.0.0.1", spawn: Spawn = _spawn
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.host = host
         self.port = port or free_port(host)
+        self.spawn = spawn
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -69,7 +84,7 @@ class RedisServer:
             "--logfile",
             str((self.data_dir / "redis.log").resolve()),
         ]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = self.spawn(args)
         client = redis.Redis(host=self.host, port=self.port)
         deadline = time.monotonic() + timeout
         while True:

@@ -1,0 +1,847 @@
+"""`cme bench e2e`: the whole stack driven through real WebSocket clients, measured at the client.
+
+The core benchmark's seeded flow (services.bench.flow) with one account per client, rendered to wire
+JSON up front: a cancel goes through the connection of the account that owns the order, by its
+client order id. Clients are spread over a few load processes (one asyncio loop each); they start
+together, send at --rate in total (open loop, 0: as fast as a window of unanswered commands per
+client allows) for --duration seconds or until the flow is used up, then wait for the last reports.
+
+Measured per new order at the client: ack latency (send -> ack), report latency (send -> its first
+execution report, "new" or "rejected") and, for orders that trade on arrival, trade latency (send ->
+its first fill as taker). A new order with no report at all by the end of the drain is a lost report.
+Without --gateway the bench starts its own stack (services.supervisor) on free ports in a temporary
+data dir, with the gateway's per-connection rate limit off (it protects a venue, it is not the load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import hashlib
+import multiprocessing as mp
+import os
+import platform
+import queue
+import resource
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+
+try:
+    from websockets.speedups import apply_mask  # the C version
+except ImportError:  # pragma: no cover - a build without the extension
+    from websockets.utils import apply_mask
+
+from services.bench.flow import SYMBOL, FlowConfig, FlowGenerator
+from services.matcher.commands import Cancel, NewOrder
+from shared.instruments import Instrument
+
+DRAIN_TIMEOUT = 5.0  # seconds to wait for the last reports after the load ends
+MAX_OPEN_LOOP_BACKLOG = 20_000  # unanswered commands per client before an open-loop sender holds back
+SEND_BATCH = 256  # most messages written per socket write
+DEFAULT_RATE_PER_S = 40_000
+CLEANUP_TIMEOUT = 10.0
+_ENDED = frozenset(
+    ("filled", "cancelled", "rejected")
+)  # flow size for an unlimited rate when --commands is not given
+
+
+# --- the flow, per client ---------------------------------------------------------------------------
+
+
+class _AccountFlow(FlowGenerator):
+    """The core flow with the bench's accounts, so the flow's own engine models self-trade prevention
+    exactly as the matcher applies it to these accounts."""
+
+    def __init__(self, cfg: FlowConfig, accounts: list[str]) -> None:
+        super().__init__(cfg)
+        self.accounts = accounts
+
+    def _new(self, side: str, otype: str, tif: str, price: int | None, qty: int) -> NewOrder:
+        return NewOrder(
+            SYMBOL, self.rng.choice(self.accounts), side, otype, tif, price, qty, f"c{self.seq + 1}"
+        )
+
+
+@dataclass
+class Plan:
+    accounts: list[str]
+    messages: list[list[bytes]]  # per client, in sending order
+    new_orders: int = 0
+    cancels: int = 0
+
+
+def build_plan(commands: int, seed: int, clients: int, tag: str, quiet: bool) -> Plan:
+    inst = Instrument(SYMBOL)
+    accounts = [f"bench-{tag}-{i:03d}" for i in range(clients)]
+    index = {a: i for i, a in enumerate(accounts)}
+    plan = Plan(accounts, [[] for _ in accounts])
+    flow = _AccountFlow(FlowConfig(commands, seed), accounts)
+    every = max(1, commands // 20)
+    tty = not quiet and sys.stderr.isatty()
+    dumps = orjson.dumps
+    for n, (cmd, _seq) in enumerate(flow.flow(), 1):
+        if type(cmd) is NewOrder:
+            msg: dict[str, Any] = {
+                "op": "new",
+                "symbol": SYMBOL,
+                "side": cmd.side,
+                "type": cmd.type,
+                "tif": cmd.tif,
+            }
+            if cmd.price is not None:
+                msg["price"] = inst.price_str(cmd.price)
+            msg["quantity"] = inst.qty_str(cmd.quantity)
+            msg["client_order_id"] = cmd.client_order_id  # last: Client._send_batch reads it from the bytes
+            plan.new_orders += 1
+        else:
+            assert type(cmd) is Cancel and cmd.order_id is not None
+            # The flow's order ids are its seqs and its client order ids "c<seq>": cancel by the latter,
+            # since the real order id is the stream entry id the gateway assigns.
+            msg = {"op": "cancel", "symbol": SYMBOL, "client_order_id": f"c{cmd.order_id}"}
+            plan.cancels += 1
+        plan.messages[index[cmd.account]].append(dumps(msg))
+        if tty and n % every == 0:
+            print(f"\r  generating flow: {n * 100 // commands:3d}%", end="", file=sys.stderr, flush=True)
+    if not quiet:
+        line = f"  flow: {plan.new_orders:,} new orders, {plan.cancels:,} cancels (seed {seed})"
+        print(f"\r{line:<40}" if tty else line, file=sys.stderr)
+    return plan
+
+
+# --- one client connection --------------------------------------------------------------------------
+
+
+class RawWebSocket(asyncio.Protocol):
+    """A minimal RFC 6455 client for the load generator: text frames out, text frames in, nothing else.
+
+    The websockets library costs about 15 us of CPU per message at the client (frame parser
+    generators, a queue and a future per message); this costs a few. It matters because the load
+    generator shares the machine with the stack it measures. Frames are masked with a fresh random key
+    each, as the RFC requires; server frames are small and unfragmented, but fragments are handled.
+    """
+
+    GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+    def __init__(self, host: str, path: str, on_text: Callable[[bytes | bytearray], None]) -> None:
+        self.host, self.path, self.on_text = host, path, on_text
+        self.key = base64.b64encode(os.urandom(16))
+        loop = asyncio.get_running_loop()
+        self.handshake: asyncio.Future[None] = loop.create_future()
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.upgraded = False
+        self.fragments: list[bytes | bytearray] = []
+        self._writable: asyncio.Future[None] | None = None
+        self.on_close: Callable[[], None] | None = None
+
+    @classmethod
+    async def connect(
+        cls, url: str, on_text: Callable[[bytes | bytearray], None], timeout: float = 10.0
+    ) -> RawWebSocket:
+        parts = urlsplit(url)
+        if parts.scheme != "ws" or not parts.hostname:
+            raise ValueError(f"the load generator speaks plain ws:// only, not {url}")
+        host, port = parts.hostname, parts.port or 80
+        loop = asyncio.get_running_loop()
+        _, proto = await asyncio.wait_for(
+            loop.create_connection(lambda: cls(f"{host}:{port}", parts.path or "/", on_text), host, port),
+            timeout,
+        )
+        await asyncio.wait_for(asyncio.shield(proto.handshake), timeout)
+        return proto
+
+    @property
+    def is_open(self) -> bool:
+        return self.upgraded and not self.closed.done()
+
+    # asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.write(
+            b"GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            % (self.path.encode(), self.host.encode(), self.key)
+        )
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if not self.upgraded and not self._upgrade():
+            return
+        self._frames()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.handshake.done():
+            self.handshake.set_exception(ConnectionError(f"connection lost during the handshake: {exc}"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self.resume_writing()
+        if self.on_close is not None:
+            self.on_close()
+
+    def pause_writing(self) -> None:
+        self._writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+        self._writable = None
+
+    # the protocol
+    def _upgrade(self) -> bool:
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        head = bytes(self.buf[:end]).split(b"\r\n")
+        del self.buf[: end + 4]
+        accept = base64.b64encode(hashlib.sha1(self.key + self.GUID).digest())
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in head[1:])}
+        if not head[0].startswith(b"HTTP/1.1 101") or headers.get(b"sec-websocket-accept") != accept:
+            self.handshake.set_exception(
+                ConnectionError(f"handshake refused: {head[0].decode(errors='replace')}")
+            )
+            assert self.transport is not None
+            self.transport.close()
+            return False
+        self.upgraded = True
+        self.handshake.set_result(None)
+        return True
+
+    def _frames(self) -> None:
+        buf, i, n = self.buf, 0, len(self.buf)
+        while n - i >= 2:
+            b0, b1 = buf[i], buf[i + 1]
+            length, head = b1 & 0x7F, 2
+            if length == 126:
+                if n - i < 4:
+                    break
+                length, head = int.from_bytes(buf[i + 2 : i + 4], "big"), 4
+            elif length == 127:
+                if n - i < 10:
+                    break
+                length, head = int.from_bytes(buf[i + 2 : i + 10], "big"), 10
+            if n - i < head + length:
+                break
+            payload = buf[i + head : i + head + length]  # one copy; orjson reads a bytearray as is
+            i += head + length
+            opcode = b0 & 0x0F
+            if opcode == 1 and b0 & 0x80:
+                self.on_text(payload)
+            elif opcode in (0, 1):  # a fragment of a text message
+                self.fragments.append(payload)
+                if b0 & 0x80:
+                    self.on_text(b"".join(self.fragments))
+                    self.fragments.clear()
+            elif opcode == 8:  # close: answer it and let the server end the TCP connection
+                self._write_frame(0x88, payload[:2])
+            elif opcode == 9:  # ping
+                self._write_frame(0x8A, payload)
+        if i:
+            del buf[:i]
+
+    def _write_frame(self, first: int, payload: bytes | bytearray) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            key = os.urandom(4)
+            self.transport.write(bytes((first, 0x80 | len(payload))) + key + apply_mask(payload, key))
+
+    def send_texts(self, messages: list[bytes]) -> None:
+        """Write text frames in one socket write."""
+        assert self.transport is not None
+        keys = os.urandom(4 * len(messages))
+        parts: list[bytes] = []
+        for k, data in enumerate(messages):
+            n, key = len(data), keys[4 * k : 4 * k + 4]
+            if n < 126:
+                parts.append(bytes((0x81, 0x80 | n)))
+            elif n < 65536:
+                parts.append(b"\x81\xfe" + n.to_bytes(2, "big"))
+            else:
+                parts.append(b"\x81\xff" + n.to_bytes(8, "big"))
+            parts.append(key)
+            parts.append(apply_mask(data, key))
+        self.transport.write(b"".join(parts))
+
+    async def drain(self) -> None:
+        if self._writable is not None:
+            await self._writable
+
+    async def close(self, timeout: float = 2.0) -> None:
+        if self.is_open:
+            self._write_frame(0x88, (1000).to_bytes(2, "big"))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.closed), timeout)
+        if self.transport is not None:
+            self.transport.close()
+
+
+@dataclass
+class ClientResult:
+    sent_new: int = 0
+    sent_cancel: int = 0
+    acks: int = 0
+    reports: int = 0
+    fills: int = 0
+    lost: int = 0
+    missing_acks: int = 0
+    errors: list[str] = field(default_factory=list)
+    rejects: Counter[str] = field(default_factory=Counter)
+    ack_ns: list[int] = field(default_factory=list)
+    report_ns: list[int] = field(default_factory=list)
+    trade_ns: list[int] = field(default_factory=list)
+    left_resting: int = 0  # orders still resting when the load ended (cancelled by the cleanup)
+    cleanup_left: int = 0  # of those, how many the cleanup could not confirm cancelled
+    first_send: float = 0.0  # monotonic
+    last_send: float = 0.0
+    last_done: float = 0.0
+
+
+class Client:
+    """Sends one account's messages and matches every answer to the command that caused it."""
+
+    def __init__(self, account: str, messages: list[bytes], progress: list[int]) -> None:
+        self.account = account
+        self.messages = messages
+        self.r = ClientResult()
+        self.progress = progress  # [sent, done] shared with the worker's progress reporter
+        self.await_ack: dict[str, int] = {}  # cid -> send ns of a new order not yet acked
+        self.await_report: dict[str, int] = {}  # cid -> send ns of a new order with no report yet
+        self.taking: dict[str, int] = {}  # cid -> send ns of an order whose next report may be a taker fill
+        self.await_cancel: set[str] = set()  # cids with a cancel not yet acked
+        self.resting: set[str] = set()  # cids of orders that may still rest in the book
+        self.changed = asyncio.Event()  # set when the sender may send again
+        self.refill_at = 0
+        self.ws: RawWebSocket | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.await_report) + len(self.await_cancel)
+
+    async def connect(self, url: str) -> None:
+        first: asyncio.Future[bytes | bytearray] = asyncio.get_running_loop().create_future()
+
+        def on_first(data: bytes | bytearray) -> None:
+            if not first.done():
+                first.set_result(data)
+
+        ws = await RawWebSocket.connect(url, on_first)
+        ws.send_texts([orjson.dumps({"op": "auth", "account": self.account})])
+        reply = orjson.loads(await asyncio.wait_for(first, 10))
+        if reply.get("type") != "authenticated":
+            raise RuntimeError(f"auth as {self.account} refused: {reply}")
+        ws.on_text = self.on_text
+        ws.on_close = self.changed.set  # wake a sender waiting for answers that will never come
+        self.ws = ws
+
+    def on_text(self, data: bytes | bytearray) -> None:
+        now = time.perf_counter_ns()
+        m = orjson.loads(data)
+        kind = m.get("type")
+        cid = m.get("client_order_id")
+        r = self.r
+        if kind == "execution":
+            r.reports += 1
+            sent = self.await_report.pop(cid, None)
+            if sent is not None:  # the order's first report ("new", or "rejected" by the matcher)
+                r.report_ns.append(now - sent)
+                self.taking[cid] = sent
+                self._done()
+            else:
+                sent = self.taking.pop(cid, None)
+                # Reports of one command arrive in one batch: new, then its taker fills, then any cancel.
+                if sent is not None and m.get("liquidity") == "taker":
+                    r.trade_ns.append(now - sent)
+            if m.get("last_quantity"):
+                r.fills += 1
+            status = m.get("status")
+            if status == "new":
+                self.resting.add(cid)
+            elif status in _ENDED:
+                self.resting.discard(cid)
+                if status == "rejected":
+                    r.rejects[str(m.get("code"))] += 1
+        elif kind == "ack":
+            if m.get("op") == "cancel":
+                if cid in self.await_cancel:
+                    self.await_cancel.discard(cid)
+                    self._done()
+            else:
+                sent = self.await_ack.pop(cid, None)
+                if sent is not None:
+                    r.acks += 1
+                    r.ack_ns.append(now - sent)
+        elif kind == "reject":
+            r.rejects[str(m.get("code"))] += 1
+            if m.get("op") == "cancel":
+                # Refused by the gateway (no ack); the matcher's UNKNOWN_ORDER comes after the ack.
+                if cid in self.await_cancel:
+                    self.await_cancel.discard(cid)
+                    self._done()
+            elif self.await_report.pop(cid, None) is not None:  # refused at the gateway: nothing was queued
+                self.await_ack.pop(cid, None)
+                self._done()
+
+    def _done(self) -> None:
+        self.progress[1] += 1
+        self.r.last_done = time.monotonic()
+        if self.in_flight <= self.refill_at:
+            self.changed.set()
+
+    def _send_batch(self, msgs: list[bytes], start: int, stop: int) -> None:
+        assert self.ws is not None
+        now = time.perf_counter_ns()
+        r = self.r
+        batch = msgs[start:stop]
+        for data in batch:
+            # Client order ids sit at a fixed place in our own rendering: read them without parsing.
+            cid = data[data.rindex(b'"client_order_id":"') + 19 : -2].decode()
+            if data[7] == 110:  # b'{"op":"new"...': a new order
+                self.await_ack[cid] = now
+                self.await_report[cid] = now
+                r.sent_new += 1
+            else:
+                self.await_cancel.add(cid)
+                r.sent_cancel += 1
+        self.ws.send_texts(batch)
+        self.progress[0] += stop - start
+        r.last_send = time.monotonic()
+
+    async def run(self, start_at: float, duration: float, rate: float, window: int) -> None:
+        """Send at `rate` per second (open loop) or, with rate 0, keep up to `window` commands unanswered."""
+        assert self.ws is not None
+        msgs, n, i = self.messages, len(self.messages), 0
+        end = start_at + duration
+        limit = window if rate <= 0 else MAX_OPEN_LOOP_BACKLOG
+        # A full window is refilled once a quarter of it was answered: fewer wake-ups, bigger writes.
+        self.refill_at = limit - max(1, limit // 4)
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(max(0.0, end - time.monotonic()), self.changed.set)  # the end wakes a waiter
+        await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+        self.r.first_send = time.monotonic()
+        try:
+            while i < n:
+                now = time.monotonic()
+                if now >= end:
+                    break
+                if not self.ws.is_open:
+                    self.r.errors.append(f"{self.account}: the gateway closed the connection")
+                    break
+                due = n if rate <= 0 else min(n, int((now - start_at) * rate) + 1)
+                stop = min(due, i + SEND_BATCH, i + max(0, limit - self.in_flight))
+                if stop > i:
+                    self._send_batch(msgs, i, stop)
+                    i = stop
+                    await self.ws.drain()
+                if self.in_flight >= limit:
+                    self.changed.clear()
+                    await self.changed.wait()
+                elif rate <= 0:
+                    await asyncio.sleep(0)  # let the answers in
+                elif i < n:
+                    await asyncio.sleep(max(0.0, start_at + i / rate - time.monotonic()))
+        except Exception as exc:  # a dropped connection ends this client, not the benchmark
+            self.r.errors.append(f"{self.account}: {type(exc).__name__}: {exc}")
+        finally:
+            timer.cancel()
+
+    async def drain(self, deadline: float) -> None:
+        """Wait for the answers still due; what has none by the deadline is lost."""
+        while self.in_flight and time.monotonic() < deadline and self.ws is not None and self.ws.is_open:
+            await asyncio.sleep(0.01)
+        self.r.lost = len(self.await_report)
+        self.r.missing_acks = len(self.await_ack)
+
+    async def cleanup(self, timeout: float) -> None:
+        """Cancel what this run left resting, so a shared stack's book is as the bench found it.
+
+        Answers from here on go to a scratch result: the cleanup is not part of the measurement."""
+        measured, self.r = self.r, ClientResult()
+        measured.left_resting = len(self.resting)
+        if not self.resting or self.ws is None or not self.ws.is_open:
+            self.r = measured
+            return
+        symbol = SYMBOL.encode()
+        self.ws.send_texts(
+            [
+                b'{"op":"cancel","symbol":"%s","client_order_id":"%s"}' % (symbol, cid.encode())
+                for cid in self.resting
+            ]
+        )
+        deadline = time.monotonic() + timeout
+        while self.resting and time.monotonic() < deadline and self.ws.is_open:
+            await asyncio.sleep(0.02)
+        measured.cleanup_left = len(self.resting)
+        self.r = measured
+
+
+# --- a load process ---------------------------------------------------------------------------------
+
+
+@dataclass
+class WorkerSpec:
+    wid: int
+    url: str
+    clients: list[tuple[str, list[bytes]]]
+    rate_per_client: float
+    duration: float
+    window: int
+    cleanup: bool  # cancel what the run left resting (a shared stack); a private stack is thrown away
+
+
+def _worker(spec: WorkerSpec, counters: Any, ready: Any, go: Any, start_at: Any, results: Any) -> None:
+    import gc
+
+    gc.disable()  # latency samples must not include collector pauses of the load generator itself
+    results.put(asyncio.run(_worker_main(spec, counters, ready, go, start_at)))
+
+
+async def _worker_main(spec: WorkerSpec, counters: Any, ready: Any, go: Any, start_at: Any) -> dict[str, Any]:
+    progress = [0, 0]
+    clients = [Client(account, msgs, progress) for account, msgs in spec.clients]
+    try:
+        await asyncio.gather(*(c.connect(spec.url) for c in clients))
+    except Exception as exc:
+        ready.put((spec.wid, f"{type(exc).__name__}: {exc}"))
+        return {"wid": spec.wid, "error": str(exc)}
+    ready.put((spec.wid, None))
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, go.wait)
+    begin = float(start_at.value)
+
+    async def report() -> None:
+        while True:
+            counters[2 * spec.wid], counters[2 * spec.wid + 1] = progress
+            await asyncio.sleep(0.1)
+
+    reporter = asyncio.create_task(report())
+    await asyncio.gather(*(c.run(begin, spec.duration, spec.rate_per_client, spec.window) for c in clients))
+    deadline = time.monotonic() + DRAIN_TIMEOUT
+    await asyncio.gather(*(c.drain(deadline) for c in clients))
+    if spec.cleanup:
+        await asyncio.gather(*(c.cleanup(CLEANUP_TIMEOUT) for c in clients))
+    reporter.cancel()
+    counters[2 * spec.wid], counters[2 * spec.wid + 1] = progress
+    for c in clients:
+        if c.ws is not None:
+            await c.ws.close()
+    cpu = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "wid": spec.wid,
+        "begin": begin,
+        "clients": [c.r for c in clients],
+        "cpu_s": cpu.ru_utime + cpu.ru_stime,
+    }
+
+
+# --- the driver -------------------------------------------------------------------------------------
+
+
+def _pct(sorted_ns: list[int], p: float) -> float | None:
+    if not sorted_ns:
+        return None
+    return sorted_ns[min(len(sorted_ns) - 1, int(len(sorted_ns) * p))] / 1e6
+
+
+def _latency(samples: list[int]) -> dict[str, float | int | None]:
+    s = sorted(samples)
+    return {
+        "count": len(s),
+        "p50_ms": _pct(s, 0.50),
+        "p99_ms": _pct(s, 0.99),
+        "p999_ms": _pct(s, 0.999),
+        "max_ms": s[-1] / 1e6 if s else None,
+    }
+
+
+def _default_window(clients: int) -> int:
+    # Unanswered commands per client in as-fast-as-possible mode: enough in flight in total for the
+    # gateway's and matcher's batching to work (about 128), not so many that it only measures queueing.
+    return max(4, 128 // max(1, clients))
+
+
+def _default_procs(clients: int) -> int:
+    # Leave most of a small machine to the stack under test: one load process per 4 cores, at least one.
+    return max(1, min(clients, (os.cpu_count() or 2) // 4 or 1))
+
+
+class _Progress:
+    """A bar redrawn in place on a terminal; one line per second when stderr is a file or a pipe."""
+
+    def __init__(self, quiet: bool, duration: float, total: int) -> None:
+        self.quiet, self.duration, self.total = quiet, duration, total
+        self.tty = sys.stderr.isatty()
+        self.last = (0.0, 0)
+
+    def show(self, elapsed: float, sent: int, done: int, final: bool = False) -> None:
+        if self.quiet or (not self.tty and not final and elapsed - self.last[0] < 1.0):
+            return
+        t0, done0 = self.last
+        rate = (done - done0) / (elapsed - t0) if elapsed > t0 else 0.0
+        self.last = (elapsed, done)
+        frac = min(1.0, max(elapsed / self.duration, sent / max(1, self.total)))
+        bar = "#" * int(frac * 30)
+        print(
+            f"\r  [{bar:<30}] {frac * 100:3.0f}%  {min(elapsed, self.duration):4.1f}/{self.duration:.0f} s"
+            f"  sent {sent:>9,}  answered {done:>9,}  {rate:>8,.0f}/s  in flight {sent - done:>6,}  ",
+            end="" if self.tty else "\n",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def end(self) -> None:
+        if not self.quiet and self.tty:
+            print(file=sys.stderr)
+
+
+def _say(quiet: bool, text: str) -> None:
+    if not quiet:
+        print(text, file=sys.stderr, flush=True)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    quiet: bool = args.quiet
+    clients: int = max(1, args.clients)
+    rate: float = max(0.0, args.rate)
+    duration: float = args.duration
+    commands: int = args.commands or int((rate or DEFAULT_RATE_PER_S) * duration)
+    window: int = args.window or _default_window(clients)
+    procs: int = min(clients, args.procs or _default_procs(clients))
+    tag = uuid.uuid4().hex[:6]
+
+    stack = None
+    tmp: str | None = None
+    url: str | None = args.gateway
+    try:
+        if url is None:
+            stack, tmp = _start_stack(quiet)
+            url = stack.endpoints()["gateway"]
+        mode = f"{rate:,.0f}/s" if rate else f"as fast as possible (window {window} per client)"
+        _say(
+            quiet,
+            f"cme bench e2e: {clients} clients in {procs} process(es) on {url}, rate {mode}, {duration:g} s",
+        )
+        plan = build_plan(commands, args.seed, clients, tag, quiet)
+        report = _drive(url, plan, procs, rate, duration, window, quiet, stack)
+    except (RuntimeError, OSError) as exc:
+        print(f"cme bench e2e: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if stack is not None:
+            stack.stop()
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    report.update(
+        {
+            "gateway": args.gateway or "own stack",
+            "clients": clients,
+            "processes": procs,
+            "offered_rate": rate or None,
+            "duration_s": duration,
+            "window": window if not rate else None,
+            "seed": args.seed,
+            "flow_commands": commands,
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+        }
+    )
+    report["targets"] = targets(report)
+    _print_table(report)
+    if args.json:
+        Path(args.json).write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    return 0 if not report["lost_reports"] and not report["errors"] else 1
+
+
+def _start_stack(quiet: bool) -> tuple[Any, str]:
+    import logging
+
+    from services.supervisor import Stack, StackConfig, setup_logging
+
+    setup_logging("WARNING")  # restarts are warnings and still show; the routine start/stop lines do not
+    logging.getLogger("cme.up").setLevel(logging.WARNING)
+    tmp = tempfile.mkdtemp(prefix="cme-bench-")
+    cfg = StackConfig(
+        gateway_port=0, md_port=0, trades_port=0, metrics_port=0, data_dir=Path(tmp) / "var",
+        log_dir=Path(tmp) / "logs", log_level="WARNING", extra={"gateway": ["--rate-limit", "0"]},
+    )  # fmt: skip
+    stack = Stack(cfg)
+    _say(quiet, f"starting a stack in {tmp} (logs in {cfg.log_dir})")
+    stack.start()
+    if not stack.wait_ready(30):
+        stack.stop()
+        raise RuntimeError(f"the stack did not come up; see {cfg.log_dir}")
+    return stack, tmp
+
+
+def _drive(
+    url: str, plan: Plan, procs: int, rate: float, duration: float, window: int, quiet: bool, stack: Any
+) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")  # a clean interpreter per load process: no inherited sockets or threads
+    counters = ctx.Array("q", 2 * procs, lock=False)
+    ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    start_at = ctx.Value("d", 0.0, lock=False)
+    per_client_rate = rate / len(plan.accounts) if rate else 0.0
+    specs = [WorkerSpec(w, url, [], per_client_rate, duration, window, stack is None) for w in range(procs)]
+    for i, (account, msgs) in enumerate(zip(plan.accounts, plan.messages, strict=True)):
+        specs[i % procs].clients.append((account, msgs))
+    workers = [ctx.Process(target=_worker, args=(s, counters, ready, go, start_at, results)) for s in specs]
+    for w in workers:
+        w.start()
+    try:
+        _wait_ready(ready, workers)
+        start_at.value = time.monotonic() + 0.2
+        go.set()
+        progress = _Progress(quiet, duration, sum(len(m) for m in plan.messages))
+        outputs: list[dict[str, Any]] = []
+        while len(outputs) < len(workers):
+            elapsed = time.monotonic() - start_at.value
+            progress.show(max(0.0, elapsed), sum(counters[0::2]), sum(counters[1::2]))
+            if stack is not None:
+                stack.poll()  # a private stack still restarts a crashed service
+            while not results.empty():
+                outputs.append(results.get())
+            if len(outputs) < len(workers):
+                if not any(w.is_alive() for w in workers) and results.empty():
+                    raise RuntimeError("a load process died without a result")
+                time.sleep(0.2)
+        progress.show(time.monotonic() - start_at.value, sum(counters[0::2]), sum(counters[1::2]), final=True)
+        progress.end()
+    finally:
+        for w in workers:
+            w.join(timeout=10)
+            if w.is_alive():
+                w.kill()
+    return _aggregate(outputs, plan, start_at.value)
+
+
+def _wait_ready(ready: Any, workers: list[Any], timeout: float = 60.0) -> None:
+    """Until every load process has connected and authenticated its clients."""
+    deadline = time.monotonic() + timeout
+    waiting = len(workers)
+    while waiting:
+        try:
+            wid, error = ready.get(timeout=0.5)
+        except queue.Empty:
+            if not all(w.is_alive() for w in workers) or time.monotonic() > deadline:
+                raise RuntimeError("a load process died or hung before connecting") from None
+            continue
+        if error:
+            raise RuntimeError(f"load process {wid} could not connect: {error}")
+        waiting -= 1
+
+
+def _aggregate(outputs: list[dict[str, Any]], plan: Plan, begin: float) -> dict[str, Any]:
+    results: list[ClientResult] = [r for out in outputs for r in out.get("clients", [])]
+    errors = [str(out["error"]) for out in outputs if "error" in out] + [e for r in results for e in r.errors]
+    sent_new = sum(r.sent_new for r in results)
+    sent_cancel = sum(r.sent_cancel for r in results)
+    answered = sent_new + sent_cancel - sum(r.lost for r in results)
+    last_send = max((r.last_send for r in results), default=begin)
+    last_done = max((r.last_done for r in results), default=begin)
+    rejects: Counter[str] = Counter()
+    for r in results:
+        rejects.update(r.rejects)
+    load_s = max(1e-9, last_send - begin)
+    span_s = max(1e-9, last_done - begin)
+    return {
+        "commands_sent": sent_new + sent_cancel,
+        "new_orders_sent": sent_new,
+        "cancels_sent": sent_cancel,
+        "load_seconds": round(load_s, 3),
+        "sent_per_s": round((sent_new + sent_cancel) / load_s),
+        "sustained_per_s": round(answered / span_s),
+        "acks": sum(r.acks for r in results),
+        "reports": sum(r.reports for r in results),
+        "fills": sum(r.fills for r in results),
+        "lost_reports": sum(r.lost for r in results),
+        "missing_acks": sum(r.missing_acks for r in results),
+        "left_resting": sum(r.left_resting for r in results),
+        "cleanup_not_confirmed": sum(r.cleanup_left for r in results),
+        "rejects": dict(rejects.most_common()),
+        "load_generator_cpu_s": round(sum(float(out.get("cpu_s", 0.0)) for out in outputs), 2),
+        "errors": errors,
+        "ack_latency": _latency([x for r in results for x in r.ack_ns]),
+        "report_latency": _latency([x for r in results for x in r.report_ns]),
+        "trade_latency": _latency([x for r in results for x in r.trade_ns]),
+    }
+
+
+def targets(rep: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets that this run's settings speak to, each with whether it was met."""
+    p99 = rep["report_latency"]["p99_ms"]
+    lost = rep["lost_reports"]
+    out: list[dict[str, Any]] = []
+    if rep["offered_rate"] and abs(rep["offered_rate"] - 10_000) < 1:
+        out.append(
+            {
+                "target": "10,000 orders/s offered: p99 order -> execution report <= 3 ms, no report lost",
+                "met": p99 is not None
+                and p99 <= 3.0
+                and rep["sustained_per_s"] >= 0.98 * 10_000
+                and not lost,
+            }
+        )
+    if not rep["offered_rate"]:
+        out.append(
+            {
+                "target": "as fast as possible: >= 30,000 orders/s sustained, p99 <= 10 ms, no report lost",
+                "met": rep["sustained_per_s"] >= 30_000 and p99 is not None and p99 <= 10.0 and not lost,
+            }
+        )
+    return out
+
+
+def _print_table(rep: dict[str, Any]) -> None:
+    rate = f"{rep['offered_rate']:,.0f}/s offered" if rep["offered_rate"] else "as fast as possible"
+    print(
+        f"cme bench e2e  ({rep['gateway']}, {rep['clients']} clients in {rep['processes']} process(es),"
+        f" {rate}, CPython {rep['python']}, {rep['cpus']} CPUs)"
+    )
+    print(
+        f"commands {rep['commands_sent']:,} ({rep['new_orders_sent']:,} new, {rep['cancels_sent']:,} cancels)"
+        f" in {rep['load_seconds']:.2f} s: sent {rep['sent_per_s']:,}/s,"
+        f" sustained {rep['sustained_per_s']:,}/s"
+    )
+    print(f"{'latency (ms)':<28} {'count':>9} {'p50':>8} {'p99':>8} {'p99.9':>8} {'max':>8}")
+    for key, label in (
+        ("ack_latency", "order -> ack"),
+        ("report_latency", "order -> execution report"),
+        ("trade_latency", "order -> taker trade report"),
+    ):
+        lat = rep[key]
+
+        def f(v: float | None) -> str:
+            return "-" if v is None else f"{v:.3f}"
+
+        print(
+            f"{label:<28} {lat['count']:>9,} {f(lat['p50_ms']):>8} {f(lat['p99_ms']):>8}"
+            f" {f(lat['p999_ms']):>8} {f(lat['max_ms']):>8}"
+        )
+    print(
+        f"reports {rep['reports']:,}, fills {rep['fills']:,}, lost reports {rep['lost_reports']},"
+        f" missing acks {rep['missing_acks']}"
+    )
+    if rep["left_resting"] and rep["gateway"] != "own stack":
+        print(
+            f"cleanup: cancelled {rep['left_resting'] - rep['cleanup_not_confirmed']:,} of the run's"
+            f" {rep['left_resting']:,} resting orders"
+        )
+    print(f"load generator CPU: {rep['load_generator_cpu_s']:.1f} s (all load processes, connect to close)")
+    if rep["rejects"]:
+        print("rejects: " + ", ".join(f"{code} {n:,}" for code, n in rep["rejects"].items()))
+    for t in rep["targets"]:
+        print(f"target {'MET' if t['met'] else 'NOT MET'}: {t['target']}")
+    for e in rep["errors"][:5]:
+        print(f"error: {e}")

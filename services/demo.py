@@ -1,0 +1,451 @@
+"""`cme demo`: the seed's client scenario against a running stack, narrated, in well under a minute.
+
+1. a maker rests two asks and a bid; 2. a taker's market buy sweeps both ask levels (trades with
+maker and taker fees, execution reports, L2 updates); 3. an FOK that cannot fill is cancelled with a
+reason; 4. restart check: with a `cme up` stack.json in --data-dir, the matcher is killed with SIGKILL,
+the supervisor restarts it, and the book must come back unchanged and still trade; without one, a
+fresh snapshot must equal the book rebuilt from the updates; 5. the maker's last order is cancelled.
+
+Accounts carry a random suffix, so reruns never collide on client order ids. Every step is checked;
+the exit code is 0 only if all checks pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import time
+import traceback
+import uuid
+from decimal import ROUND_FLOOR, Decimal
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+
+from services.wsclient import (
+    Conn,
+    L2Book,
+    Message,
+    Predicate,
+    gateway_session,
+    is_type,
+    l2_snapshot,
+    same_levels,
+    subscribe,
+)
+from shared.instruments import Instrument, default_instruments
+
+STEP_TIMEOUT = 10.0
+RESTART_TIMEOUT = 30.0  # supervisor backoff + matcher start + checkpoint replay
+REFERENCE_PRICE = {"BTC": Decimal(30000), "ETH": Decimal(2000)}  # where to build a book on an empty one
+TERMINAL = ("filled", "cancelled", "rejected")
+
+
+class DemoFailed(RuntimeError):
+    pass
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def choose_prices(
+    bid: Decimal | None, ask: Decimal | None, tick: Decimal, reference: Decimal
+) -> tuple[Decimal, Decimal, Decimal] | None:
+    """(bid, ask1, ask2) strictly inside the current spread, so the demo's levels are the best ones and the
+    market buy sweeps exactly them; None if the book's spread is too tight for three levels."""
+    for step_ticks in (50, 10, 1):
+        s = tick * step_ticks
+        if bid is not None and ask is not None:
+            center = ((bid + ask) / 2 / tick).to_integral_value(ROUND_FLOOR) * tick
+        elif ask is not None:
+            center = ask - 2 * s
+        elif bid is not None:
+            center = bid + 2 * s
+        else:
+            center = reference
+        b, a1, a2 = center - s, center, center + s
+        if b > 0 and (bid is None or b > bid) and (ask is None or a2 < ask):
+            return b, a1, a2
+    return None
+
+
+def read_stack(data_dir: Path, gateway_url: str) -> dict[str, Any] | None:
+    """stack.json of a live `cme up` serving this gateway URL, or None."""
+    try:
+        state: dict[str, Any] = orjson.loads((data_dir / "stack.json").read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    try:
+        os.kill(int(state["supervisor_pid"]), 0)
+    except (OSError, KeyError, ValueError, TypeError):
+        return None  # left behind by a supervisor that was killed
+    return state if same_endpoint(str(state.get("gateway", "")), gateway_url) else None
+
+
+def same_endpoint(a: str, b: str) -> bool:
+    """Two ws URLs of one local server (localhost and 127.0.0.1 are the same place)."""
+    local = {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
+    ua, ub = urlsplit(a), urlsplit(b)
+    hosts_match = ua.hostname == ub.hostname or {ua.hostname, ub.hostname} <= local
+    return hosts_match and ua.port == ub.port
+
+
+def matcher_pid(state: dict[str, Any]) -> int | None:
+    for proc in state.get("processes", []):
+        if proc.get("service") == "matcher" and proc.get("pid"):
+            return int(proc["pid"])
+    return None
+
+
+class Demo:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.symbol: str = args.symbol
+        self.inst = default_instruments().get(self.symbol) or Instrument(self.symbol)
+        self.quote = self.symbol.split("-")[-1]
+        self.tag = uuid.uuid4().hex[:6]
+        self.maker_account = f"maker-demo-{self.tag}"
+        self.taker_account = f"taker-demo-{self.tag}"
+        self.failures: list[str] = []
+        self.cid_n = 0
+        self.md: Conn | None = None
+        self.trades: Conn | None = None
+        self.maker: Conn | None = None
+        self.taker: Conn | None = None
+        self.book: L2Book | None = None
+
+    # --- small helpers ------------------------------------------------------------------------------
+    def check(self, ok: bool, what: str) -> None:
+        say(f"   {'ok  ' if ok else 'FAIL'} {what}")
+        if not ok:
+            self.failures.append(what)
+
+    def cid(self, label: str) -> str:
+        self.cid_n += 1
+        return f"demo-{self.tag}-{self.cid_n}-{label}"
+
+    def p(self, price: Decimal) -> str:
+        return self.inst.price_str(self.inst.price_to_ticks(str(price)))
+
+    def q(self, qty: Decimal) -> str:
+        return self.inst.qty_str(self.inst.qty_to_lots(str(qty)))
+
+    async def order(self, conn: Conn, who: str, **fields: Any) -> tuple[str, str]:
+        """Send a new order; returns (client_order_id, order_id) once acked. A reject fails the demo."""
+        cid = self.cid(str(fields.get("type", "o")))
+        msg = {"op": "new", "symbol": self.symbol, "client_order_id": cid, **fields}
+        reply = await conn.request(
+            msg,
+            lambda m: m.get("type") in ("ack", "reject") and m.get("client_order_id") == cid,
+            STEP_TIMEOUT,
+        )
+        if reply["type"] != "ack":
+            raise DemoFailed(f"{who}'s order {msg} was rejected: {reply.get('code')} {reply.get('reason')}")
+        return cid, str(reply["order_id"])
+
+    async def final_report(self, conn: Conn, cid: str, timeout: float = STEP_TIMEOUT) -> Message:
+        return await conn.wait_for(
+            lambda m: (
+                m.get("type") == "execution"
+                and m.get("client_order_id") == cid
+                and m.get("status") in TERMINAL
+            ),
+            timeout,
+        )
+
+    def reports(self, conn: Conn, cid: str) -> list[Message]:
+        return conn.since(0, lambda m: m.get("type") == "execution" and m.get("client_order_id") == cid)
+
+    def show_exec(self, who: str, m: Message) -> None:
+        line = (
+            f"   exec   {who:<5} {m['status']:<16} filled {m.get('filled_quantity')} of {m.get('quantity')}"
+        )
+        if m.get("last_quantity"):
+            line += f"  last {m['last_quantity']} @ {m['last_price']}"
+            line += f"  fee {m['fee']} {self.quote} ({m['liquidity']})"
+        if m.get("reason"):
+            line += f"  reason: {m['reason']}"
+        say(line)
+
+    def show_trade(self, t: Message) -> None:
+        say(
+            f"   trade  #{t['trade_id']} {t['quantity']} @ {t['price']} aggressor {t['aggressor_side']}"
+            f"  maker fee {t['maker_fee']} {self.quote}  taker fee {t['taker_fee']} {self.quote}"
+        )
+
+    def show_md(self, start: int) -> None:
+        assert self.md is not None and self.book is not None
+        for m in self.md.since(start, is_type("l2_update", symbol=self.symbol)):
+            changes = ", ".join(f"{s} {p} -> {q}" for s, p, q in m["changes"])
+            bbo = m.get("bbo") or {}
+            bid, ask = bbo.get("bid"), bbo.get("ask")
+            say(
+                f"   md     l2_update seq {m['seq']}: {changes}   "
+                f"(best bid {bid[0] if bid else '-'} / ask {ask[0] if ask else '-'})"
+            )
+        self.book.apply_all(self.md.since(start))
+
+    async def wait_count(self, conn: Conn, start: int, pred: Predicate, want: int) -> list[Message]:
+        """The messages after `start` that match, once there are `want` of them (or at the timeout)."""
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while (
+            len(conn.since(start, pred)) < want and time.monotonic() < deadline and conn.closed_reason is None
+        ):
+            await asyncio.sleep(0.02)
+        return conn.since(start, pred)
+
+    async def settle_md(self, start: int, want: int) -> None:
+        """Wait until the md feed delivered `want` l2_updates after `start`."""
+        assert self.md is not None
+        await self.wait_count(self.md, start, is_type("l2_update", symbol=self.symbol), want)
+
+    def show_book(self) -> None:
+        assert self.book is not None
+        bids, asks = self.book.sides()
+
+        def top(levels: list[tuple[Decimal, Decimal]]) -> str:
+            return ", ".join(f"{q} @ {p}" for p, q in levels[:3]) or "-"
+
+        say(f"   book   bids {top(bids)}  |  asks {top(asks)}")
+
+    # --- the scenario -------------------------------------------------------------------------------
+    async def connect(self) -> None:
+        a = self.args
+        self.md = await subscribe(a.md, self.symbol)
+        snap = await self.md.wait_for(is_type("l2_snapshot", symbol=self.symbol), STEP_TIMEOUT)
+        self.book = L2Book(snap)
+        self.trades = await subscribe(a.trades, self.symbol)
+        self.maker = await gateway_session(a.gateway, self.maker_account)
+        self.taker = await gateway_session(a.gateway, self.taker_account)
+        say(f"connected: accounts {self.maker_account} (maker) and {self.taker_account} (taker)")
+        self.show_book()
+
+    async def build_book(self) -> tuple[Decimal, Decimal, Decimal]:
+        assert self.maker and self.md and self.book
+        say("\n1. the maker builds a book")
+        best_bid, best_ask = self.book.best()
+        ref = REFERENCE_PRICE.get(self.symbol.split("-")[0], Decimal(100))
+        prices = choose_prices(best_bid, best_ask, self.inst.tick_size, ref)
+        if prices is None:
+            raise DemoFailed(
+                f"the {self.symbol} spread ({best_bid} / {best_ask}) is too tight; try another --symbol"
+            )
+        bid, ask1, ask2 = prices
+        start = self.md.mark()
+        for side, price, qty in (
+            ("sell", ask1, Decimal("0.5")),
+            ("sell", ask2, Decimal("0.3")),
+            ("buy", bid, Decimal("0.2")),
+        ):
+            cid, oid = await self.order(
+                self.maker, "maker", side=side, type="limit", price=self.p(price), quantity=self.q(qty)
+            )
+            new = await self.maker.wait_for(is_type("execution", client_order_id=cid), STEP_TIMEOUT)
+            say(
+                f"   maker  {side:<4} {self.q(qty)} @ {self.p(price)} limit gtc"
+                f" -> ack {oid}, execution {new['status']}"
+            )
+            self.check(new["status"] == "new", f"{side} {self.p(price)} rests (status new)")
+        await self.settle_md(start, 3)
+        self.show_md(start)
+        self.show_book()
+        b, a = self.book.best()
+        self.check((b, a) == (bid, ask1), f"best bid / ask are now {self.p(bid)} / {self.p(ask1)}")
+        return bid, ask1, ask2
+
+    async def sweep(self, ask1: Decimal, ask2: Decimal) -> None:
+        assert self.taker and self.maker and self.trades and self.md
+        qty = Decimal("0.8")
+        say(f"\n2. the taker's market buy of {self.q(qty)} sweeps both ask levels")
+        md_start, tr_start = self.md.mark(), self.trades.mark()
+        cid, oid = await self.order(self.taker, "taker", side="buy", type="market", quantity=self.q(qty))
+        say(f"   taker  buy  {self.q(qty)} market ioc -> ack {oid}")
+        final = await self.final_report(self.taker, cid)
+        for m in self.reports(self.taker, cid):
+            self.show_exec("taker", m)
+        self.check(final["status"] == "filled", "the market order is filled")
+        fills = await self.wait_count(self.trades, tr_start, is_type("trade", taker_order_id=oid), 2)
+        for t in fills:
+            self.show_trade(t)
+        self.check([Decimal(t["price"]) for t in fills] == [ask1, ask2], "two trades, best ask first")
+        exact = all(
+            Decimal(t["maker_fee"]) == Decimal(t["price"]) * Decimal(t["quantity"]) * self.inst.maker_fee
+            and Decimal(t["taker_fee"]) == Decimal(t["price"]) * Decimal(t["quantity"]) * self.inst.taker_fee
+            for t in fills
+        )
+        self.check(
+            exact, f"fees exact: maker {self.inst.maker_fee}, taker {self.inst.taker_fee} of price x quantity"
+        )
+        # The maker's reports come on its own connection, maybe a moment after the taker's: wait for them.
+        trade_ids = {t["trade_id"] for t in fills}
+        maker_fills = await self.wait_count(
+            self.maker, 0, lambda m: m.get("type") == "execution" and m.get("trade_id") in trade_ids, 2
+        )
+        for m in maker_fills:
+            self.show_exec("maker", m)
+        self.check(
+            len(maker_fills) == 2
+            and all(m["liquidity"] == "maker" and m["status"] == "filled" for m in maker_fills),
+            "the maker got both fills as maker",
+        )
+        await self.settle_md(md_start, 1)
+        self.show_md(md_start)
+        assert self.book is not None
+        self.check(
+            ask1 not in self.book.asks and ask2 not in self.book.asks,
+            "both ask levels are gone from the book",
+        )
+
+    async def fok(self, bid: Decimal) -> None:
+        assert self.taker
+        qty = Decimal("0.5")
+        say(f"\n3. an FOK sell of {self.q(qty)} at {self.p(bid)}: only 0.2 is bid there, so it cannot fill")
+        cid, oid = await self.order(
+            self.taker, "taker", side="sell", type="limit", tif="fok", price=self.p(bid), quantity=self.q(qty)
+        )
+        say(f"   taker  sell {self.q(qty)} @ {self.p(bid)} limit fok -> ack {oid}")
+        final = await self.final_report(self.taker, cid)
+        for m in self.reports(self.taker, cid):
+            self.show_exec("taker", m)
+        self.check(
+            final["status"] == "cancelled" and bool(final.get("reason")),
+            "cancelled with a reason, nothing traded",
+        )
+        self.check(Decimal(final.get("filled_quantity") or 0) == 0, "filled quantity is zero")
+
+    async def restart_check(self, bid: Decimal) -> None:
+        assert self.book and self.md
+        a = self.args
+        data_dir = Path(a.data_dir)
+        state = read_stack(data_dir, a.gateway)
+        before = await l2_snapshot(a.md, self.symbol, STEP_TIMEOUT)
+        self.book.apply_all(self.md.messages)  # idempotent: updates already applied are skipped by seq
+        bids, asks = self.book.sides()
+        rebuilt = {"bids": [[str(p), str(q)] for p, q in bids], "asks": [[str(p), str(q)] for p, q in asks]}
+        pid = matcher_pid(state) if state else None
+        if state is None or pid is None:
+            where = data_dir.resolve()
+            say(f"\n4. restart check: no `cme up` of this gateway in {where}; a reconnect check instead")
+            self.check(
+                same_levels(before, rebuilt), "a fresh snapshot equals the book rebuilt from the l2 updates"
+            )
+            return await self.trade_again(bid)
+        say(f"\n4. restart check: SIGKILL the matcher (pid {pid}); the supervisor must restart it")
+        self.check(same_levels(before, rebuilt), "the book rebuilt from l2 updates equals a fresh snapshot")
+        t0 = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        new_pid = await self.wait_new_matcher(data_dir, pid)
+        say(f"   matcher restarted as pid {new_pid} after {time.monotonic() - t0:.1f} s")
+        # Resubscribe: a fresh view of everything the restarted matcher serves.
+        for conn in (self.md, self.trades):
+            if conn is not None:
+                await conn.close()
+        self.md = await subscribe(a.md, self.symbol, retry_for=RESTART_TIMEOUT)
+        self.trades = await subscribe(a.trades, self.symbol, retry_for=RESTART_TIMEOUT)
+        after = await self.md.wait_for(is_type("l2_snapshot", symbol=self.symbol), RESTART_TIMEOUT)
+        self.book = L2Book(after)
+        self.show_book()
+        self.check(same_levels(before, after), "the book after the restart is unchanged")
+        await self.trade_again(bid)
+
+    async def wait_new_matcher(self, data_dir: Path, old: int) -> int:
+        deadline = time.monotonic() + RESTART_TIMEOUT
+        while time.monotonic() < deadline:
+            state = read_stack(data_dir, self.args.gateway)
+            pid = matcher_pid(state) if state else None
+            if pid and pid != old:
+                return pid
+            await asyncio.sleep(0.05)
+        raise DemoFailed(f"the supervisor did not restart the matcher within {RESTART_TIMEOUT:.0f} s")
+
+    async def trade_again(self, bid: Decimal) -> None:
+        assert self.taker and self.trades
+        qty = Decimal("0.1")
+        say(f"   a new order must still trade: taker sells {self.q(qty)} @ {self.p(bid)} ioc")
+        tr_start = self.trades.mark()
+        cid, oid = await self.order(
+            self.taker, "taker", side="sell", type="limit", tif="ioc", price=self.p(bid), quantity=self.q(qty)
+        )
+        final = await self.final_report(self.taker, cid, RESTART_TIMEOUT)
+        self.show_exec("taker", final)
+        trade = await self.trades.wait_for(is_type("trade", taker_order_id=oid), STEP_TIMEOUT, tr_start)
+        self.show_trade(trade)
+        self.check(final["status"] == "filled", "it trades against the maker's bid, which survived")
+
+    def open_orders(self, conn: Conn) -> list[str]:
+        """Client order ids of this connection's orders that were accepted and have not ended."""
+        seen = dict.fromkeys(
+            m["client_order_id"]
+            for m in conn.messages
+            if m.get("type") == "execution" and m.get("status") == "new"
+        )
+        return [cid for cid in seen if not any(r.get("status") in TERMINAL for r in self.reports(conn, cid))]
+
+    async def cleanup(self) -> None:
+        assert self.maker
+        say("\n5. the maker cancels what is left")
+        for cid in self.open_orders(self.maker):
+            await self.maker.send({"op": "cancel", "symbol": self.symbol, "client_order_id": cid})
+            final = await self.final_report(self.maker, cid)
+            self.show_exec("maker", final)
+            self.check(final["status"] == "cancelled", f"{cid} cancelled")
+
+    async def leave_no_orders(self) -> None:
+        """After a failure: best-effort cancels, so a rerun does not meet the old orders in the book."""
+        for conn in (self.maker, self.taker):
+            if conn is None or conn.closed_reason is not None:
+                continue
+            with contextlib.suppress(Exception):
+                for cid in self.open_orders(conn):
+                    await conn.send({"op": "cancel", "symbol": self.symbol, "client_order_id": cid})
+                    await self.final_report(conn, cid, 2.0)
+
+    async def close(self) -> None:
+        for conn in (self.md, self.trades, self.maker, self.taker):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+
+    async def play(self) -> int:
+        t0 = time.monotonic()
+        a = self.args
+        say(f"cme demo: {self.symbol} on gateway {a.gateway}, md {a.md}, trades {a.trades}")
+        try:
+            await self.connect()
+        except Exception as exc:  # refused, timed out, or not speaking the protocol
+            await self.close()
+            say(f"cannot use the stack ({type(exc).__name__}: {exc}); start it with `cme up` (or `make up`)")
+            return 2
+        try:
+            bid, ask1, ask2 = await self.build_book()
+            await self.sweep(ask1, ask2)
+            await self.fok(bid)
+            await self.restart_check(bid)
+            await self.cleanup()
+        except (DemoFailed, TimeoutError, ConnectionError) as exc:
+            self.failures.append(str(exc))
+            say(f"   FAIL {exc}")
+        except Exception as exc:  # a bug or a protocol surprise: say so, with the traceback on stderr
+            traceback.print_exc()
+            self.failures.append(f"unexpected {type(exc).__name__}: {exc}")
+            say(f"   FAIL unexpected {type(exc).__name__}: {exc}")
+        finally:
+            if self.failures:
+                await self.leave_no_orders()
+            await self.close()
+        took = time.monotonic() - t0
+        if self.failures:
+            say(f"\ndemo FAILED ({len(self.failures)} problem(s), {took:.2f} s): " + "; ".join(self.failures))
+            return 1
+        say(f"\ndemo OK: every check passed in {took:.2f} s")
+        return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return asyncio.run(Demo(args).play())

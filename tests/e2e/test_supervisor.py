@@ -1,0 +1,239 @@
+"""`cme up` as a user runs it: a real redis-server and every service as its own process, on free ports.
+
+One stack serves the module (starting it costs a second or two); the tests run in file order and the
+last one stops it, checks that nothing is left running, and starts it again on the same data dir.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from services.wsclient import gateway_session, is_type, l2_snapshot, port_open
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
+
+ROOT = Path(__file__).resolve().parents[2]
+START_TIMEOUT = 30.0
+
+
+def alive(pid: int) -> bool:
+    """Running and not a zombie (a reaped-later child still answers kill(pid, 0))."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def wait_until(cond: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.05)
+
+
+class Up:
+    """A `cme up` subprocess with every port chosen free, its log in a file."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.data_dir = root / "var"  # `./var` for a command run in root: what `cme demo` defaults to
+        self.log = root / "up.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> dict[str, Any]:
+        ports = ["--gateway-port", "0", "--md-port", "0", "--trades-port", "0", "--metrics-port", "0"]
+        argv = [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "up",
+            "--data-dir",
+            str(self.data_dir),
+            *ports,
+            "--feeds",
+            "2",
+        ]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=log, start_new_session=True)
+        wait_until(
+            lambda: self._ready() or self.proc is None or self.proc.poll() is not None,
+            START_TIMEOUT,
+            "stack ready",
+        )
+        assert self.proc.poll() is None, f"cme up exited:\n{self.log_text()}"
+        return self.state()
+
+    def _ready(self) -> bool:
+        try:
+            state = self.state()
+        except (OSError, orjson.JSONDecodeError):
+            return False
+        return bool(state["ready"]) and self.proc is not None and state["supervisor_pid"] == self.proc.pid
+
+    def state(self) -> dict[str, Any]:
+        state: dict[str, Any] = orjson.loads((self.data_dir / "stack.json").read_bytes())
+        return state
+
+    def pid_of(self, name: str) -> int:
+        return next(int(p["pid"]) for p in self.state()["processes"] if p["name"] == name)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def log_tail(self, lines: int = 60) -> str:
+        """The end of the stack's log without the connection chatter: for assertion messages."""
+        kept = [line for line in self.log_text().splitlines() if "connection open" not in line]
+        kept = [line for line in kept if "connection closed" not in line]
+        return "\n".join(kept[-lines:])
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: the test must not leak processes
+            self.proc.wait()
+            raise
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+    stack = Up(tmp_path_factory.mktemp("up"))
+    stack.start()
+    yield stack
+    stack.stop()
+
+
+def test_every_child_runs_and_listens(up: Up) -> None:
+    state = up.state()
+    names = [p["name"] for p in state["processes"]]
+    assert names == ["matcher", "gateway-1", "feeds-1", "feeds-2"]
+    assert all(alive(p["pid"]) for p in state["processes"]) and alive(state["redis_pid"])
+    assert state["embedded_redis"] and (up.data_dir / "redis" / "appendonly.aof").exists()
+    for port in (state["ports"]["gateway"], state["ports"]["md"], state["ports"]["trades"]):
+        assert port_open("127.0.0.1", port)
+    for proc in state["processes"]:  # one /metrics per process, each answering for itself
+        body = urllib.request.urlopen(proc["metrics"], timeout=5).read().decode()
+        assert "cme_service_info" in body
+
+
+@pytest.mark.parametrize("name", ["feeds-1", "matcher"])
+async def test_dead_child_is_restarted_and_logged(up: Up, name: str) -> None:
+    old = up.pid_of(name)
+    os.kill(old, signal.SIGKILL)
+    wait_until(lambda: up.pid_of(name) != old and alive(up.pid_of(name)), 15, f"{name} restarted")
+    assert not alive(old)
+    log = up.log_text()
+    assert f"{name} (pid {old}) died" in log and f"restarted {name}: pid {old} ->" in log
+    # The stack still works end to end: an order is acked and its report comes back from the matcher.
+    state = up.state()
+    conn = await gateway_session(state["gateway"], f"restart-{name}", retry_for=10)
+    try:
+        msg = {"op": "new", "symbol": "ETH-USDT", "side": "buy", "type": "limit", "price": "100.00"}
+        cid = f"r-{name}-{old}"
+        await conn.send({**msg, "quantity": "0.01", "client_order_id": cid})
+        report = await conn.wait_for(is_type("execution", client_order_id=cid), 15)
+        assert report["status"] == "new"
+    finally:
+        await conn.close()
+
+
+async def test_bench_e2e_against_the_stack_loses_nothing_and_cleans_up(up: Up) -> None:
+    state = up.state()
+    out = up.root / "bench.json"
+    argv = [sys.executable, "-m", "services.cli", "bench", "e2e", "--gateway", state["gateway"], "--quiet"]
+    argv += ["--clients", "3", "--rate", "1000", "--duration", "1.5", "--json", str(out)]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = orjson.loads(out.read_bytes())
+    assert report["lost_reports"] == 0 and report["missing_acks"] == 0 and not report["errors"]
+    assert report["new_orders_sent"] > 500 and report["cancels_sent"] > 0
+    assert report["report_latency"]["count"] == report["new_orders_sent"]
+    assert report["trade_latency"]["count"] > 0 and report["fills"] > 0
+    assert "order -> execution report" in done.stdout
+    # Against a shared stack the bench cancels what it left resting: the book is as it found it.
+    assert report["cleanup_not_confirmed"] == 0
+    book = await l2_snapshot(state["md"], "BTC-USDT")
+    assert book["bids"] == [] and book["asks"] == []
+
+
+def test_demo_passes_against_the_stack(up: Up) -> None:
+    state = up.state()
+    argv = [sys.executable, "-m", "services.cli", "demo"]
+    argv += ["--gateway", state["gateway"], "--md", state["md"], "--trades", state["trades"]]
+    matcher = up.pid_of("matcher")
+    # cwd = the stack's root, so the demo's default ./var is this stack's data dir: it runs the restart check.
+    done = subprocess.run(argv, cwd=up.root, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "demo OK" in done.stdout and "restart check: SIGKILL the matcher" in done.stdout
+    assert up.pid_of("matcher") != matcher
+
+
+def test_a_second_up_on_the_same_data_dir_or_a_taken_port_is_refused(up: Up, tmp_path: Path) -> None:
+    ports = ["--gateway-port", "0", "--md-port", "0", "--trades-port", "0", "--metrics-port", "0"]
+    base = [sys.executable, "-m", "services.cli", "up", *ports]
+    same_dir = subprocess.run(
+        [*base, "--data-dir", str(up.data_dir)], capture_output=True, text=True, timeout=30
+    )
+    assert same_dir.returncode == 1 and "another `cme up` is running" in same_dir.stderr
+    assert (up.data_dir / "stack.json").exists(), (
+        "the refused instance must not touch the running one's state"
+    )
+    taken = up.state()["ports"]["gateway"]
+    argv = [*base, "--gateway-port", str(taken), "--data-dir", str(tmp_path / "other")]
+    busy = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert busy.returncode == 1 and f"gateway {taken}" in busy.stderr
+
+
+async def test_sigterm_stops_everything_and_a_restart_keeps_the_book(up: Up) -> None:
+    state = up.state()
+    account, cid = "keeper", f"keep-{os.getpid()}-{time.time_ns()}"
+    conn = await gateway_session(state["gateway"], account)
+    try:
+        order = {"op": "new", "symbol": "ETH-USDT", "side": "sell", "type": "limit", "price": "4321.09"}
+        await conn.send({**order, "quantity": "0.25", "client_order_id": cid})
+        report = await conn.wait_for(is_type("execution", client_order_id=cid), 15)
+        assert report["status"] == "new"
+    finally:
+        await conn.close()
+    before = await l2_snapshot(state["md"], "ETH-USDT")
+    assert ["4321.09", "0.25000"] in before["asks"]
+
+    pids = [p["pid"] for p in state["processes"]] + [state["redis_pid"], state["supervisor_pid"]]
+    assert up.stop() == 0
+    assert not [pid for pid in pids if alive(pid)], "cme up left processes running"
+    assert not (up.data_dir / "stack.json").exists()
+    log = up.log_text()
+    order_of_stops = [
+        log.index(f"stopping {what}") for what in ("gateway-1", "feeds-1", "matcher", "redis-server")
+    ]
+    assert order_of_stops == sorted(order_of_stops), "Redis must stop last, after the matcher"
+
+    again = up.start()
+    assert again["redis_url"] == state["redis_url"], "the embedded Redis keeps its port on one data dir"
+    after = await l2_snapshot(again["md"], "ETH-USDT", timeout=15, retry_for=10)
+    assert ["4321.09", "0.25000"] in after["asks"], f"{after}\n{up.log_tail()}"
+    # The restored order still belongs to its account: the owner can cancel it.
+    conn = await gateway_session(again["gateway"], account)
+    try:
+        await conn.send({"op": "cancel", "symbol": "ETH-USDT", "client_order_id": cid})
+        final = await conn.wait_for(is_type("execution", client_order_id=cid, status="cancelled"), 15)
+        assert final["reason"]
+    finally:
+        await conn.close()
+    assert up.stop() == 0
