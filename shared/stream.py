@@ -20,8 +20,11 @@ def encode(cmd: Command, recv_ns: int) -> bytes:
     return orjson.dumps([command_to_list(cmd), recv_ns])
 
 
-def decode(fields: dict[Any, Any]) -> tuple[Command | None, int]:
-    """(command, recv_ns); command is None for an entry that is not ours (it is then skipped)."""
+def decode(fields: dict[Any, Any] | list[Any]) -> tuple[Command | None, int]:
+    """(command, recv_ns) of an entry's fields (a dict from redis-py, or the flat [field, value, ...]
+    list of a raw RESP reply); command is None for an entry that is not ours (it is then skipped)."""
+    if isinstance(fields, list):
+        fields = dict(zip(fields[::2], fields[1::2], strict=False))
     raw = fields.get(FIELD, fields.get("d"))
     if raw is None:
         return None, 0

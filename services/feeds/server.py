@@ -48,6 +48,7 @@ from services.feeds.fanout import (
 )
 from services.feeds.views import Applied, BookView, Malformed
 from shared import codes, keys, metrics
+from shared.gcpolicy import quiet_gc
 from shared.instruments import Instrument, load_instruments
 from shared.wire import unframe
 
@@ -480,6 +481,7 @@ async def _main(args: argparse.Namespace) -> int:
         ",".join(instruments),
     )
     await _register(feeds, instance, metrics_port)
+    quiet_gc()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

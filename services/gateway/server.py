@@ -35,6 +35,7 @@ from services.gateway.appender import Appender
 from services.gateway.sessions import MAX_BAD_MESSAGES, Authenticator, Session, load_api_keys
 from services.matcher.commands import Command, NewOrder
 from shared import codes, keys, metrics, stream
+from shared.gcpolicy import quiet_gc
 from shared.ids import seq_to_entry
 from shared.instruments import Instrument, load_instruments
 from shared.metrics import (
@@ -553,6 +554,7 @@ async def _serve(
     )
     with contextlib.suppress(RedisError, OSError):
         await gateway.redis.hset(keys.instances("gateway"), instance, endpoint)
+    quiet_gc()
     await stop.wait()
     log.info("shutting down")
     with contextlib.suppress(RedisError, OSError):

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+import hiredis
 import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -39,12 +40,13 @@ from redis.exceptions import RedisError, ResponseError
 from services.matcher import checkpoint as ck
 from services.matcher.batch import Item, apply_batch
 from services.matcher.engine import Engine
-from services.matcher.events import TRADE, Event
+from services.matcher.events import TRADE
 from services.matcher.lease import LeaseLost, Leases
 from services.matcher.snapshot import restore, snapshot
 from shared import keys, metrics
 from shared.ids import SEQ_BITS, entry_to_seq, seq_to_entry
 from shared.instruments import Instrument, load_instruments
+from shared.resp import RespConnection, pack
 from shared.stream import decode, encode_events
 from shared.wire import Rendered, frame, l2_snapshot, render
 
@@ -89,6 +91,13 @@ class SymbolState:
         self.k_checkpoint, self.k_appended = keys.checkpoint(s), keys.appended(s)
         self.k_md, self.k_trades = keys.md_channel(s), keys.trades_channel(s)
         self.k_exec = keys.exec_channel(s)
+        # The hot loop writes RESP itself: the keys it names, as bytes once.
+        self.b_events, self.b_progress = self.k_events.encode(), self.k_progress.encode()
+        self.b_md, self.b_trades, self.b_exec = (
+            self.k_md.encode(),
+            self.k_trades.encode(),
+            self.k_exec.encode(),
+        )
         self.m_command = metrics.COMMAND_SECONDS.labels(s)
         self.m_wait = metrics.STREAM_WAIT_SECONDS.labels(s)
         self.m_o2p = metrics.ORDER_TO_PUBLISH_SECONDS.labels(s)
@@ -112,6 +121,27 @@ def _entry_seq(entry_id: bytes) -> int | None:
         return entry_to_seq(entry_id)
     except ValueError:
         return None
+
+
+class CommitFailed(RedisError):
+    """Redis refused part of a batch's MULTI/EXEC: its outcome is unknown, so the process must restart."""
+
+
+def _check_commits(replies: list[Any], sizes: list[int]) -> None:
+    """Every reply of the commit groups that opened this round trip must be a success; each
+    MULTI/EXEC group's last reply (EXEC's) must be the list of its queued commands' results."""
+    i = 0
+    for n in sizes:
+        group = replies[i : i + n]
+        i += n
+        bad = [r for r in group if isinstance(r, hiredis.ReplyError)]
+        if n > 1:
+            result = group[-1]
+            if not isinstance(result, list):
+                raise CommitFailed(f"EXEC answered {result!r}")
+            bad += [r for r in result if isinstance(r, hiredis.ReplyError)]
+        if bad:
+            raise CommitFailed(f"Redis refused a commit: {bad[0]}")
 
 
 def _stream_entries(resp: Any) -> list[tuple[bytes, list[Entry]]]:
@@ -182,7 +212,7 @@ class Matcher:
                 await self.r.hdel(keys.instances("matcher"), self.cfg.instance)
             log.info("stopped cleanly")
             return 0
-        except (RedisError, OSError) as exc:
+        except (RedisError, OSError, hiredis.ProtocolError) as exc:
             metrics.REDIS_ERRORS.labels(self._op).inc()
             log.error("Redis failed during %s (%s: %s); exiting so a restart recovers exactly",
                       self._op, type(exc).__name__, exc)  # fmt: skip
@@ -289,111 +319,128 @@ class Matcher:
 
     # Live -------------------------------------------------------------------------------------
     async def _live(self) -> None:
-        states = list(self.states.values())
-        next_poll = 0.0
-        while not self._stopping:
-            if self._listener is not None and self._listener.done():
-                self._listener.result()  # re-raises the pub/sub connection's failure
-                raise ConnectionError("snapshot request listener stopped")
-            self._rt("xread")
-            resp = await self.r.xread(
-                {st.k_orders: st.last_id for st in states}, count=self.cfg.batch, block=self.cfg.block_ms
-            )
-            read_ns = time.time_ns()
-            for key, entries in _stream_entries(resp):
-                if entries:
-                    await self._process(self.by_stream[key], entries, read_ns)
-            for st in states:
-                if st.snapshot_wanted:  # idle symbol: answer at once
-                    await self._publish_snapshot(st)
-            self._maybe_checkpoint()
-            if time.monotonic() >= next_poll:
-                next_poll = time.monotonic() + POLL_SECONDS
-                self._rt("lease")
-                await self.leases.renew()
-                await self._poll(states)
+        """Read, apply, commit. Each round trip carries the previous batch's commits and the next
+        blocking XREAD in one write: one round trip per batch, on a bare hiredis connection.
 
-    async def _process(self, st: SymbolState, entries: list[Entry], read_ns: int) -> None:
+        Whenever a round trip returns, everything applied so far is committed (Redis ran the EXECs
+        before the XREAD), so that is where checkpoints are taken."""
+        states = list(self.states.values())
+        self._rt("connect")
+        conn = await RespConnection.open(self.cfg.redis_url)
+        head = [b"XREAD", b"COUNT", b"%d" % self.cfg.batch, b"BLOCK", b"%d" % self.cfg.block_ms, b"STREAMS"]
+        head += [st.k_orders.encode() for st in states]
+        commits: list[bytes] = []
+        sizes: list[int] = []  # replies per commit group
+        next_poll = 0.0
+        try:
+            while True:
+                if self._listener is not None and self._listener.done():
+                    self._listener.result()  # re-raises the pub/sub connection's failure
+                    raise ConnectionError("snapshot request listener stopped")
+                stopping = self._stopping
+                if stopping and not commits:
+                    return
+                payload = b"".join(commits)
+                if not stopping:
+                    payload += pack(*head, *(st.last_id for st in states))
+                self._rt("commit" if commits else "xread")  # a commit round trip also reads
+                replies = await conn.roundtrip(payload, sum(sizes) + (not stopping))
+                _check_commits(replies, sizes)
+                commits, sizes = [], []
+                if stopping:
+                    return
+                read_ns = time.time_ns()
+                self._maybe_checkpoint()
+                if time.monotonic() >= next_poll:
+                    next_poll = time.monotonic() + POLL_SECONDS
+                    self._rt("lease")
+                    await self.leases.renew()
+                    await self._poll(states)
+                for st in states:
+                    if st.snapshot_wanted:  # sent before this round's updates: its seq is the committed one
+                        st.snapshot_wanted = False
+                        commits.append(pack(b"PUBLISH", st.b_md, st.snapshot_payload(time.time_ns())))
+                        sizes.append(1)
+                        metrics.PUBLISHED.labels("md").inc()
+                for key, entries in _stream_entries(replies[-1]):
+                    if entries:
+                        commit, n = self._process(self.by_stream[key], entries, read_ns)
+                        commits.append(commit)
+                        sizes.append(n)
+        finally:
+            conn.close()
+
+    def _process(self, st: SymbolState, entries: list[Entry], read_ns: int) -> tuple[bytes, int]:
+        """Apply a batch and render it; returns its MULTI/EXEC (and how many replies it gets)."""
         engine = st.engine
         read_ms = read_ns // 1_000_000
         items: list[Item] = []
         recvs: list[int] = []
+        slots: list[int] = []  # per entry: its index in items, -1 when skipped
         last = engine.last_seq
         for raw_id, fields in entries:
             seq = _entry_seq(raw_id)
             cmd, recv_ns = decode(fields)
             if cmd is None or seq is None or seq <= last:
                 log.warning("%s: skipping entry %r: not a command", st.symbol, raw_id)
+                slots.append(-1)
                 continue
             last = seq
+            slots.append(len(items))
             items.append((cmd, seq, seq >> SEQ_BITS))
             recvs.append(recv_ns)
         durations: list[float] = []
-        results = iter(apply_batch(engine.apply, items, durations))
-        pairs: list[list[Any]] = []  # every entry in order; skipped ones with no events
-        outputs: list[tuple[list[Event], int, int]] = []
-        pending = iter(zip(items, recvs, strict=True))
-        next_item = next(pending, None)
-        for raw_id, _ in entries:
-            if next_item is not None and next_item[0][1] == _entry_seq(raw_id):
-                (_, _, ts), recv_ns = next_item
-                events = next(results)
-                outputs.append((events, ts, recv_ns))
-                pairs.append([raw_id.decode(), events])
-                next_item = next(pending, None)
-            else:
-                pairs.append([raw_id.decode(), []])
-        waits = [(read_ms - ts) * 1e-3 for _, _, ts in items]
-        wanted, st.snapshot_wanted = st.snapshot_wanted, False
+        results = apply_batch(engine.apply, items, durations)
+        pairs = [
+            [raw_id.decode(), results[i] if i >= 0 else []]
+            for (raw_id, _), i in zip(entries, slots, strict=True)
+        ]
 
         now_ns = time.time_ns()
         rendered = Rendered()
         inst = st.inst
-        for events, ts, recv_ns in outputs:
+        for events, (_, _, ts), recv_ns in zip(results, items, recvs, strict=True):
             render(events, inst, ts, rendered, recv_ns, now_ns)
         md, trades, execs = rendered.payloads(now_ns)
         last_id = entries[-1][0]
         applied = st.applied + len(entries)
-        pipe = self.r.pipeline(transaction=True)
-        pipe.xadd(st.k_events, {b"d": encode_events(pairs)}, maxlen=EVENTS_MAXLEN, approximate=True)
-        if md is not None:
-            pipe.publish(st.k_md, md)
-        if wanted:  # after this batch's updates, with their final seq: the feed's resync point
-            pipe.publish(st.k_md, st.snapshot_payload(now_ns))
-        if trades is not None:
-            pipe.publish(st.k_trades, trades)
-        if execs is not None:
-            pipe.publish(st.k_exec, execs)
         book = engine.books[st.symbol]
-        pipe.hset(
-            st.k_progress,
-            mapping={
-                "last_id": last_id,
-                "applied": applied,
-                "book_seq": book.book_seq,
-                "trade_seq": book.trade_seq,
-                "ts": now_ns // 1_000_000,
-            },
-        )
-        self._rt("commit")
-        await pipe.execute()
+        cmds = [
+            pack(b"MULTI"),
+            pack(
+                b"XADD", st.b_events, b"MAXLEN", b"~", b"%d" % EVENTS_MAXLEN, b"*", b"d", encode_events(pairs)
+            ),
+        ]
+        for channel, payload in ((st.b_md, md), (st.b_trades, trades), (st.b_exec, execs)):
+            if payload is not None:
+                cmds.append(pack(b"PUBLISH", channel, payload))
+        cmds.append(
+            pack(
+                b"HSET", st.b_progress, b"last_id", last_id, b"applied", b"%d" % applied,
+                b"book_seq", b"%d" % book.book_seq, b"trade_seq", b"%d" % book.trade_seq,
+                b"ts", b"%d" % (now_ns // 1_000_000),
+            )
+        )  # fmt: skip
+        cmds.append(pack(b"EXEC"))
         st.last_id, st.applied = last_id, applied
 
-        # Metrics, off the latency path: the batch is published.
+        # Metrics (cheap, batched): recorded as the batch goes out.
         st.m_batch.observe(len(entries))
         st.m_command.observe_many(durations)
-        st.m_wait.observe_many(waits)
-        st.m_o2p.observe_many([(now_ns - r) * 1e-9 for _, _, r in outputs if r])
+        st.m_wait.observe_many([(read_ms - ts) * 1e-3 for _, _, ts in items])
+        st.m_o2p.observe_many([(now_ns - r) * 1e-9 for r in recvs if r])
         st.m_applied.inc(len(entries))
-        metrics.PUBLISHED.labels("md").inc(len(rendered.md) + wanted)
+        metrics.PUBLISHED.labels("md").inc(len(rendered.md))
         metrics.PUBLISHED.labels("trades").inc(len(rendered.trades))
         metrics.PUBLISHED.labels("exec").inc(len(rendered.execs))
         if rendered.trades:
             st.m_trades.inc(len(rendered.trades))
-            notional = sum(e[3] * e[4] for events, _, _ in outputs for e in events if e[0] == TRADE)
+            notional = sum(e[3] * e[4] for events in results for e in events if e[0] == TRADE)
             st.m_notional.inc(notional * st.notional_unit)
+        return b"".join(cmds), len(cmds)
 
     async def _publish_snapshot(self, st: SymbolState) -> None:
+        """At start, before going live: the feeds resync from it."""
         st.snapshot_wanted = False
         self._rt("publish")
         await self.r.publish(st.k_md, st.snapshot_payload(time.time_ns()))
@@ -435,7 +482,7 @@ class Matcher:
             pending = st.applied - st.ckpt_applied
             due = pending >= self.cfg.checkpoint_every or now - st.ckpt_mono >= self.cfg.checkpoint_seconds
             if pending and due:
-                self._ckpt_task = asyncio.create_task(self._checkpoint(st))
+                self._ckpt_task = asyncio.create_task(self._checkpoint(st, self._capture(st)))
                 return
 
     async def _shutdown_checkpoints(self) -> None:
@@ -444,16 +491,17 @@ class Matcher:
             self._ckpt_task = None
         for st in self.states.values():
             if st.applied != st.ckpt_applied:
-                await self._checkpoint(st)
+                await self._checkpoint(st, self._capture(st))
 
-    async def _checkpoint(self, st: SymbolState) -> None:
-        """Checkpoint the committed state; then trim the orders stream below the oldest kept one.
-
-        The snapshot is copied synchronously (the engine is not touched by other tasks meanwhile);
-        encoding and file I/O run in a thread so matching goes on."""
-        t0 = time.perf_counter()
-        ckpt = ck.Checkpoint(st.symbol, st.last_id.decode(), st.applied, snapshot(st.engine), time.time_ns())
+    def _capture(self, st: SymbolState) -> ck.Checkpoint:
+        """Copy the state now, synchronously: callers make sure everything applied is committed."""
         st.ckpt_applied, st.ckpt_mono = st.applied, time.monotonic()
+        return ck.Checkpoint(st.symbol, st.last_id.decode(), st.applied, snapshot(st.engine), time.time_ns())
+
+    async def _checkpoint(self, st: SymbolState, ckpt: ck.Checkpoint) -> None:
+        """Write a captured checkpoint; then trim the orders stream below the oldest kept one.
+        Encoding and file I/O run in a thread so matching goes on."""
+        t0 = time.perf_counter()
         blob = await asyncio.to_thread(ck.encode, ckpt)
         self._rt("checkpoint")
         await self.r.set(st.k_checkpoint, blob)
