@@ -8,6 +8,7 @@ order id shown to clients is the entry id string itself.
 from __future__ import annotations
 
 SEQ_BITS = 20
+MAX_SEQ = 1 << 63
 _SEQ_MASK = (1 << SEQ_BITS) - 1
 
 
@@ -38,6 +39,8 @@ def parse_order_id(value: object) -> int | None:
     if not sep or not ms.isdigit() or not n.isdigit():
         return None
     try:
-        return entry_to_seq(value)
+        seq = entry_to_seq(value)
     except ValueError:
         return None
+    # Order ids are 64-bit in the core and on the stream; a larger one cannot name any order.
+    return seq if seq < MAX_SEQ else None

@@ -424,6 +424,22 @@ async def test_overloaded_when_matcher_lags(start_gateway: Start, rds: aioredis.
     await ws.close()
 
 
+async def test_a_burst_meets_the_lag_bound_like_single_orders(
+    start_gateway: Start, rds: aioredis.Redis
+) -> None:
+    """Admitted orders count against the bound at once, not when their batch comes back from Redis."""
+    _, url = await start_gateway(max_lag=100)  # no matcher: nothing is ever applied
+    ws = await login(url, "alice")
+    for n in range(300):
+        await send(ws, order(f"b{n}"))
+    replies = [await recv(ws) for _ in range(300)]
+    acked = [r for r in replies if r["type"] == "ack"]
+    assert len(acked) == 101  # lag 0..100 admitted; beyond the bound refused
+    assert all(r["code"] == codes.OVERLOADED for r in replies if r["type"] != "ack")
+    assert await rds.xlen(keys.orders(BTC)) == 101
+    await ws.close()
+
+
 # Execution reports --------------------------------------------------------------------------------
 async def test_exec_reports_reach_every_connection_of_the_account_only(
     start_gateway: Start, rds: aioredis.Redis
