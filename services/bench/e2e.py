@@ -34,10 +34,12 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import orjson
+
+from shared import aio
 
 try:
     from websockets.speedups import apply_mask  # the C version
@@ -170,8 +172,7 @@ class RawWebSocket(asyncio.Protocol):
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
         transport.write(
             b"GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             b"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -505,7 +506,7 @@ def _worker(spec: WorkerSpec, counters: Any, ready: Any, go: Any, start_at: Any,
     import gc
 
     gc.disable()  # latency samples must not include collector pauses of the load generator itself
-    results.put(asyncio.run(_worker_main(spec, counters, ready, go, start_at)))
+    results.put(aio.run(_worker_main(spec, counters, ready, go, start_at)))
 
 
 async def _worker_main(spec: WorkerSpec, counters: Any, ready: Any, go: Any, start_at: Any) -> dict[str, Any]:

@@ -47,7 +47,7 @@ from services.feeds.fanout import (
     text_frame,
 )
 from services.feeds.views import Applied, BookView, Malformed
-from shared import codes, keys, metrics
+from shared import aio, codes, keys, metrics
 from shared.gcpolicy import quiet_gc
 from shared.instruments import Instrument, load_instruments
 from shared.wire import unframe
@@ -455,7 +455,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=str(args.log_level).upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    return asyncio.run(_main(args))
+    return aio.run(_main(args))
 
 
 async def _main(args: argparse.Namespace) -> int:

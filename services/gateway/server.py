@@ -34,7 +34,7 @@ from services.gateway import validation
 from services.gateway.appender import Appender
 from services.gateway.sessions import MAX_BAD_MESSAGES, Authenticator, Session, load_api_keys
 from services.matcher.commands import Command, NewOrder
-from shared import codes, keys, metrics, stream
+from shared import aio, codes, keys, metrics, stream
 from shared.gcpolicy import quiet_gc
 from shared.ids import seq_to_entry
 from shared.instruments import Instrument, load_instruments
@@ -574,5 +574,5 @@ def run(args: argparse.Namespace) -> int:
         log.error("bad configuration: %s", exc)
         return 2
     metrics_port = metrics.serve("gateway", args.metrics_port, args.instance)
-    asyncio.run(_serve(args, instruments, auth, metrics_port))
+    aio.run(_serve(args, instruments, auth, metrics_port))
     return 0

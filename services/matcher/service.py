@@ -43,7 +43,7 @@ from services.matcher.engine import Engine
 from services.matcher.events import TRADE
 from services.matcher.lease import LeaseLost, Leases
 from services.matcher.snapshot import restore, snapshot
-from shared import keys, metrics
+from shared import aio, keys, metrics
 from shared.ids import SEQ_BITS, entry_to_seq, seq_to_entry
 from shared.instruments import Instrument, load_instruments
 from shared.resp import RespConnection, pack
@@ -571,4 +571,4 @@ def run(args: argparse.Namespace) -> int:
     # resting orders). The I/O loop (XREAD, MULTI/EXEC, pub/sub) was measured to leave no cyclic
     # garbage either; what an exception's traceback may leave is negligible in a crash-only process.
     gc.disable()
-    return asyncio.run(_main(cfg))
+    return aio.run(_main(cfg))
