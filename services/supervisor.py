@@ -29,7 +29,7 @@ from typing import IO, Any
 import orjson
 
 from services.wsclient import port_open
-from shared.redis_server import RedisServer
+from shared.redis_server import RedisServer, free_port
 
 LOG = logging.getLogger("cme.up")
 
@@ -150,15 +150,8 @@ def describe_exit(code: int | None) -> str:
 
 
 def free_ports(host: str, count: int) -> list[int]:
-    """`count` distinct free ports (all held open while choosing, so none is handed out twice)."""
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for s in socks:
-            s.bind((host, 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    """`count` distinct free ports, outside the range the kernel gives to client sockets."""
+    return [free_port(host) for _ in range(count)]
 
 
 def port_free(host: str, port: int) -> bool:

@@ -6,6 +6,7 @@ Used by `cme up` (the embedded Redis) and by the tests (a real server, never a m
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -28,8 +29,37 @@ def redis_server_binary() -> str:
     return str(path)
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_EPHEMERAL = _ephemeral_range()
+_rng = random.Random()
+_picked: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    """A free port below the kernel's ephemeral range, never the same twice in one process.
+
+    A port the kernel hands out for `bind(0)` lies in the ephemeral range, and the kernel may give it
+    again to an outgoing client socket before the server meant to listen on it has bound it (seen
+    under load in the e2e tests). Ports below that range are never given to client sockets."""
+    for _ in range(200):
+        port = _rng.randrange(15_000, min(30_000, _EPHEMERAL[0]))
+        if port in _picked:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _picked.add(port)
+        return port
+    with socket.socket() as s:  # everything below the range is taken: fall back to the kernel's choice
         s.bind((host, 0))
         return int(s.getsockname()[1])
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -67,35 +66,8 @@ def wait_until(cond: Callable[[], bool], timeout: float, what: str, detail: Call
         time.sleep(0.05)
 
 
-def _ephemeral_range() -> tuple[int, int]:
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999
-
-
-_EPHEMERAL = _ephemeral_range()
-_rng = random.Random()
-_picked: set[int] = set()
-
-
 def pick_port() -> int:
-    """A free port outside the kernel's ephemeral range. A port the kernel hands out (free_port) may
-    be handed out again to one of the many client sockets these tests open before the service that
-    was meant to listen on it binds it; ports below the ephemeral range are never given to clients."""
-    for _ in range(200):
-        port = _rng.randrange(15_000, 30_000)
-        if _EPHEMERAL[0] <= port <= _EPHEMERAL[1] or port in _picked:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind((HOST, port))
-            except OSError:
-                continue
-        _picked.add(port)  # never twice in one session: a stack restarted later keeps its ports
-        return port
-    return free_port()
+    return free_port(HOST)
 
 
 def port_open(port: int) -> bool:
