@@ -155,6 +155,7 @@ class Instrument:
     # dict hit costs a tenth of formatting. Bounded, cleared when full.
     _price_cache: dict[int, str] = field(init=False, repr=False, compare=False)
     _qty_cache: dict[int, str] = field(init=False, repr=False, compare=False)
+    zero_fee: str = field(init=False, repr=False, compare=False)  # "0.00": every non-trade report
 
     def __post_init__(self) -> None:
         for name in _DECIMAL_FIELDS:
@@ -203,6 +204,7 @@ class Instrument:
         object.__setattr__(self, "_price_fmt", (pm, pk))
         object.__setattr__(self, "_qty_fmt", (qm, qk))
         object.__setattr__(self, "_quote_fmt", (pm * qm, pk + qk))
+        object.__setattr__(self, "zero_fee", self.fee_str(0))
         object.__setattr__(self, "_price_cache", {})
         object.__setattr__(self, "_qty_cache", {})
 

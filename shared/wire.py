@@ -102,7 +102,7 @@ def render(
     """Render one command's events into `out`. ts: the command's time (ms); recv_ns/now_ns: gateway
     receive and publish wall clocks, for the trade message's latency_us (0 when unknown)."""
     p, q = inst.price_str, inst.qty_str
-    zero_fee = inst.fee_str(0)
+    zero_fee = inst.zero_fee
     for e in events:
         kind = e[0]
         if kind == ev.BOOK:

@@ -169,11 +169,12 @@ class OrderBook:
         )
         return self.bbo
 
-    def find(self, account: str, order_id: int | None, cid: str | None) -> Order | None:
-        """The caller's resting order by id, else by client order id; None if unknown or someone else's."""
+    def find(self, account: Any, order_id: Any, cid: Any) -> Order | None:
+        """The caller's resting order by id, else by client order id; None if unknown or someone else's.
+        The fields are untrusted command input: a value of the wrong type names no order."""
         if order_id is not None:
-            order = self.orders.get(order_id)
-        elif cid is not None:
+            order = self.orders.get(order_id) if type(order_id) is int else None
+        elif type(cid) is str and type(account) is str:
             order = self.cids.get(account, {}).get(cid)
         else:
             return None

@@ -298,7 +298,7 @@ class Engine:
         book = self.books.get(symbol) if type(symbol) is str else None
         if book is None:
             return [_rejected(symbol, "cancel", order_id, account, cid, codes.UNKNOWN_SYMBOL)]
-        order = self._lookup(book, account, order_id, cid)
+        order = book.find(account, order_id, cid)
         if order is None:
             return [_rejected(symbol, "cancel", order_id, account, cid, codes.UNKNOWN_ORDER)]
         side, price, leaves = order[O_SIDE], order[O_PRICE], order[O_LEAVES]
@@ -334,7 +334,7 @@ class Engine:
         book = self.books.get(symbol) if type(symbol) is str else None
         if book is None:
             return [_rejected(symbol, "amend", order_id, account, cid, codes.UNKNOWN_SYMBOL)]
-        order = self._lookup(book, account, order_id, cid)
+        order = book.find(account, order_id, cid)
         if order is None:
             return [_rejected(symbol, "amend", order_id, account, cid, codes.UNKNOWN_ORDER)]
         inst = book.inst
@@ -395,19 +395,6 @@ class Engine:
             book.book_seq += 1
             out.append((BOOK, symbol, book.book_seq, changes, book.refresh_bbo()))
         return out
-
-    @staticmethod
-    def _lookup(book: OrderBook, account: Any, order_id: Any, cid: Any) -> Order | None:
-        """The caller's resting order by id, else by client order id; None if unknown or foreign."""
-        if order_id is not None:
-            order = book.orders.get(order_id) if type(order_id) is int else None
-        elif type(cid) is str and type(account) is str:
-            order = book.cids.get(account, {}).get(cid)
-        else:
-            return None
-        if order is None or order[O_ACCOUNT] != account:
-            return None
-        return order
 
     # Views ------------------------------------------------------------------------------------
     def book(self, symbol: str) -> OrderBook:

@@ -460,7 +460,7 @@ class Matcher:
             if appended is not None:
                 metrics.MATCHER_LAG.labels(s).set(max(0, int(appended) - st.applied))
             book = st.engine.books[s]
-            bid, _, ask, _ = book.refresh_bbo()
+            bid, _, ask, _ = book.bbo  # maintained by the engine on every command
             if bid is not None:
                 metrics.BEST_PRICE.labels(s, "bid").set(float(st.inst.price_str(bid)))
             if ask is not None:

@@ -25,6 +25,8 @@ import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
+from services.wsclient import is_type
+
 Message = dict[str, Any]
 Predicate = Callable[[Message], bool]
 
@@ -136,15 +138,6 @@ class WsClient:
         self._reader.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await self._reader
-
-
-def is_type(kind: str, **fields: Any) -> Predicate:
-    """A predicate: the message's type is `kind` and each given field has the given value."""
-
-    def pred(m: Message) -> bool:
-        return m.get("type") == kind and all(m.get(k) == v for k, v in fields.items())
-
-    return pred
 
 
 def is_answer(msg: Message) -> Predicate:
