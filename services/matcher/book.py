@@ -141,11 +141,34 @@ class BookSide:
 class OrderBook:
     """One symbol's book and the counters that make its output sequences."""
 
-    __slots__ = ("asks", "bbo", "bids", "book_seq", "cids", "inst", "orders", "symbol", "trade_seq")
+    __slots__ = (
+        "asks",
+        "bbo",
+        "bids",
+        "book_seq",
+        "cids",
+        "inst",
+        "maker_rate",
+        "max_price",
+        "max_qty",
+        "min_notional",
+        "min_qty",
+        "orders",
+        "symbol",
+        "taker_rate",
+        "trade_seq",
+    )
 
     def __init__(self, inst: Instrument) -> None:
         self.inst = inst
         self.symbol = inst.symbol
+        # The instrument's integer limits, copied here: one attribute read each on the hot path.
+        self.min_qty = inst.min_qty_lots
+        self.max_qty = inst.max_qty_lots
+        self.max_price = inst.max_price_ticks
+        self.min_notional = inst.min_notional_units
+        self.maker_rate = inst.maker_rate
+        self.taker_rate = inst.taker_rate
         self.bids = BookSide(BUY)
         self.asks = BookSide("sell")
         self.orders: dict[int, Order] = {}  # order id -> resting order

@@ -16,7 +16,7 @@ benchmark's inner loop.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Final
 
 from services.matcher.book import (
     MAX_KEY,
@@ -52,9 +52,23 @@ from services.matcher.events import ACCEPTED, AMENDED, BOOK, CANCELLED, REJECTED
 from shared import codes
 from shared.instruments import Instrument
 
+# The public core API (docs/core.md): Engine, the commands and the events. The major number changes
+# when a name, a field or an event shape changes incompatibly; the minor one when something is added.
+CORE_API_VERSION: Final = "1.0"
+
 _MAX_CID = 36
 _MAX_ACCOUNT = 64
 _INT64 = 1 << 63
+_NO_CIDS: dict[str, Order] = {}
+
+# Every valid (side, type, tif, stp) of a new order -> (is it a buy, is it a limit order).
+_SHAPES: dict[tuple[str, str, str, str], tuple[bool, bool]] = {
+    (side, otype, tif, stp): (side == BUY, otype == LIMIT)
+    for side in (BUY, SELL)
+    for otype, tifs in ((LIMIT, (GTC, IOC, FOK)), (MARKET, (IOC, FOK)))
+    for tif in tifs
+    for stp in STP_MODES
+}
 
 
 class Engine:
@@ -65,8 +79,11 @@ class Engine:
         self.last_seq = 0
 
     # ------------------------------------------------------------------------------------------
-    def apply(self, cmd: Command, seq: int, ts: int) -> list[Event]:
-        """Apply one command; return its events. seq must rise; ts is carried into trades."""
+    def apply(self, cmd: Command | object, seq: int, ts: int) -> list[Event]:
+        """Apply one command; return its events. seq must rise; ts is carried into trades.
+
+        `cmd` is typed wider than Command on purpose: anything else is input to reject (UNKNOWN_OP),
+        and a compiled build checks declared argument types before the body runs."""
         if seq <= self.last_seq:
             raise ValueError(f"seq {seq} is not after {self.last_seq}")  # caller bug, not user input
         self.last_seq = seq
@@ -81,72 +98,62 @@ class Engine:
 
     # New orders -------------------------------------------------------------------------------
     def _new(self, cmd: NewOrder, seq: int, ts: int) -> list[Event]:
-        symbol, account, side, otype, tif, price, qty, cid, post_only, stp = cmd
-        book = self.books.get(symbol) if type(symbol) is str else None
-        if book is None:
-            return [_rejected(symbol, "new", seq, account, cid, codes.UNKNOWN_SYMBOL)]
-        inst = book.inst
-        code = None
-        by_cid: dict[str, Order] | None = None
-        if type(account) is not str or not 0 < len(account) <= _MAX_ACCOUNT:
-            code = codes.INVALID_ACCOUNT
-        elif side != BUY and side != SELL:
-            code = codes.INVALID_SIDE
-        elif otype != LIMIT and otype != MARKET:
-            code = codes.INVALID_TYPE
-        elif (tif != GTC and tif != IOC and tif != FOK) or (otype == MARKET and tif == GTC):
-            code = codes.INVALID_TIF
-        elif type(qty) is not int or not inst.min_qty_lots <= qty <= inst.max_qty_lots:
-            code = codes.INVALID_QUANTITY
-        elif (
-            type(price) is not int or not 0 < price <= inst.max_price_ticks
-            if otype == LIMIT
-            else price is not None  # a market order takes no price
+        # The fields are untrusted input: typed Any, so that a compiled build checks them here
+        # instead of raising TypeError on a field of the wrong type.
+        fields: tuple[Any, ...] = cmd
+        symbol, account, side, otype, tif, price, qty, cid, post_only, stp = fields
+        # The common, valid order is checked with as few operations as possible: one dict lookup
+        # covers symbol, side, type, tif (and market-not-GTC) and stp. Anything that fails a check
+        # goes to _new_order_error, which re-checks in a fixed order to name the exact reject code.
+        try:
+            book = self.books[symbol]
+            buy, is_limit = _SHAPES[side, otype, tif, stp]
+        except (KeyError, TypeError):  # TypeError: an unhashable field
+            return [_rejected(symbol, "new", seq, account, cid, _new_order_error(self.books, cmd))]
+        if (
+            type(account) is not str
+            or not 0 < len(account) <= _MAX_ACCOUNT
+            or type(qty) is not int
+            or not book.min_qty <= qty <= book.max_qty
+            or (
+                type(price) is not int or not 0 < price <= book.max_price or price * qty < book.min_notional
+                if is_limit
+                else price is not None
+            )
+            or (
+                cid is not None
+                and (type(cid) is not str or not 0 < len(cid) <= _MAX_CID or not cid.isprintable())
+            )
+            or (post_only is not False and (post_only is not True or not is_limit or tif != GTC))
         ):
-            code = codes.INVALID_PRICE
-        elif otype == LIMIT and price * qty < inst.min_notional_units:  # type: ignore[operator]
-            code = codes.MIN_NOTIONAL
-        elif cid is not None and (
-            type(cid) is not str or not 0 < len(cid) <= _MAX_CID or not cid.isprintable()
-        ):
-            code = codes.INVALID_CLIENT_ORDER_ID
-        elif post_only is not False and (post_only is not True or otype != LIMIT or tif != GTC):
-            code = codes.INVALID_TIF if post_only is True else codes.INVALID_MESSAGE
-        elif type(stp) is not str or stp not in STP_MODES:
-            code = codes.INVALID_STP
-        elif cid is not None:
-            by_cid = book.cids.get(account)
-            if by_cid is not None and cid in by_cid:
-                code = codes.DUPLICATE_CLIENT_ORDER_ID
-        if code is not None:
-            return [_rejected(symbol, "new", seq, account, cid, code)]
+            return [_rejected(symbol, "new", seq, account, cid, _new_order_error(self.books, cmd))]
+        by_cid = book.cids.get(account)
+        if cid is not None and by_cid is not None and cid in by_cid:
+            return [_rejected(symbol, "new", seq, account, cid, codes.DUPLICATE_CLIENT_ORDER_ID)]
 
-        if side == BUY:
+        # On both sides a smaller key is a better price (see book.py); a market order has no limit.
+        if buy:
             own, opp = book.bids, book.asks
-            limit_key = price if price is not None else MAX_KEY
+            limit_key = MAX_KEY if price is None else price
         else:
             own, opp = book.asks, book.bids
-            limit_key = -price if price is not None else MAX_KEY
+            limit_key = MAX_KEY if price is None else -price
         heap = opp.heap
-        crosses = heap and heap[0] <= limit_key
-        if crosses and post_only:
-            return [_rejected(symbol, "new", seq, account, cid, codes.WOULD_TAKE)]
+        accepted = (ACCEPTED, symbol, seq, account, cid, side, otype, tif, price, qty)
 
-        out: list[Event] = [(ACCEPTED, symbol, seq, account, cid, side, otype, tif, price, qty)]
-        order: Order = [seq, account, cid, side, price, qty, qty]
-        if not crosses:
+        if not heap or heap[0] > limit_key:  # nothing to trade against
             if tif != GTC:
                 reason = codes.REASON_FOK if tif == FOK else _unfilled(otype)
-                out.append((CANCELLED, symbol, seq, account, cid, side, price, qty, qty, reason))
-                return out
-            # The common case, a passive limit order joining the book: BookSide.add and
-            # OrderBook.index written out, since this path is most of the flow.
+                return [accepted, (CANCELLED, symbol, seq, account, cid, side, price, qty, qty, reason)]
+            # The common case, a passive limit order joining the book: BookSide.add, OrderBook.index
+            # and the best-bid/offer update written out, since this path is most of the flow.
             key = -limit_key
             level = own.levels.get(key)
             if level is None:
-                level = own.new_level(key, price)  # type: ignore[arg-type]
+                level = own.new_level(key, price)
+                order: Order = [seq, account, cid, side, price, qty, qty]
             else:
-                order[O_PRICE] = level.price
+                order = [seq, account, cid, side, level.price, qty, qty]
             level.orders.append(order)
             total = level.total = level.total + qty
             book.orders[seq] = order
@@ -155,14 +162,21 @@ class Engine:
                     by_cid = book.cids[account] = {}
                 by_cid[cid] = order
             book.book_seq += 1
-            bbo = book.refresh_bbo() if own.heap[0] == key else book.bbo
-            out.append((BOOK, symbol, book.book_seq, [(side, level.price, total)], bbo))
-            return out
+            bbo = book.bbo
+            if own.heap[0] == key:  # the order is at the best price of its side
+                bbo = book.bbo = (
+                    (level.price, total, bbo[2], bbo[3]) if buy else (*bbo[:2], level.price, total)
+                )
+            return [accepted, (BOOK, symbol, book.book_seq, [(side, level.price, total)], bbo)]
 
+        if post_only:
+            return [_rejected(symbol, "new", seq, account, cid, codes.WOULD_TAKE)]
+        out: list[Event] = [accepted]
         if tif == FOK and not _fillable(opp, limit_key, account, stp, qty):
             out.append((CANCELLED, symbol, seq, account, cid, side, price, qty, qty, codes.REASON_FOK))
             return out
 
+        order = [seq, account, cid, side, price, qty, qty]
         changes: list[tuple[str, int, int]] = []
         stopped = self._match(book, opp, order, limit_key, stp, ts, out, changes)
         leaves = order[O_LEAVES]
@@ -196,11 +210,11 @@ class Engine:
     ) -> bool:
         """Trade the taker against `opp` best first. True if self-trade prevention stopped the taker."""
         symbol = book.symbol
-        inst = book.inst
-        maker_rate, taker_rate = inst.maker_rate, inst.taker_rate
+        maker_rate, taker_rate = book.maker_rate, book.taker_rate
         t_id, account, t_cid, t_side, t_price, t_qty, t_leaves = taker
         levels, heap, opp_side = opp.levels, opp.heap, opp.side
         orders, cids = book.orders, book.cids
+        append = out.append
         trade_seq = book.trade_seq
         stopped = False
         while heap and heap[0] <= limit_key:
@@ -208,83 +222,57 @@ class Engine:
             level = levels[key]
             q = level.orders
             price = level.price
-            before = level.total
+            total = before = level.total  # kept in a local while this level trades
             while True:
                 maker = q[0]
-                m_id, m_account, m_cid, _, _, m_qty, m_leaves = maker
+                m_leaves = maker[O_LEAVES]
                 if not m_leaves:  # lazily cancelled
                     q.popleft()
                     level.dead -= 1
                     continue
+                m_id, m_account, m_cid, _, _, m_qty, _ = maker
                 if m_account == account:
                     if stp == STP_CANCEL_TAKER:
                         stopped = True
                         break
                     q.popleft()
-                    level.total -= m_leaves
+                    total -= m_leaves
                     maker[O_LEAVES] = 0
                     book.unindex(maker)
-                    out.append(
-                        (
-                            CANCELLED,
-                            symbol,
-                            m_id,
-                            account,
-                            m_cid,
-                            opp_side,
-                            price,
-                            m_qty,
-                            m_leaves,
-                            codes.REASON_STP,
-                        )
-                    )
+                    append((CANCELLED, symbol, m_id, account, m_cid, opp_side, price, m_qty, m_leaves,
+                            codes.REASON_STP))  # fmt: skip
                     if stp == STP_CANCEL_BOTH:
                         stopped = True
                         break
-                    if not level.total:
+                    if not total:
                         break
                     continue
-                fill = m_leaves if m_leaves < t_leaves else t_leaves
-                m_leaves -= fill
-                t_leaves -= fill
-                maker[O_LEAVES] = m_leaves
-                level.total -= fill
-                notional = price * fill
-                trade_seq += 1
-                out.append(
-                    (
-                        TRADE,
-                        symbol,
-                        trade_seq,
-                        price,
-                        fill,
-                        t_side,
-                        m_id,
-                        m_account,
-                        m_cid,
-                        m_qty,
-                        m_leaves,
-                        notional * maker_rate,
-                        t_id,
-                        account,
-                        t_cid,
-                        t_price,
-                        t_qty,
-                        t_leaves,
-                        notional * taker_rate,
-                        ts,
-                    )
-                )
-                if not m_leaves:
+                if m_leaves <= t_leaves:  # the maker is filled and leaves the book
+                    fill = m_leaves
+                    m_leaves = 0
                     q.popleft()
                     del orders[m_id]
                     if m_cid is not None:
                         del cids[m_account][m_cid]
-                if not t_leaves or not level.total:
+                else:
+                    fill = t_leaves
+                    m_leaves -= fill
+                t_leaves -= fill
+                maker[O_LEAVES] = m_leaves
+                total -= fill
+                notional = price * fill
+                trade_seq += 1
+                # fmt: off
+                append((TRADE, symbol, trade_seq, price, fill, t_side,
+                        m_id, m_account, m_cid, m_qty, m_leaves, notional * maker_rate,
+                        t_id, account, t_cid, t_price, t_qty, t_leaves, notional * taker_rate, ts))
+                # fmt: on
+                if not t_leaves or not total:
                     break
-            if level.total != before:
-                changes.append((opp_side, price, level.total))
-            if not level.total:
+            level.total = total
+            if total != before:
+                changes.append((opp_side, price, total))
+            if not total:
                 opp.drop(key)
             if stopped or not t_leaves:
                 break
@@ -294,43 +282,45 @@ class Engine:
 
     # Cancel and amend -------------------------------------------------------------------------
     def _cancel(self, cmd: Cancel) -> list[Event]:
-        symbol, account, order_id, cid = cmd
+        fields: tuple[Any, ...] = cmd  # untrusted input, see _new
+        symbol, account, order_id, cid = fields
         book = self.books.get(symbol) if type(symbol) is str else None
         if book is None:
             return [_rejected(symbol, "cancel", order_id, account, cid, codes.UNKNOWN_SYMBOL)]
-        order = book.find(account, order_id, cid)
-        if order is None:
+        # OrderBook.find written out: cancels are a fifth of the flow
+        if type(order_id) is int:
+            order = book.orders.get(order_id)
+        elif order_id is None and type(cid) is str and type(account) is str:
+            order = book.cids.get(account, _NO_CIDS).get(cid)
+        else:
+            order = None
+        if order is None or order[O_ACCOUNT] != account:
             return [_rejected(symbol, "cancel", order_id, account, cid, codes.UNKNOWN_ORDER)]
         side, price, leaves = order[O_SIDE], order[O_PRICE], order[O_LEAVES]
         own = book.bids if side == BUY else book.asks
-        was_best = own.heap[0] == price * own.sign
+        key = price * own.sign
+        was_best = own.heap[0] == key
         level = own.remove(order)
         book.unindex(order)
         book.book_seq += 1
+        total = level.total
+        bbo = book.bbo
+        if was_best:
+            if not total:
+                bbo = book.refresh_bbo()
+            elif side == BUY:
+                bbo = book.bbo = (price, total, bbo[2], bbo[3])
+            else:
+                bbo = book.bbo = (bbo[0], bbo[1], price, total)
         return [
-            (
-                CANCELLED,
-                symbol,
-                order[O_ID],
-                account,
-                order[O_CID],
-                side,
-                price,
-                order[O_QTY],
-                leaves,
-                codes.REASON_USER,
-            ),
-            (
-                BOOK,
-                symbol,
-                book.book_seq,
-                [(side, price, level.total)],
-                book.refresh_bbo() if was_best else book.bbo,
-            ),
-        ]
+            (CANCELLED, symbol, order[O_ID], account, order[O_CID], side, price, order[O_QTY], leaves,
+             codes.REASON_USER),
+            (BOOK, symbol, book.book_seq, [(side, price, total)], bbo),
+        ]  # fmt: skip
 
     def _amend(self, cmd: Amend) -> list[Event]:
-        symbol, account, order_id, cid, new_price, new_qty = cmd
+        fields: tuple[Any, ...] = cmd  # untrusted input, see _new
+        symbol, account, order_id, cid, new_price, new_qty = fields
         book = self.books.get(symbol) if type(symbol) is str else None
         if book is None:
             return [_rejected(symbol, "amend", order_id, account, cid, codes.UNKNOWN_SYMBOL)]
@@ -422,12 +412,51 @@ def _fillable(opp: BookSide, limit_key: int, account: str, stp: str, qty: int) -
     """Could `qty` fill completely against `opp` up to limit_key, given self-trade prevention?"""
     got = 0
     for level in opp.iter_levels(limit_key):
-        for maker in level.live_orders():
+        for maker in level.orders:
+            leaves = maker[O_LEAVES]
+            if not leaves:  # lazily cancelled
+                continue
             if maker[O_ACCOUNT] == account:
                 if stp == STP_CANCEL_MAKER:
                     continue  # it would be cancelled and matching would go on
                 return False  # the taker would be stopped here
-            got += maker[O_LEAVES]
+            got += leaves
             if got >= qty:
                 return True
     return False
+
+
+def _new_order_error(books: dict[str, OrderBook], cmd: NewOrder) -> str:
+    """The reject code of an invalid new order: its first failing check, in a fixed order."""
+    fields: tuple[Any, ...] = cmd
+    symbol, account, side, otype, tif, price, qty, cid, post_only, stp = fields
+    book = books.get(symbol) if type(symbol) is str else None
+    if book is None:
+        return codes.UNKNOWN_SYMBOL
+    if type(account) is not str or not 0 < len(account) <= _MAX_ACCOUNT:
+        return codes.INVALID_ACCOUNT
+    if side != BUY and side != SELL:
+        return codes.INVALID_SIDE
+    if otype != LIMIT and otype != MARKET:
+        return codes.INVALID_TYPE
+    if (tif != GTC and tif != IOC and tif != FOK) or (otype == MARKET and tif == GTC):
+        return codes.INVALID_TIF
+    if type(qty) is not int or not book.min_qty <= qty <= book.max_qty:
+        return codes.INVALID_QUANTITY
+    if otype == LIMIT:
+        if type(price) is not int or not 0 < price <= book.max_price:
+            return codes.INVALID_PRICE
+        if price * qty < book.min_notional:
+            return codes.MIN_NOTIONAL
+    elif price is not None:  # a market order takes no price
+        return codes.INVALID_PRICE
+    if cid is not None and (type(cid) is not str or not 0 < len(cid) <= _MAX_CID or not cid.isprintable()):
+        return codes.INVALID_CLIENT_ORDER_ID
+    if post_only is not False and (post_only is not True or otype != LIMIT or tif != GTC):
+        return codes.INVALID_TIF if post_only is True else codes.INVALID_MESSAGE
+    if type(stp) is not str or stp not in STP_MODES:
+        return codes.INVALID_STP
+    by_cid = book.cids.get(account)
+    if cid is not None and by_cid is not None and cid in by_cid:
+        return codes.DUPLICATE_CLIENT_ORDER_ID
+    raise AssertionError(f"no reject code for a valid order: {cmd!r}")  # the fast check disagrees

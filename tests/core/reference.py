@@ -37,6 +37,7 @@ from shared import codes
 from shared.instruments import Instrument
 
 MAX_CID_LEN = 36
+MAX_ACCOUNT_LEN = 64
 Event = tuple[Any, ...]
 
 
@@ -182,7 +183,7 @@ class Reference:
     def _validate_new(book: RefBook, cmd: NewOrder) -> str | None:
         _, account, side, otype, tif, price, qty, cid, post_only, stp = cmd
         inst = book.inst
-        if type(account) is not str or len(account) == 0:
+        if type(account) is not str or not 1 <= len(account) <= MAX_ACCOUNT_LEN:
             return codes.INVALID_ACCOUNT
         if side not in (BUY, SELL):
             return codes.INVALID_SIDE
@@ -201,7 +202,9 @@ class Reference:
                 return codes.MIN_NOTIONAL
         elif price is not None:
             return codes.INVALID_PRICE
-        if cid is not None and (type(cid) is not str or not 1 <= len(cid) <= MAX_CID_LEN):
+        if cid is not None and (
+            type(cid) is not str or not 1 <= len(cid) <= MAX_CID_LEN or not cid.isprintable()
+        ):
             return codes.INVALID_CLIENT_ORDER_ID
         if post_only is True:
             if otype != LIMIT or tif != GTC:

@@ -7,6 +7,7 @@ Default instruments: tick 0.01, lot 0.00001, min notional 0.01 = 100_000 ticks x
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import pytest
@@ -28,9 +29,10 @@ from services.matcher.commands import (
 )
 from services.matcher.engine import Engine
 from services.matcher.events import Event
-from services.matcher.snapshot import snapshot, state_hash
+from services.matcher.snapshot import snapshot, to_bytes
 from shared import codes
 from shared.instruments import default_instruments
+from tests.core.reference import Reference
 
 S = "BTC-USDT"
 E = "ETH-USDT"
@@ -39,26 +41,46 @@ TAKER_RATE = 200_000
 
 
 class Ex:
-    """An engine and a seq counter: seq (= the new order's id) is 1, 2, 3, ...; ts = 1000 + seq."""
+    """One implementation of the rules and a seq counter: seq (= the new order's id) is 1, 2, 3, ...;
+    ts = 1000 + seq. The same scenarios run against the engine (in whichever build this process
+    imported: `make test` runs this file with the compiled and the pure one) and against the naive
+    reference model of tests/core/reference.py: one spec, several implementations."""
 
-    def __init__(self) -> None:
-        self.engine = Engine(default_instruments().values())
+    def __init__(self, impl: str = "engine") -> None:
+        self.impl = impl
+        self.engine: Engine | Reference = (
+            Engine(default_instruments().values())
+            if impl == "engine"
+            else Reference(list(default_instruments().values()))
+        )
         self.seq = 0
 
     def __call__(self, cmd: Any) -> list[Event]:
         self.seq += 1
         return self.engine.apply(cmd, self.seq, 1000 + self.seq)
 
+    def state(self) -> dict[str, Any]:
+        """The whole state in snapshot form (services.matcher.snapshot)."""
+        if isinstance(self.engine, Engine):
+            return snapshot(self.engine)
+        return self.engine.state()
+
     def hash(self) -> str:
-        return state_hash(self.engine)
+        return hashlib.sha256(to_bytes(self.state())).hexdigest()
+
+    def book_seq(self, symbol: str = S) -> int:
+        seq: int = self.state()["books"][symbol]["book_seq"]
+        return seq
 
     def levels(self, symbol: str = S) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-        return self.engine.book(symbol).depth(100)
+        """(price, total) per level, best first, bids then asks."""
+        book = self.state()["books"][symbol]
+        bids, asks = ([(p, sum(o[4] for o in orders)) for p, orders in book[k]] for k in ("bids", "asks"))
+        return bids, asks
 
     def queue(self, side: str, price: int, symbol: str = S) -> list[int]:
-        """Order ids resting at one price, in time priority (from the snapshot)."""
-        levels = snapshot(self.engine)["books"][symbol]["bids" if side == BUY else "asks"]
-        for p, orders in levels:
+        """Order ids resting at one price, in time priority."""
+        for p, orders in self.state()["books"][symbol]["bids" if side == BUY else "asks"]:
             if p == price:
                 return [o[0] for o in orders]
         return []
@@ -125,9 +147,9 @@ def book(seq: int, changes: list[tuple[str, int, int]], bbo: tuple[int | None, i
     return ("book", symbol, seq, changes, bbo)
 
 
-@pytest.fixture
-def ex() -> Ex:
-    return Ex()
+@pytest.fixture(params=["engine", "reference"])
+def ex(request: pytest.FixtureRequest) -> Ex:
+    return Ex(request.param)
 
 
 # Resting orders and the book event --------------------------------------------------------------
@@ -286,7 +308,7 @@ def test_market_order_on_an_empty_book(ex: Ex) -> None:
         ("accepted", S, 2, "alice", None, BUY, MARKET, FOK, None, 10),
         cancelled(2, "alice", BUY, None, 10, 10, codes.REASON_FOK),
     ]
-    assert snapshot(ex.engine)["books"] == snapshot(Ex().engine)["books"]
+    assert ex.state()["books"] == Ex(ex.impl).state()["books"]
     assert ex.hash() != before  # only last_seq moved
     assert ex(lim("bob", BUY, 10_000, 10))[-1][2] == 1  # no book event was used up
 
@@ -335,16 +357,16 @@ def test_fok_fills_completely_across_levels(ex: Ex) -> None:
 def test_fok_that_cannot_fill_leaves_the_book_untouched(ex: Ex, cmd: NewOrder, why: str) -> None:
     ex(lim("alice", SELL, 10_000, 30))
     ex(lim("bob", SELL, 10_001, 30))
-    before = snapshot(ex.engine)["books"]
+    before = ex.state()["books"]
     out = ex(cmd)
     assert out == [
         ("accepted", S, 3, "carol", None, BUY, cmd.type, FOK, cmd.price, cmd.quantity),
         cancelled(3, "carol", BUY, cmd.price, cmd.quantity, cmd.quantity, codes.REASON_FOK),
     ], why
-    assert snapshot(ex.engine)["books"] == before
+    assert ex.state()["books"] == before
     # Neither trade ids nor book_seq were consumed.
     assert ex(mkt("dave", BUY, 10))[1][2] == 1
-    assert ex.engine.book(S).book_seq == 3
+    assert ex.book_seq() == 3
 
 
 def test_fok_sell_exactly_the_book(ex: Ex) -> None:
@@ -366,7 +388,7 @@ def test_post_only_rests_when_it_does_not_cross(ex: Ex) -> None:
 
 def test_post_only_that_would_take_is_rejected(ex: Ex) -> None:
     ex(lim("alice", SELL, 10_000, 30))
-    before = snapshot(ex.engine)["books"]
+    before = ex.state()["books"]
     assert ex(lim("bob", BUY, 10_000, 30, cid="p", post_only=True)) == [
         rejected("new", 2, "bob", codes.WOULD_TAKE, cid="p")
     ]
@@ -374,7 +396,7 @@ def test_post_only_that_would_take_is_rejected(ex: Ex) -> None:
     assert ex(lim("alice", BUY, 10_005, 30, post_only=True, stp=STP_CANCEL_MAKER)) == [
         rejected("new", 3, "alice", codes.WOULD_TAKE)
     ]
-    assert snapshot(ex.engine)["books"] == before
+    assert ex.state()["books"] == before
 
 
 @pytest.mark.parametrize(
@@ -436,7 +458,7 @@ def test_stp_cancel_both(ex: Ex) -> None:
 def test_stp_taker_stopped_before_any_trade_changes_nothing(ex: Ex) -> None:
     ex(lim("alice", SELL, 10_000, 30))
     ex(lim("bob", SELL, 10_000, 30))
-    before = snapshot(ex.engine)["books"]
+    before = ex.state()["books"]
     assert ex(lim("alice", BUY, 10_000, 30, tif=GTC)) == [
         accepted(3, "alice", BUY, 10_000, 30),
         cancelled(3, "alice", BUY, 10_000, 30, 30, codes.REASON_STP),
@@ -445,7 +467,7 @@ def test_stp_taker_stopped_before_any_trade_changes_nothing(ex: Ex) -> None:
         ("accepted", S, 4, "alice", None, BUY, MARKET, IOC, None, 30),
         cancelled(4, "alice", BUY, None, 30, 30, codes.REASON_STP),
     ]
-    assert snapshot(ex.engine)["books"] == before
+    assert ex.state()["books"] == before
 
 
 def test_stp_does_not_apply_once_the_taker_is_filled(ex: Ex) -> None:
@@ -474,12 +496,12 @@ def test_stp_cancel_maker_on_a_market_order_sweeping_own_levels(ex: Ex) -> None:
 @pytest.mark.parametrize("stp", [STP_CANCEL_TAKER, STP_CANCEL_BOTH])
 def test_fok_blocked_by_own_order_does_nothing(ex: Ex, stp: str) -> None:
     _stp_book(ex)  # bob 20, alice 30 at 10_000; carol 10 at 10_001
-    before = snapshot(ex.engine)["books"]
+    before = ex.state()["books"]
     assert ex(lim("alice", BUY, 10_001, 25, tif=FOK, stp=stp)) == [
         accepted(4, "alice", BUY, 10_001, 25, tif=FOK),
         cancelled(4, "alice", BUY, 10_001, 25, 25, codes.REASON_FOK),
     ]
-    assert snapshot(ex.engine)["books"] == before
+    assert ex.state()["books"] == before
 
 
 def test_fok_filled_before_reaching_own_order(ex: Ex) -> None:
@@ -501,13 +523,13 @@ def test_fok_cancel_maker_skips_own_orders_when_counting(ex: Ex) -> None:
 
 def test_fok_cancel_maker_unfillable_keeps_own_orders(ex: Ex) -> None:
     _stp_book(ex)
-    before = snapshot(ex.engine)["books"]
+    before = ex.state()["books"]
     # 60 lots rest up to 10_001, but 30 are alice's own: only 30 could fill.
     assert ex(lim("alice", BUY, 10_001, 31, tif=FOK, stp=STP_CANCEL_MAKER)) == [
         accepted(4, "alice", BUY, 10_001, 31, tif=FOK),
         cancelled(4, "alice", BUY, 10_001, 31, 31, codes.REASON_FOK),
     ]
-    assert snapshot(ex.engine)["books"] == before
+    assert ex.state()["books"] == before
 
 
 # Cancel -------------------------------------------------------------------------------------------
@@ -557,7 +579,7 @@ def test_cancel_of_unknown_or_foreign_orders_is_rejected(ex: Ex, cmd: Cancel) ->
     ex(lim("alice", BUY, 10_000, 10))  # 2
     ex(lim("bob", SELL, 10_000, 10))  # 3 fills 2
     ex(lim("alice", SELL, 11_000, 10, tif=IOC))  # 4 never rests
-    before = snapshot(ex.engine)["books"]
+    before = ex.state()["books"]
     out = ex(cmd)
     assert out == [
         (
@@ -570,7 +592,7 @@ def test_cancel_of_unknown_or_foreign_orders_is_rejected(ex: Ex, cmd: Cancel) ->
             codes.UNKNOWN_ORDER,
         )
     ]
-    assert snapshot(ex.engine)["books"] == before
+    assert ex.state()["books"] == before
 
 
 def test_foreign_cancel_by_client_order_id_never_touches_the_other_accounts_order(ex: Ex) -> None:
@@ -586,14 +608,14 @@ def test_foreign_cancel_by_client_order_id_never_touches_the_other_accounts_orde
 # Client order ids ---------------------------------------------------------------------------------
 def test_duplicate_client_order_id_among_open_orders(ex: Ex) -> None:
     ex(lim("alice", BUY, 10_000, 10, cid="dup"))
-    before = snapshot(ex.engine)["books"]
+    before = ex.state()["books"]
     assert ex(lim("alice", SELL, 11_000, 10, cid="dup")) == [
         rejected("new", 2, "alice", codes.DUPLICATE_CLIENT_ORDER_ID, cid="dup")
     ]
     assert ex(mkt("alice", SELL, 10, cid="dup")) == [
         rejected("new", 3, "alice", codes.DUPLICATE_CLIENT_ORDER_ID, cid="dup")
     ]
-    assert snapshot(ex.engine)["books"] == before
+    assert ex.state()["books"] == before
     # Another account may use the same string.
     assert ex(lim("bob", SELL, 11_000, 10, cid="dup"))[0] == accepted(4, "bob", SELL, 11_000, 10, cid="dup")
 
@@ -670,7 +692,7 @@ def test_amend_to_the_same_values_changes_nothing_and_emits_no_book_event(ex: Ex
         ("amended", S, 1, "alice", "a", SELL, 10_000, 30, 30)
     ]
     assert ex.queue(SELL, 10_000) == [1, 2]
-    assert ex.engine.book(S).book_seq == 2
+    assert ex.book_seq() == 2
 
 
 def test_amend_quantity_is_the_new_total_including_the_filled_part(ex: Ex) -> None:
@@ -709,9 +731,9 @@ def test_invalid_amends_are_rejected_with_the_orders_ids(ex: Ex, amend: Amend, c
     ex(lim("alice", SELL, 10_000, 30, cid="a"))  # 1
     ex(lim("carol", BUY, 10_000, 10))  # 2: alice filled 10
     ex(lim("bob", BUY, 9_999, 20))  # 3
-    before = snapshot(ex.engine)["books"]
+    before = ex.state()["books"]
     assert ex(amend) == [rejected("amend", 1, "alice", code, cid="a")]
-    assert snapshot(ex.engine)["books"] == before
+    assert ex.state()["books"] == before
 
 
 @pytest.mark.parametrize(
@@ -726,12 +748,12 @@ def test_invalid_amends_are_rejected_with_the_orders_ids(ex: Ex, amend: Amend, c
 )
 def test_amend_of_unknown_or_foreign_order(ex: Ex, amend: Amend) -> None:
     ex(lim("alice", SELL, 10_000, 30, cid="a"))
-    before = snapshot(ex.engine)["books"]
+    before = ex.state()["books"]
     assert ex(amend) == [
         ("rejected", amend.symbol, "amend", amend.order_id, amend.account, amend.client_order_id,
          codes.UNKNOWN_ORDER)
     ]  # fmt: skip
-    assert snapshot(ex.engine)["books"] == before
+    assert ex.state()["books"] == before
 
 
 def test_amend_never_takes_even_against_own_orders(ex: Ex) -> None:
@@ -779,9 +801,9 @@ GOOD = lim("alice", BUY, 10_000, 20)
     ],
 )  # fmt: skip
 def test_reject_codes(ex: Ex, cmd: Any, expected: Event) -> None:
-    before = snapshot(ex.engine)["books"]
+    before = ex.state()["books"]
     assert ex(cmd) == [expected]
-    assert snapshot(ex.engine)["books"] == before
+    assert ex.state()["books"] == before
 
 
 def test_exactly_at_the_limits_is_accepted(ex: Ex) -> None:
@@ -848,13 +870,13 @@ def test_garbage_in_new_order_fields_is_rejected_without_side_effects(
 ) -> None:
     _busy(ex)
     cmd = lim("zed", BUY, 10_010, 20, cid="z")._replace(**{name: value})
-    before = snapshot(ex.engine)
+    before = ex.state()
     out = ex(cmd)
     assert len(out) == 1
     assert out[0][0] == "rejected" and out[0][2] == "new" and out[0][6] == code
     # Fields of the wrong type are dropped so the event always serialises.
     assert all(f is None or type(f) in (str, int) for f in out[0][1:6])
-    after = snapshot(ex.engine)
+    after = ex.state()
     assert after["books"] == before["books"] and after["last_seq"] == ex.seq
 
 
@@ -884,7 +906,7 @@ def test_garbage_in_cancel_and_amend_fields_is_rejected_without_side_effects(
     if name == "client_order_id":
         base = base._replace(order_id=None)
     cmd = base._replace(**{name: value})
-    before = snapshot(ex.engine)
+    before = ex.state()
     out = ex(cmd)
     assert len(out) == 1 and out[0][0] == "rejected" and out[0][2] == kind
     if code is not None:
@@ -894,7 +916,7 @@ def test_garbage_in_cancel_and_amend_fields_is_rejected_without_side_effects(
     else:
         assert out[0][6] == codes.UNKNOWN_ORDER
     assert all(f is None or type(f) in (str, int) for f in out[0][1:6])
-    after = snapshot(ex.engine)
+    after = ex.state()
     assert after["books"] == before["books"]
 
 
@@ -903,9 +925,9 @@ def test_garbage_in_cancel_and_amend_fields_is_rejected_without_side_effects(
 )
 def test_things_that_are_not_commands(ex: Ex, cmd: Any) -> None:
     _busy(ex)
-    before = snapshot(ex.engine)["books"]
+    before = ex.state()["books"]
     assert ex(cmd) == [("rejected", None, "new", None, None, None, codes.UNKNOWN_OP)]
-    assert snapshot(ex.engine)["books"] == before
+    assert ex.state()["books"] == before
 
 
 def test_non_increasing_seq_is_a_caller_bug_and_changes_nothing(ex: Ex) -> None:
