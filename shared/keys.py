@@ -1,7 +1,7 @@
 """Every Redis key and channel name, in one place.
 
 Per-symbol keys carry the symbol in a hash tag (`{BTC-USDT}`), so all of one symbol's keys live in one
-Redis Cluster slot and the matcher's MULTI/EXEC over them stays legal on a cluster.
+Redis Cluster slot and the matcher's commit scripts over them stay legal on a cluster.
 """
 
 from __future__ import annotations
@@ -25,8 +25,12 @@ def events(symbol: str) -> str:
 
 
 def progress(symbol: str) -> str:
-    """Hash written with every batch commit: last_id, applied, book_seq, trade_seq, ts."""
+    """Hash written with every batch commit: last_id, applied, book_seq, trade_seq, ts, and
+    PROGRESS_EXEC_SEQ (the last exec_id published)."""
     return f"{PREFIX}:{{{symbol}}}:progress"
+
+
+PROGRESS_EXEC_SEQ = "exec_seq"  # progress hash field: the last exec_id the matcher published
 
 
 def checkpoint(symbol: str) -> str:
@@ -57,6 +61,24 @@ def snapshot_request_channel(symbol: str) -> str:
 def instances(service: str) -> str:
     """Hash instance -> metrics endpoint, for discovery and dashboards (not used for correctness)."""
     return f"{PREFIX}:instances:{service}"
+
+
+def epoch(symbol: str) -> str:
+    """Fencing token: INCR'ed by each matcher that takes the lease. Every matcher write (batch commit,
+    snapshot publish, checkpoint) runs in a script that first checks it still equals the writer's."""
+    return f"{PREFIX}:{{{symbol}}}:epoch"
+
+
+def exec_log(symbol: str) -> str:
+    """Durable copy of the exec channel: one stream entry per matcher batch that published exec lines,
+    written in the same fenced commit as the PUBLISH.
+
+    Entry id `<last exec_id of the batch>-0` (explicit, so ids rise with exec ids), one field `d` = the
+    exec payload exactly as published: header `#<publish ns> <first exec_id>`, then lines
+    `<account> <json>`, line i having exec_id first + i (shared.wire.unframe_exec). So
+    `XRANGE exec_log (N-0 +` returns every batch holding an exec_id > N, the first possibly starting
+    at or below N. Capped with MAXLEN ~ 1_000_000 entries (batches)."""
+    return f"{PREFIX}:{{{symbol}}}:execlog"
 
 
 def matcher_lease(symbol: str) -> str:

@@ -8,6 +8,7 @@ read and commit), 3.5-14x in a prototype on this machine. Everything else uses r
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from typing import Any
 
@@ -32,12 +33,31 @@ class RespConnection(asyncio.Protocol):
         self.parser = hiredis.Reader()
         self.transport: asyncio.Transport | None = None
         self.lost: Exception | None = None
+        self.read_timeout: float | None = None
         self._waiter: asyncio.Future[list[Any]] | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._expected = 0
         self._replies: list[Any] = []
 
     @classmethod
-    async def open(cls, url: str) -> RespConnection:
+    async def open(
+        cls,
+        url: str,
+        *,
+        connect_timeout: float | None = 10.0,
+        read_timeout: float | None = None,
+        keepalive: bool = True,
+    ) -> RespConnection:
+        """Connect (and AUTH/SELECT as the URL says).
+
+        connect_timeout bounds the connection and its setup; read_timeout bounds every round trip
+        (None: wait for ever), a late round trip fails with TimeoutError and closes the connection,
+        since its replies may still arrive. keepalive: TCP keepalive, so a silent peer is noticed
+        even while idle."""
+        return await asyncio.wait_for(cls._open(url, read_timeout, keepalive), connect_timeout)
+
+    @classmethod
+    async def _open(cls, url: str, read_timeout: float | None, keepalive: bool) -> RespConnection:
         params = parse_url(url)
         loop = asyncio.get_running_loop()
         if "path" in params:
@@ -47,6 +67,9 @@ class RespConnection(asyncio.Protocol):
             _, conn = await loop.create_connection(
                 cls, params.get("host", "localhost"), params.get("port", 6379), ssl=context
             )
+            if keepalive:
+                _keepalive(conn.transport)
+        conn.read_timeout = read_timeout
         try:
             setup: list[bytes] = []
             password, username = params.get("password"), params.get("username")
@@ -69,8 +92,11 @@ class RespConnection(asyncio.Protocol):
         if self.lost is not None or self.transport is None:
             raise ConnectionError(f"Redis connection lost: {self.lost}")
         assert self._waiter is None, "one round trip at a time"
-        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
         self._expected, self._replies = n, []
+        if self.read_timeout is not None:
+            self._timer = loop.call_later(self.read_timeout, self._timed_out)
         self.transport.write(payload)
         return waiter
 
@@ -101,6 +127,7 @@ class RespConnection(asyncio.Protocol):
                 self.transport.abort()
             return
         waiter, self._waiter = self._waiter, None
+        self._cancel_timer()
         if not waiter.done():
             waiter.set_result(replies)
 
@@ -109,6 +136,40 @@ class RespConnection(asyncio.Protocol):
         self._fail(self.lost)
 
     def _fail(self, exc: BaseException) -> None:
+        self._cancel_timer()
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        exc = TimeoutError(f"Redis did not answer within {self.read_timeout} s")
+        self.lost = exc  # the late replies would be taken for the next round trip's: never reuse it
+        self._fail(exc)
+        if self.transport is not None:
+            self.transport.abort()
+
+
+# Seconds idle before the first probe, between probes, and probes unanswered before the kernel drops
+# the connection: a silent peer is found in about 15 s instead of the system's default two hours.
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 5, 5, 2
+
+
+def _keepalive(transport: asyncio.Transport | None) -> None:
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE),
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+        ("TCP_KEEPCNT", KEEPALIVE_COUNT),
+    ):
+        option = getattr(socket, name, None)  # not every platform has them all (macOS: no TCP_KEEPIDLE)
+        if option is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)

@@ -5,6 +5,8 @@ re-encoding. Payload framing on the pub/sub channels (shared.keys):
 - the first line is `#<publish wall clock in ns>` (for publish-to-send latency), then
 - md and trades: NDJSON, one protocol message per line (orjson never emits a raw newline);
 - exec: one line per message, `<account> <json>`; account names contain no spaces (gateway rule).
+  The exec header is `#<ns> <first exec_id>`: every exec line's JSON carries "exec_id", rising by
+  exactly one per line per symbol from 1, and line i of a payload has exec_id first + i.
 """
 
 from __future__ import annotations
@@ -22,30 +24,67 @@ Message = dict[str, Any]
 
 
 class Rendered:
-    """One batch's outgoing messages, grouped by channel."""
+    """One batch's outgoing messages, grouped by channel, and the symbol's running exec id.
 
-    __slots__ = ("execs", "md", "trades")
+    exec_seq: the last exec id assigned (the symbol's count so far); render() numbers exec lines on."""
 
-    def __init__(self) -> None:
+    __slots__ = ("exec_seq", "execs", "first_exec", "md", "trades")
+
+    def __init__(self, exec_seq: int = 0) -> None:
         self.md: list[bytes] = []
         self.trades: list[bytes] = []
         self.execs: list[bytes] = []
+        self.exec_seq = exec_seq
+        self.first_exec = exec_seq + 1  # the exec id of execs[0]
 
     def payloads(self, now_ns: int) -> tuple[bytes | None, bytes | None, bytes | None]:
         """(md, trades, exec) payloads, None where a channel has nothing to say."""
-        return frame(self.md, now_ns), frame(self.trades, now_ns), frame(self.execs, now_ns)
+        execs = frame(self.execs, now_ns, self.first_exec)
+        return frame(self.md, now_ns), frame(self.trades, now_ns), execs
+
+    def add_exec(self, account: str, msg: Message) -> None:
+        self.exec_seq += 1
+        msg["exec_id"] = self.exec_seq
+        self.execs.append(_line(account, msg))
 
 
-def frame(lines: list[bytes], now_ns: int) -> bytes | None:
-    return b"\n".join([b"#%d" % now_ns, *lines]) if lines else None
+def frame(lines: list[bytes], now_ns: int, first_exec: int | None = None) -> bytes | None:
+    """A channel payload; exec payloads pass the exec id of their first line."""
+    if not lines:
+        return None
+    head = b"#%d" % now_ns if first_exec is None else b"#%d %d" % (now_ns, first_exec)
+    return b"\n".join([head, *lines])
+
+
+def unframe_exec(payload: bytes) -> tuple[int, int | None, list[bytes]]:
+    """(publish ns, first exec id, lines) of a channel payload. Older forms still parse: `#<ns>`
+    alone gives first None, and a payload without a header gives publish ns 0 as well."""
+    lines = payload.split(b"\n")
+    if not lines or not lines[0].startswith(b"#"):
+        return 0, None, lines
+    ns, _, first = lines[0][1:].partition(b" ")
+    return int(ns or 0), int(first) if first else None, lines[1:]
 
 
 def unframe(payload: bytes) -> tuple[int, list[bytes]]:
     """(publish ns, lines) of a channel payload; publish ns is 0 if the header is missing."""
-    lines = payload.split(b"\n")
-    if lines and lines[0].startswith(b"#"):
-        return int(lines[0][1:] or 0), lines[1:]
-    return 0, lines
+    ns, _, lines = unframe_exec(payload)
+    return ns, lines
+
+
+def _silent(e: ev.Event) -> bool:
+    """A reject with nobody to tell (the gateway never sends such a command): no exec line."""
+    return e[0] == ev.REJECTED and e[4] is None
+
+
+# Exec lines per event kind, as render() makes them; _silent events make none.
+_EXEC_LINES = {ev.ACCEPTED: 1, ev.CANCELLED: 1, ev.AMENDED: 1, ev.REJECTED: 1, ev.TRADE: 2}
+
+
+def count_execs(events: list[ev.Event]) -> int:
+    """How many exec lines render() makes for one command's events (replay advances exec ids by it)."""
+    get = _EXEC_LINES.get
+    return sum(0 if _silent(e) else get(e[0], 0) for e in events)
 
 
 def _oid(seq: int | None) -> str | None:
@@ -116,24 +155,23 @@ def render(
             msg = _exec(
                 symbol, oid, cid, side, "new", "new", ps, qs, q(0), qs, None, None, zero_fee, None, None, ts
             )
-            out.execs.append(_line(account, msg))
+            out.add_exec(account, msg)
         elif kind == ev.CANCELLED:
             _, symbol, oid, account, cid, side, price, qty, leaves, reason = e
             msg = _exec(symbol, oid, cid, side, "cancelled", "cancelled", None if price is None else p(price),
                         q(qty), q(qty - leaves), q(0), None, None, zero_fee, None, None, ts)  # fmt: skip
             msg["reason"] = reason
-            out.execs.append(_line(account, msg))
+            out.add_exec(account, msg)
         elif kind == ev.AMENDED:
             _, symbol, oid, account, cid, side, price, qty, leaves = e
             status = "new" if qty == leaves else "partially_filled"
-            out.execs.append(
-                _line(account, _exec(symbol, oid, cid, side, status, "amended", p(price), q(qty),
-                                     q(qty - leaves), q(leaves), None, None, zero_fee, None, None, ts))
-            )  # fmt: skip
+            msg = _exec(symbol, oid, cid, side, status, "amended", p(price), q(qty), q(qty - leaves),
+                        q(leaves), None, None, zero_fee, None, None, ts)  # fmt: skip
+            out.add_exec(account, msg)
         elif kind == ev.REJECTED:
+            if _silent(e):
+                continue
             _, symbol, op, oid, account, cid, code = e
-            if account is None:
-                continue  # nobody to tell; the gateway never sends such a command
             if op == "new" and oid is not None:
                 msg = {
                     "type": "execution", "order_id": _oid(oid), "client_order_id": cid, "symbol": inst.symbol,
@@ -145,7 +183,7 @@ def render(
                     "type": "reject", "op": op, "symbol": inst.symbol, "order_id": _oid(oid),
                     "client_order_id": cid, "code": code, "reason": reason_for(code),
                 }  # fmt: skip
-            out.execs.append(_line(account, msg))
+            out.add_exec(account, msg)
 
 
 def render_trade(e: ev.Event, inst: Instrument, latency_us: int | None, out: Rendered) -> None:
@@ -182,8 +220,8 @@ def render_trade(e: ev.Event, inst: Instrument, latency_us: int | None, out: Ren
     t_filled = q(t_qty - t_leaves)
     taker = _exec(symbol, t_oid, t_cid, aggressor, t_status, "trade", t_price_s, q(t_qty), t_filled,
                   q(t_leaves), price_s, qty_s, t_fee_s, "taker", trade_id, ts)  # fmt: skip
-    out.execs.append(_line(m_account, maker))
-    out.execs.append(_line(t_account, taker))
+    out.add_exec(m_account, maker)
+    out.add_exec(t_account, taker)
 
 
 def l2_update(e: ev.Event, inst: Instrument) -> Message:

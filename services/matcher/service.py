@@ -1,14 +1,21 @@
 """The matcher service: orders streams in, core events out, exactly once across crashes.
 
 Per symbol: one Engine, fed by a plain XREAD from the last applied entry id. Each batch of entries is
-applied, rendered once, and committed in one MULTI/EXEC together with the progress that makes it
-durable: the events stream entry, one PUBLISH per channel (md, trades, exec) and the progress hash
-(last_id, applied, book_seq, trade_seq). A crash before EXEC loses nothing (the batch is read again), a
-crash after it repeats nothing (recovery replays up to progress.last_id without publishing).
+applied, rendered once, and committed by one Lua script call together with the progress that makes it
+durable: the events stream entry, one PUBLISH per channel (md, trades, exec), the exec log entry and the
+progress hash (last_id, applied, book_seq, trade_seq, exec_seq). A crash before the call loses nothing
+(the batch is read again), a crash after it repeats nothing (recovery replays up to progress.last_id
+without publishing).
+
+Fencing: every write (batch commit, snapshot publish, checkpoint) is a script that first checks the
+symbol's epoch (services.matcher.lease) is still the one this matcher's lease took, and otherwise does
+nothing and answers "FENCED": a matcher that stalled while a standby took over cannot publish twice.
+It then exits non-zero; restarted, it stands by.
 
 Error handling is crash-only: when Redis fails mid-commit the outcome is unknown, so the process logs
 and exits non-zero, and the next start (checkpoint + replay) is exact. That is also why the Redis client
-never retries on its own: a retried MULTI/EXEC could publish a batch twice.
+never retries on its own: a retried commit could publish a batch twice. Every connection has connect and
+read timeouts and TCP keepalive, so a silent partition also ends in an exit and a clean restart.
 
 Recovery: newest valid checkpoint (Redis key or file), replay (checkpoint.entry_id, progress.last_id]
 silently, then go live after max(checkpoint, progress) and publish a full l2_snapshot per symbol so feeds
@@ -41,22 +48,55 @@ from services.matcher import checkpoint as ck
 from services.matcher.batch import Item, apply_batch
 from services.matcher.engine import Engine
 from services.matcher.events import TRADE
-from services.matcher.lease import LeaseLost, Leases
-from services.matcher.snapshot import restore, snapshot
-from shared import aio, keys, metrics
+from services.matcher.lease import RENEW, Fenced, LeaseLost, Leases
+from services.matcher.snapshot import snapshot
+from shared import aio, keys, logs, metrics
 from shared.ids import SEQ_BITS, entry_to_seq, seq_to_entry
 from shared.instruments import Instrument, load_instruments
+from shared.redis_acl import redact
 from shared.resp import RespConnection, pack
 from shared.stream import decode, encode_events
-from shared.wire import Rendered, frame, l2_snapshot, render
+from shared.wire import Rendered, count_execs, frame, l2_snapshot, render
 
 log = logging.getLogger("cme.matcher")
 
 EVENTS_MAXLEN = 1_000_000  # approximate cap of each events stream
-REPLAY_CHUNK = 10_000
+EXEC_LOG_MAXLEN = 1_000_000  # approximate cap of each exec log (entries are batches)
+REPLAY_CHUNK = 5_000  # small enough to renew the lease between chunks on a loaded machine
 POLL_SECONDS = 1.0  # stream length, lag and book gauges
 FULL_DEPTH = 1 << 62
+_EXEC_SEQ_FIELD = keys.PROGRESS_EXEC_SEQ.encode()
 Entry = tuple[bytes, dict[bytes, bytes]]
+
+# Fenced writes. Each checks the epoch before anything else and returns an error having done nothing
+# when it moved on; the writes that could fail follow the check in an order where a failure leaves
+# nothing half done (Lua scripts are atomic but not rolled back).
+_FENCE = """
+local epoch = redis.call('GET', KEYS[1])
+if epoch ~= ARGV[1] then
+  return redis.error_reply('FENCED epoch is ' .. tostring(epoch) .. ', this matcher holds ' .. ARGV[1])
+end
+"""
+# KEYS: epoch, events, progress, exec log. ARGV: epoch, events data, md channel, md payload, trades
+# channel, trades payload, exec channel, exec payload, exec log entry id, then the progress hash's
+# field/value pairs. An empty payload is not published (an empty exec payload is not logged either).
+_COMMIT_WRITES = f"""
+if ARGV[8] ~= '' then
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', {EXEC_LOG_MAXLEN}, ARGV[9], 'd', ARGV[8])
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', {EVENTS_MAXLEN}, '*', 'd', ARGV[2])
+for i = 3, 7, 2 do
+  if ARGV[i + 1] ~= '' then redis.call('PUBLISH', ARGV[i], ARGV[i + 1]) end
+end
+redis.call('HSET', KEYS[3], unpack(ARGV, 10, #ARGV))
+return 1
+"""
+_COMMIT = _FENCE + _COMMIT_WRITES
+# KEYS: epoch. ARGV: epoch, channel, payload.
+_PUBLISH = _FENCE + "return redis.call('PUBLISH', ARGV[2], ARGV[3])"
+# KEYS: epoch, checkpoint. ARGV: epoch, blob.
+_CHECKPOINT = _FENCE + "return redis.call('SET', KEYS[2], ARGV[2])"
+_SCRIPTS = {"commit": _COMMIT, "publish": _PUBLISH, "checkpoint": _CHECKPOINT, "renew": RENEW}
 
 
 @dataclass(frozen=True)
@@ -69,10 +109,12 @@ class Config:
     keep_checkpoints: int = 3
     batch: int = 1000
     block_ms: int = 50
-    connect_timeout: float = 30.0
+    connect_timeout: float = 30.0  # how long to wait for Redis at start
+    redis_timeout: float = 5.0  # connect and per-command timeout (the XREAD: block_ms more)
     instance: str = field(default_factory=lambda: metrics.instance_name("matcher"))
     metrics_endpoint: str | None = None  # registered in keys.instances("matcher") for discovery
     freeze_gc: bool = False  # gc.freeze() after recovery (the process entry point sets it)
+    checkpoint_key_file: Path | None = None  # HMAC key of checkpoints; None: {data_dir}/checkpoint.key
 
 
 class SymbolState:
@@ -86,13 +128,16 @@ class SymbolState:
         self.applied = 0  # entries applied in total, including ones that were not commands
         self.ckpt_applied = 0  # `applied` at the last checkpoint
         self.ckpt_mono = time.monotonic()
+        self.exec_seq = 0  # the last exec_id assigned (published, or replayed at start)
+        self.epoch = b""  # the fencing epoch of our lease, checked by every write
         self.snapshot_wanted = False
         self.k_orders, self.k_events, self.k_progress = keys.orders(s), keys.events(s), keys.progress(s)
         self.k_checkpoint, self.k_appended = keys.checkpoint(s), keys.appended(s)
         self.k_md, self.k_trades = keys.md_channel(s), keys.trades_channel(s)
-        self.k_exec = keys.exec_channel(s)
+        self.k_exec, self.k_epoch = keys.exec_channel(s), keys.epoch(s)
         # The hot loop writes RESP itself: the keys it names, as bytes once.
         self.b_events, self.b_progress = self.k_events.encode(), self.k_progress.encode()
+        self.b_epoch, self.b_exec_log = self.k_epoch.encode(), keys.exec_log(s).encode()
         self.b_md, self.b_trades, self.b_exec = (
             self.k_md.encode(),
             self.k_trades.encode(),
@@ -124,24 +169,20 @@ def _entry_seq(entry_id: bytes) -> int | None:
 
 
 class CommitFailed(RedisError):
-    """Redis refused part of a batch's MULTI/EXEC: its outcome is unknown, so the process must restart."""
+    """Redis refused a batch's commit (NOSCRIPT after a Redis restart, an error inside the script): its
+    outcome is unknown, so the process must restart."""
 
 
-def _check_commits(replies: list[Any], sizes: list[int]) -> None:
-    """Every reply of the commit groups that opened this round trip must be a success; each
-    MULTI/EXEC group's last reply (EXEC's) must be the list of its queued commands' results."""
-    i = 0
-    for n in sizes:
-        group = replies[i : i + n]
-        i += n
-        bad = [r for r in group if isinstance(r, hiredis.ReplyError)]
-        if n > 1:
-            result = group[-1]
-            if not isinstance(result, list):
-                raise CommitFailed(f"EXEC answered {result!r}")
-            bad += [r for r in result if isinstance(r, hiredis.ReplyError)]
-        if bad:
-            raise CommitFailed(f"Redis refused a commit: {bad[0]}")
+def _fence_error(reply: object) -> Fenced | None:
+    text = str(reply)
+    return Fenced(f"Redis refused a write: {text}") if text.startswith("FENCED") else None
+
+
+def _check_commits(replies: list[Any], n: int) -> None:
+    """The first n replies of a round trip, one per fenced script call, must all be successes."""
+    for reply in replies[:n]:
+        if isinstance(reply, hiredis.ReplyError):
+            raise _fence_error(reply) or CommitFailed(f"Redis refused a commit: {reply}")
 
 
 def _stream_entries(resp: Any) -> list[tuple[bytes, list[Entry]]]:
@@ -165,11 +206,23 @@ class Matcher:
         self._stopping = False
         self._op = "connect"  # the Redis operation in flight, for REDIS_ERRORS
         self._ckpt_task: asyncio.Task[None] | None = None
+        self.ckpt_key = ck.load_key(cfg.checkpoint_key_file or ck.default_key_file(cfg.data_dir))
         self._listener: asyncio.Task[None] | None = None
+        common: dict[str, Any] = {
+            "decode_responses": False,
+            "retry": Retry(NoBackoff(), 0),
+            "socket_connect_timeout": cfg.redis_timeout,
+            "socket_keepalive": True,
+        }
         self.r: aioredis.Redis = aioredis.Redis.from_url(
-            cfg.redis_url, decode_responses=False, retry=Retry(NoBackoff(), 0)
+            cfg.redis_url, socket_timeout=cfg.redis_timeout, **common
+        )
+        # Pub/sub waits for messages by design: no read timeout; a PING when idle finds a dead link.
+        self.r_sub: aioredis.Redis = aioredis.Redis.from_url(
+            cfg.redis_url, health_check_interval=max(1, int(cfg.redis_timeout)), **common
         )
         self.leases = Leases(self.r, list(self.states), cfg.instance)
+        self.sha: dict[str, bytes] = {}  # script name -> SHA1 (SCRIPT LOAD at start)
 
     def stop(self) -> None:
         """Ask for a clean stop: finish the batch in hand, checkpoint, return 0."""
@@ -181,13 +234,18 @@ class Matcher:
 
     # ------------------------------------------------------------------------------------------
     async def run(self) -> int:
-        pubsub = self.r.pubsub()
+        pubsub = self.r_sub.pubsub()
         try:
             await self._wait_for_redis()
+            self._rt("script")
+            for name, src in _SCRIPTS.items():
+                self.sha[name] = str(await self.r.script_load(src)).encode()
             self._rt("lease")
             if not await self.leases.acquire(lambda: self._stopping):
                 log.info("stopped while standing by")
                 return 0
+            for s, st in self.states.items():
+                st.epoch = b"%d" % self.leases.epochs[s]
             self._rt("subscribe")
             await pubsub.subscribe(*self.by_request)
             self._listener = asyncio.create_task(self._listen(pubsub))
@@ -217,6 +275,10 @@ class Matcher:
             log.error("Redis failed during %s (%s: %s); exiting so a restart recovers exactly",
                       self._op, type(exc).__name__, exc)  # fmt: skip
             return 1
+        except Fenced as exc:
+            log.critical("FENCED: %s: another matcher took over while this one stalled; its last commit "
+                         "was refused whole, nothing of it published; exiting", exc)  # fmt: skip
+            return 1
         except LeaseLost as exc:
             log.error("%s: another matcher took over; exiting without publishing more", exc)
             return 1
@@ -228,6 +290,7 @@ class Matcher:
                     task.exception()  # retrieved: the failure that matters was logged above
             with contextlib.suppress(RedisError, OSError):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await self.r_sub.aclose()
                 await self.r.aclose()
 
     async def _wait_for_redis(self) -> None:
@@ -240,7 +303,7 @@ class Matcher:
             except (RedisError, OSError) as exc:
                 if time.monotonic() > deadline or self._stopping:
                     raise
-                log.warning("waiting for Redis at %s: %s", self.cfg.redis_url, exc)
+                log.warning("waiting for Redis at %s: %s", redact(self.cfg.redis_url), exc)
                 await asyncio.sleep(0.5)
 
     async def _listen(self, pubsub: aioredis.client.PubSub) -> None:
@@ -256,13 +319,16 @@ class Matcher:
     async def _recover(self, st: SymbolState) -> None:
         self._rt("recover")
         blob = cast(bytes | None, await self.r.get(st.k_checkpoint))
+        window = await self._stream_window(st)
         folder = ck.directory(self.cfg.data_dir, st.symbol)
-        ckpt = await asyncio.to_thread(ck.load_newest, st.symbol, blob, folder)
-        if ckpt is not None:
-            restore(st.engine, ckpt.snapshot)
-            st.last_id, st.applied = ckpt.entry_id.encode(), ckpt.applied
+        loaded = await asyncio.to_thread(ck.load_newest, st.symbol, blob, folder, self.ckpt_key,
+                                         restore=ck.restore_engine(st.inst), window=window)  # fmt: skip
+        if loaded is not None:
+            ckpt, st.engine = loaded
+            st.last_id, st.applied, st.exec_seq = ckpt.entry_id.encode(), ckpt.applied, ckpt.exec_seq
             log.info("%s: checkpoint at %s (%d entries applied)", st.symbol, ckpt.entry_id, ckpt.applied)
         st.ckpt_applied, st.ckpt_mono = st.applied, time.monotonic()
+        await self._renew_if_due()  # loading a large checkpoint takes a while
         self._rt("recover")
         progress = cast(dict[bytes, bytes], await self.r.hgetall(st.k_progress))
         target = progress.get(b"last_id")
@@ -273,7 +339,12 @@ class Matcher:
             if expected is not None and int(expected) != st.applied:
                 log.warning("%s: replay gives %d entries applied, progress says %s", st.symbol, st.applied,
                             expected.decode())  # fmt: skip
-        await self._warn_if_ahead(st)
+        committed_execs = progress.get(keys.PROGRESS_EXEC_SEQ.encode())
+        if committed_execs is not None and st.last_id == target and int(committed_execs) != st.exec_seq:
+            # Only a checkpoint from before exec ids does this: go on from what clients were told.
+            log.warning("%s: replay gives exec id %d, progress says %s; continuing from progress",
+                        st.symbol, st.exec_seq, committed_execs.decode())  # fmt: skip
+            st.exec_seq = int(committed_execs)
         metrics.REPLAYED.labels(st.symbol).set(replayed)
         log.info("%s: replayed %d entries up to %s", st.symbol, replayed, st.last_id.decode())
 
@@ -290,47 +361,57 @@ class Matcher:
                 break
             self._replay(st, entries)
             replayed += len(entries)
+            await self._renew_if_due()  # a long replay must not lose the lease
         return replayed
+
+    async def _renew_if_due(self) -> None:
+        if self.leases.renew_due():
+            self._rt("lease")
+            await self.leases.renew()
 
     def _replay(self, st: SymbolState, entries: list[Entry]) -> None:
         """Apply already-committed entries: same state changes as live, nothing rendered or published."""
         engine = st.engine
+        execs = st.exec_seq
         for raw_id, fields in entries:
             seq = _entry_seq(raw_id)
             cmd, _ = decode(fields)
             if cmd is not None and seq is not None and seq > engine.last_seq:
-                engine.apply(cmd, seq, seq >> SEQ_BITS)
+                execs += count_execs(engine.apply(cmd, seq, seq >> SEQ_BITS))
+        st.exec_seq = execs
         st.last_id = entries[-1][0]
         st.applied += len(entries)
 
-    async def _warn_if_ahead(self, st: SymbolState) -> None:
-        """A checkpoint past the stream's last id comes from a history this Redis no longer has."""
+    async def _stream_window(self, st: SymbolState) -> ck.StreamWindow:
+        """Where a checkpoint must end to fit this Redis's orders stream (one of another history not)."""
         self._rt("recover")
         try:
-            info = cast(dict[Any, Any], await self.r.xinfo_stream(st.k_orders))
-            last = info.get(b"last-generated-id", info.get("last-generated-id", b"0-0"))
-            if isinstance(last, str):
-                last = last.encode()
-        except ResponseError:  # no such stream yet
-            last = b"0-0"
-        if st.applied and entry_to_seq(st.last_id) > entry_to_seq(last):
-            log.warning("%s: resuming at %s, beyond the orders stream's last id %s (Redis lost data?)",
-                        st.symbol, st.last_id.decode(), last.decode())  # fmt: skip
+            info = await self.r.xinfo_stream(st.k_orders)
+        except ResponseError:  # no such stream
+            return ck.StreamWindow.from_xinfo(None)
+        return ck.StreamWindow.from_xinfo(info)
 
     # Live -------------------------------------------------------------------------------------
     async def _live(self) -> None:
         """Read, apply, commit. Each round trip carries the previous batch's commits and the next
         blocking XREAD in one write: one round trip per batch, on a bare hiredis connection.
 
-        Whenever a round trip returns, everything applied so far is committed (Redis ran the EXECs
-        before the XREAD), so that is where checkpoints are taken."""
+        Whenever a round trip returns, everything applied so far is committed (Redis ran the commit
+        scripts before the XREAD), so that is where checkpoints are taken.
+
+        The lease is renewed in the same round trip, after the commits: a matcher that wakes from a
+        stall with a batch in hand has that commit refused (FENCED) before anything else happens."""
         states = list(self.states.values())
         self._rt("connect")
-        conn = await RespConnection.open(self.cfg.redis_url)
+        cfg = self.cfg
+        read_timeout = cfg.block_ms / 1000 + cfg.redis_timeout  # the XREAD may block that long first
+        conn = await RespConnection.open(
+            cfg.redis_url, connect_timeout=cfg.redis_timeout, read_timeout=read_timeout
+        )
         head = [b"XREAD", b"COUNT", b"%d" % self.cfg.batch, b"BLOCK", b"%d" % self.cfg.block_ms, b"STREAMS"]
         head += [st.k_orders.encode() for st in states]
-        commits: list[bytes] = []
-        sizes: list[int] = []  # replies per commit group
+        publish_sha, renew_sha = self.sha["publish"], self.sha["renew"]
+        commits: list[bytes] = []  # one fenced script call each
         next_poll = 0.0
         try:
             while True:
@@ -340,38 +421,39 @@ class Matcher:
                 stopping = self._stopping
                 if stopping and not commits:
                     return
-                payload = b"".join(commits)
+                renewal = self.leases.renewal(renew_sha) if not stopping and self.leases.renew_due() else []
+                payload = b"".join(commits + renewal)
                 if not stopping:
                     payload += pack(*head, *(st.last_id for st in states))
                 self._rt("commit" if commits else "xread")  # a commit round trip also reads
-                replies = await conn.roundtrip(payload, sum(sizes) + (not stopping))
-                _check_commits(replies, sizes)
-                commits, sizes = [], []
+                n = len(commits)
+                replies = await conn.roundtrip(payload, n + len(renewal) + (not stopping))
+                _check_commits(replies, n)
+                if renewal:
+                    self.leases.check_renewals(replies[n : n + len(renewal)])
+                commits = []
                 if stopping:
                     return
                 read_ns = time.time_ns()
                 self._maybe_checkpoint()
                 if time.monotonic() >= next_poll:
                     next_poll = time.monotonic() + POLL_SECONDS
-                    self._rt("lease")
-                    await self.leases.renew()
                     await self._poll(states)
                 for st in states:
                     if st.snapshot_wanted:  # sent before this round's updates: its seq is the committed one
                         st.snapshot_wanted = False
-                        commits.append(pack(b"PUBLISH", st.b_md, st.snapshot_payload(time.time_ns())))
-                        sizes.append(1)
+                        snap = st.snapshot_payload(time.time_ns())
+                        fenced = (publish_sha, b"1", st.b_epoch, st.epoch, st.b_md, snap)
+                        commits.append(pack(b"EVALSHA", *fenced))
                         metrics.PUBLISHED.labels("md").inc()
                 for key, entries in _stream_entries(replies[-1]):
                     if entries:
-                        commit, n = self._process(self.by_stream[key], entries, read_ns)
-                        commits.append(commit)
-                        sizes.append(n)
+                        commits.append(self._process(self.by_stream[key], entries, read_ns))
         finally:
             conn.close()
 
-    def _process(self, st: SymbolState, entries: list[Entry], read_ns: int) -> tuple[bytes, int]:
-        """Apply a batch and render it; returns its MULTI/EXEC (and how many replies it gets)."""
+    def _process(self, st: SymbolState, entries: list[Entry], read_ns: int) -> bytes:
+        """Apply a batch and render it; returns its commit (one fenced script call)."""
         engine = st.engine
         read_ms = read_ns // 1_000_000
         items: list[Item] = []
@@ -397,32 +479,24 @@ class Matcher:
         ]
 
         now_ns = time.time_ns()
-        rendered = Rendered()
+        rendered = Rendered(st.exec_seq)
         inst = st.inst
         for events, (_, _, ts), recv_ns in zip(results, items, recvs, strict=True):
             render(events, inst, ts, rendered, recv_ns, now_ns)
         md, trades, execs = rendered.payloads(now_ns)
         last_id = entries[-1][0]
         applied = st.applied + len(entries)
+        exec_seq = rendered.exec_seq
         book = engine.books[st.symbol]
-        cmds = [
-            pack(b"MULTI"),
-            pack(
-                b"XADD", st.b_events, b"MAXLEN", b"~", b"%d" % EVENTS_MAXLEN, b"*", b"d", encode_events(pairs)
-            ),
-        ]
-        for channel, payload in ((st.b_md, md), (st.b_trades, trades), (st.b_exec, execs)):
-            if payload is not None:
-                cmds.append(pack(b"PUBLISH", channel, payload))
-        cmds.append(
-            pack(
-                b"HSET", st.b_progress, b"last_id", last_id, b"applied", b"%d" % applied,
-                b"book_seq", b"%d" % book.book_seq, b"trade_seq", b"%d" % book.trade_seq,
-                b"ts", b"%d" % (now_ns // 1_000_000),
-            )
+        commit = pack(
+            b"EVALSHA", self.sha["commit"], b"4", st.b_epoch, st.b_events, st.b_progress, st.b_exec_log,
+            st.epoch, encode_events(pairs), st.b_md, md or b"", st.b_trades, trades or b"",
+            st.b_exec, execs or b"", b"%d-0" % exec_seq,
+            b"last_id", last_id, b"applied", b"%d" % applied, b"book_seq", b"%d" % book.book_seq,
+            b"trade_seq", b"%d" % book.trade_seq, b"ts", b"%d" % (now_ns // 1_000_000),
+            _EXEC_SEQ_FIELD, b"%d" % exec_seq,
         )  # fmt: skip
-        cmds.append(pack(b"EXEC"))
-        st.last_id, st.applied = last_id, applied
+        st.last_id, st.applied, st.exec_seq = last_id, applied, exec_seq
 
         # Metrics (cheap, batched): recorded as the batch goes out.
         st.m_batch.observe(len(entries))
@@ -437,13 +511,21 @@ class Matcher:
             st.m_trades.inc(len(rendered.trades))
             notional = sum(e[3] * e[4] for events in results for e in events if e[0] == TRADE)
             st.m_notional.inc(notional * st.notional_unit)
-        return b"".join(cmds), len(cmds)
+        return commit
+
+    async def _fenced(self, script: str, keys_: list[str], args: list[bytes]) -> None:
+        """One fenced script call through redis-py; a moved epoch raises Fenced."""
+        try:
+            await self.r.evalsha(self.sha[script], len(keys_), *keys_, *args)  # type: ignore[arg-type]
+        except ResponseError as exc:
+            raise _fence_error(exc) or exc from None
 
     async def _publish_snapshot(self, st: SymbolState) -> None:
         """At start, before going live: the feeds resync from it."""
         st.snapshot_wanted = False
         self._rt("publish")
-        await self.r.publish(st.k_md, st.snapshot_payload(time.time_ns()))
+        payload = st.snapshot_payload(time.time_ns())
+        await self._fenced("publish", [st.k_epoch], [st.epoch, st.b_md, payload])
         metrics.PUBLISHED.labels("md").inc()
 
     async def _poll(self, states: list[SymbolState]) -> None:
@@ -496,15 +578,16 @@ class Matcher:
     def _capture(self, st: SymbolState) -> ck.Checkpoint:
         """Copy the state now, synchronously: callers make sure everything applied is committed."""
         st.ckpt_applied, st.ckpt_mono = st.applied, time.monotonic()
-        return ck.Checkpoint(st.symbol, st.last_id.decode(), st.applied, snapshot(st.engine), time.time_ns())
+        return ck.Checkpoint(st.symbol, st.last_id.decode(), st.applied, snapshot(st.engine), time.time_ns(),
+                             exec_seq=st.exec_seq)  # fmt: skip
 
     async def _checkpoint(self, st: SymbolState, ckpt: ck.Checkpoint) -> None:
         """Write a captured checkpoint; then trim the orders stream below the oldest kept one.
         Encoding and file I/O run in a thread so matching goes on."""
         t0 = time.perf_counter()
-        blob = await asyncio.to_thread(ck.encode, ckpt)
+        blob = await asyncio.to_thread(ck.encode, ckpt, self.ckpt_key)
         self._rt("checkpoint")
-        await self.r.set(st.k_checkpoint, blob)
+        await self._fenced("checkpoint", [st.k_epoch, st.k_checkpoint], [st.epoch, blob])
         folder = ck.directory(self.cfg.data_dir, st.symbol)
         try:
             keep = self.cfg.keep_checkpoints
@@ -547,6 +630,7 @@ def config_from_args(args: argparse.Namespace, metrics_endpoint: str | None = No
         instance=args.instance or metrics.instance_name("matcher"),
         metrics_endpoint=metrics_endpoint,
         freeze_gc=True,
+        checkpoint_key_file=Path(args.checkpoint_key_file) if args.checkpoint_key_file else None,
     )
 
 
@@ -559,16 +643,14 @@ async def _main(cfg: Config) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=str(args.log_level).upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.from_args("matcher", args)
     cfg = config_from_args(args)
-    port = metrics.serve("matcher", args.metrics_port, cfg.instance)
+    port = metrics.serve("matcher", args.metrics_port, cfg.instance, args.metrics_host)
     log.info("metrics on port %d", port)
     cfg = dataclasses.replace(cfg, metrics_endpoint=f"{socket.gethostname()}:{port}")
     # The core creates no reference cycles: its books free their orders by reference counting alone.
     # The cyclic collector would only add pauses that grow with the book (a full pass over millions of
-    # resting orders). The I/O loop (XREAD, MULTI/EXEC, pub/sub) was measured to leave no cyclic
+    # resting orders). The I/O loop (XREAD, commit scripts, pub/sub) was measured to leave no cyclic
     # garbage either; what an exception's traceback may leave is negligible in a crash-only process.
     gc.disable()
     return aio.run(_main(cfg))

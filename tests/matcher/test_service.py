@@ -142,8 +142,9 @@ async def test_rejects_cancels_and_junk_entries(
     assert [a for a, _ in execs] == ["alice", "mallory", "bob", "alice"]
     assert execs[1][1] == {
         "type": "reject", "op": "cancel", "symbol": ETH, "order_id": oid, "client_order_id": None,
-        "code": "UNKNOWN_ORDER", "reason": execs[1][1]["reason"],
+        "code": "UNKNOWN_ORDER", "reason": execs[1][1]["reason"], "exec_id": 2,
     }  # fmt: skip
+    assert [m["exec_id"] for _, m in execs] == [1, 2, 3, 4]  # matcher rejects are numbered too
     assert execs[2][1]["status"] == "rejected" and execs[2][1]["code"] == "INVALID_QUANTITY"
     assert execs[3][1]["status"] == "cancelled" and execs[3][1]["order_id"] == oid
     updates, _ = split_md(collector.lines(ETH, "md"))
@@ -232,10 +233,11 @@ async def test_checkpoints_and_trim(r: redis.Redis, redis_url: str, tmp_path: Pa
     folder = ck.directory(tmp_path, BTC)
     files = ck.list_files(folder)
     assert len(files) == 2
-    newest = ck.read_file(files[-1][1])
+    key = ck.load_key(ck.default_key_file(tmp_path))
+    newest = ck.read_file(files[-1][1], key)
     assert newest.entry_id == record[BTC][-1][0] and newest.applied == 300  # the final checkpoint
     blob = r.get(keys.checkpoint(BTC))
-    assert isinstance(blob, bytes) and ck.decode(blob) == newest
+    assert isinstance(blob, bytes) and ck.decode(blob, key) == newest
     exp = expected(INSTRUMENTS[BTC], record[BTC])
     assert orjson.loads(orjson.dumps(newest.snapshot)) == _json(_snapshot_of(exp.engine))
     # The stream keeps exactly the entries from the oldest kept checkpoint on.
@@ -282,7 +284,8 @@ def test_cme_matcher_process_serves_metrics_and_checkpoints_on_sigterm(
             proc.kill()
     assert "stopped cleanly" in proc.text()
     files = ck.list_files(ck.directory(tmp_path / "var", BTC))
-    assert len(files) == 1 and ck.read_file(files[0][1]).applied == 200
+    key = ck.load_key(ck.default_key_file(tmp_path / "var"))
+    assert len(files) == 1 and ck.read_file(files[0][1], key).applied == 200
     assert r.hlen(keys.instances("matcher")) == 0  # deregistered on the way out
 
 
