@@ -33,8 +33,14 @@ REASONS: Final[dict[str, str]] = {
     INVALID_SIDE: "side must be buy or sell",
     INVALID_TYPE: "type must be limit or market (or the shorthand ioc / fok)",
     INVALID_TIF: "tif must be gtc, ioc or fok; market orders cannot be gtc; post_only needs limit gtc",
-    INVALID_PRICE: "price is missing, off the tick grid, not positive, not finite or too large",
-    INVALID_QUANTITY: "quantity is off the lot grid, below the minimum or above the maximum",
+    INVALID_PRICE: (
+        "price is missing, not a decimal (a JSON number or a string of ASCII digits with an optional "
+        "point: 123.45), off the tick grid, not positive or too large"
+    ),
+    INVALID_QUANTITY: (
+        "quantity is missing, not a decimal (a JSON number or a string like 0.5), off the lot grid, "
+        "below the minimum or above the maximum"
+    ),
     MIN_NOTIONAL: "price x quantity is below the symbol's minimum notional",
     WOULD_TAKE: "post-only order (or amend) would take liquidity",
     DUPLICATE_CLIENT_ORDER_ID: "client_order_id is already used by an open order of this account",

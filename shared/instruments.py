@@ -7,9 +7,10 @@ Fee rates become integers over FEE_DENOM, so a fee is exactly price_ticks * qty_
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation, localcontext
-from typing import Any
+from typing import Any, Final
 
 FEE_DENOM = 10**8  # fee rates are exact multiples of 1e-8
 _EXACT_PREC = 60  # enough digits for any value we accept; bounds are checked before arithmetic
@@ -19,24 +20,46 @@ class OffGrid(ValueError):
     """A wire value is not a positive, finite, in-range multiple of its increment."""
 
 
-def to_decimal(value: Any) -> Decimal:
-    """Read a wire number exactly: a decimal string, a JSON int, or a float whose shortest repr is exact.
+class JsonNumber(str):
+    """The exact source text of a JSON number (the gateway's exact decoder makes these).
 
-    Raises OffGrid for anything else (bool, NaN, infinities, garbage).
+    A JSON number keeps the full JSON grammar (exponents included: 1e2 is a number the client wrote);
+    a JSON string must be a plain decimal. Fields that must be real strings (symbol, client_order_id
+    ...) are checked with `type(v) is str`, so a number never passes for one.
     """
-    if isinstance(value, bool):
-        raise OffGrid("boolean is not a number")
-    if isinstance(value, int):
+
+    __slots__ = ()
+
+
+# The wire grammar of a decimal string: ASCII digits only (re's [0-9] is ASCII; str.isdigit and Decimal
+# take Arabic-Indic or full-width digits), no sign but "-", no exponent, no spaces, digits on both
+# sides of the point.
+_DECIMAL_STRING: Final = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")
+MAX_NUMBER_TEXT: Final = 64  # characters; longer values cannot be on any grid we accept
+
+
+def to_decimal(value: Any) -> Decimal:
+    """Read a wire number exactly; the single authority on what is a number (gateway and core).
+
+    Accepted: a decimal string matching -?[0-9]+(.[0-9]+)?, a JSON number (int, JsonNumber, or a
+    float whose shortest repr is what the client wrote). Raises OffGrid for anything else (bool,
+    NaN, infinities, "+1", " 1", "1e1" as a string, non-ASCII digits, garbage).
+    """
+    kind = type(value)
+    if kind is str:
+        if len(value) > MAX_NUMBER_TEXT or _DECIMAL_STRING.fullmatch(value) is None:
+            raise OffGrid("not a decimal string")
+        text = value
+    elif kind is JsonNumber:
+        # The JSON decoder checked the grammar; NaN / Infinity literals are refused as not finite.
+        if len(value) > MAX_NUMBER_TEXT:
+            raise OffGrid("number too long")
+        text = value
+    elif kind is int:  # exact type: True / False are not numbers
         return Decimal(value)
-    if isinstance(value, float):
+    elif kind is float:
         # repr() is the shortest string that round-trips, i.e. what the client wrote in JSON ("0.1").
         text = repr(value)
-    elif isinstance(value, str):
-        text = value.strip()
-        if (
-            not text or len(text) > 64 or "_" in text
-        ):  # Decimal would accept "1_000"; JSON clients never mean it
-            raise OffGrid("not a decimal string")
     else:
         raise OffGrid("not a number")
     try:
@@ -46,6 +69,40 @@ def to_decimal(value: Any) -> Decimal:
     if not d.is_finite():
         raise OffGrid("not finite")
     return d
+
+
+_POW10: Final = tuple(10**i for i in range(61))
+
+
+def plain_units(value: object, m: int, k: int, max_units: int) -> int | None:
+    """The integer fast path of to_units for an unsigned decimal string ("100.50") on the grid
+    m x 10^-k and in (0, max_units]; None for anything else, which then takes the exact Decimal path
+    (the one that decides what is rejected). About a third of the Decimal path's cost.
+
+    What it accepts is a subset of _DECIMAL_STRING: ASCII (checked first) digits, an optional point
+    with digits after it; no sign, exponent or underscore.
+    """
+    if type(value) is not str or not value.isascii() or len(value) > 40 or k > 60:
+        return None
+    whole, dot, frac = value.partition(".")
+    if not whole.isdigit():
+        return None
+    if dot:
+        if not frac.isdigit():
+            return None
+        if len(frac) > k:
+            if frac[k:].strip("0"):
+                return None  # finer than the grid: the exact path rejects it
+            scaled = int(whole + frac[:k])
+        else:
+            scaled = int(whole + frac) * _POW10[k - len(frac)]
+    else:
+        scaled = int(whole) * _POW10[k]
+    if m != 1:  # the increment is m x 10^-k
+        scaled, rest = divmod(scaled, m)
+        if rest:
+            return None
+    return scaled if 0 < scaled <= max_units else None
 
 
 def to_units(value: Any, increment: Decimal, maximum: Decimal) -> int:
@@ -209,11 +266,16 @@ class Instrument:
         object.__setattr__(self, "_qty_cache", {})
 
     # Edge conversions -------------------------------------------------------------------------
+    # Indexing, not *unpacking, the grid: the star call costs as much as the rest of the fast path.
     def price_to_ticks(self, value: Any) -> int:
-        return to_units(value, self.tick_size, self.max_price)
+        grid = self._price_fmt
+        ticks = plain_units(value, grid[0], grid[1], self.max_price_ticks)
+        return ticks if ticks is not None else to_units(value, self.tick_size, self.max_price)
 
     def qty_to_lots(self, value: Any) -> int:
-        return to_units(value, self.lot_size, self.max_qty)
+        grid = self._qty_fmt
+        lots = plain_units(value, grid[0], grid[1], self.max_qty_lots)
+        return lots if lots is not None else to_units(value, self.lot_size, self.max_qty)
 
     def price_str(self, ticks: int) -> str:
         text = self._price_cache.get(ticks)

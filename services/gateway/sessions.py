@@ -1,19 +1,20 @@
-"""Per-connection session logic: authentication, rate limit, tolerance for bad messages. Pure.
+"""Per-connection session logic: authentication, login throttling, rate limit, bad messages. Pure.
 
 The server decodes a frame (validation.decode) and hands the result here with the current time; the
-answer is either a Command to append or a message to send back. Nothing here does I/O or reads a clock,
-so every rule is testable with injected time.
+answer is either a Command to append, an ExecutionsQuery to answer, or a message to send back. Nothing
+here does I/O or reads a clock, so every rule is testable with injected time.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from typing import Any, Final
 
-import orjson
-
 from services.gateway import validation
-from services.gateway.validation import Message, Reject
+from services.gateway.apikeys import KeyStore
+from services.gateway.apikeys import load_api_keys as load_api_keys  # the server's import
+from services.gateway.validation import ExecutionsQuery, Message, Reject
 from services.matcher.commands import Command
 from shared import codes
 from shared.instruments import Instrument
@@ -22,6 +23,15 @@ AUTH: Final = "auth"
 PING: Final = "ping"
 MAX_BAD_MESSAGES: Final = 20  # consecutive; then the connection is closed (1008)
 BAD_MESSAGES_REASON: Final = "too many invalid messages"
+# Failed logins are counted apart from bad messages: nothing but time clears them (a ping, a valid
+# order or even a successful login does not), so guessing keys costs the backoff below.
+MAX_FAILED_LOGINS: Final = 20  # per connection, refused attempts included; then closed (1008)
+FAILED_LOGINS_REASON: Final = "too many failed logins"
+LOGIN_FREE_FAILURES: Final = 5  # failures before the backoff starts (per connection and per peer)
+LOGIN_BACKOFF: Final = 0.5  # seconds after the 5th failure, doubling with each further one ...
+LOGIN_BACKOFF_MAX: Final = 30.0  # ... up to this
+LOGIN_FORGET_SECONDS: Final = 600.0  # a peer without a failure for this long starts afresh
+MAX_TRACKED_PEERS: Final = 65_536  # bounded memory whatever the number of source addresses
 # Rejects that mean the client speaks the protocol wrong (not a business refusal like MIN_NOTIONAL).
 _BAD_CODES: Final = frozenset((codes.INVALID_MESSAGE, codes.UNKNOWN_OP))
 
@@ -51,21 +61,24 @@ class TokenBucket:
 
 
 class Authenticator:
-    """Open mode (self-declared accounts) without API keys; otherwise the key names the account."""
+    """Open mode (self-declared accounts) without API keys; otherwise the key names the account.
 
-    def __init__(self, api_keys: Mapping[str, str] | None = None) -> None:
-        self.api_keys = dict(api_keys) if api_keys is not None else None
-        for account in (self.api_keys or {}).values():
-            if not validation.valid_account(account):
-                raise ValueError(f"API key file: invalid account name {account!r}")
+    api_keys: a KeyStore (load_api_keys), or a mapping plain key -> account (hashed at once).
+    """
+
+    def __init__(self, api_keys: KeyStore | Mapping[str, str] | None = None) -> None:
+        if api_keys is None or isinstance(api_keys, KeyStore):
+            self.keys = api_keys
+        else:
+            self.keys = KeyStore(api_keys)
 
     @property
     def open_mode(self) -> bool:
-        return self.api_keys is None
+        return self.keys is None
 
     def authenticate(self, msg: Mapping[str, Any]) -> str | Reject:
         """The account of an auth message, or a reject."""
-        if self.api_keys is None:
+        if self.keys is None:
             account = msg.get("account")
             if account is None:
                 return validation.reject(
@@ -75,28 +88,120 @@ class Authenticator:
                 return validation.reject(codes.INVALID_ACCOUNT, AUTH)
             return str(account)
         key = msg.get("api_key")
-        found = self.api_keys.get(key) if type(key) is str else None
+        found = self.keys.account_for(key)
         if found is None:
             reason = "unknown api key" if key is not None else 'api key required ("api_key")'
             return validation.reject(codes.UNAUTHENTICATED, AUTH, reason=reason)
         return found
 
 
-def load_api_keys(path: str) -> dict[str, str]:
-    """An API key file: a JSON object api_key -> account."""
-    with open(path, "rb") as f:
-        data = orjson.loads(f.read())
-    if type(data) is not dict or not all(type(k) is str and type(v) is str for k, v in data.items()):
-        raise ValueError(f"{path}: expected a JSON object of api_key -> account strings")
-    if not data:
-        raise ValueError(f"{path}: no API keys")
-    return data
+class Backoff:
+    """Failed logins of one connection or one peer, and until when attempts are refused."""
+
+    __slots__ = ("failures", "last", "until")
+
+    def __init__(self) -> None:
+        self.failures = 0
+        self.last = float("-inf")  # time of the last failure
+        self.until = float("-inf")  # attempts before this are refused unchecked
+
+
+def peer_key(ip: str) -> str:
+    """What a peer is counted under: its IPv4 address, or its IPv6 /64 (one host's usual share)."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return str(addr)
+
+
+class LoginThrottle:
+    """Exponential login backoff, per connection (the Session's Backoff) and per peer address.
+
+    One per process, shared by every Session, so that opening new connections does not reset a
+    peer's backoff. After `free` failures each failure refuses further attempts for
+    base x 2^(failures - free) seconds, at most `cap`; refused attempts are answered without looking
+    at the key and do not lengthen the backoff. A peer's record is dropped after `forget_after`
+    seconds without a failure, or when `max_peers` records exist (oldest first).
+    """
+
+    __slots__ = ("base", "cap", "forget_after", "free", "max_peers", "peers")
+
+    def __init__(
+        self,
+        free: int = LOGIN_FREE_FAILURES,
+        base: float = LOGIN_BACKOFF,
+        cap: float = LOGIN_BACKOFF_MAX,
+        forget_after: float = LOGIN_FORGET_SECONDS,
+        max_peers: int = MAX_TRACKED_PEERS,
+    ) -> None:
+        self.free, self.base, self.cap = free, base, cap
+        self.forget_after, self.max_peers = forget_after, max_peers
+        self.peers: dict[str, Backoff] = {}  # insertion order = order of first failure
+
+    def retry_after(self, conn: Backoff, peer: str | None, now: float) -> float:
+        """Seconds until an auth attempt may be checked (0: now)."""
+        wait = conn.until - now
+        state = self.peers.get(peer) if peer is not None else None
+        if state is not None:
+            wait = max(wait, state.until - now)
+        return max(0.0, wait)
+
+    def failed(self, conn: Backoff, peer: str | None, now: float) -> None:
+        """Record one checked, failed login."""
+        self._fail(conn, now)
+        if peer is not None:
+            state = self.peers.get(peer)
+            if state is None:
+                self._make_room(now)
+                state = self.peers[peer] = Backoff()
+            self._fail(state, now)
+
+    def _fail(self, state: Backoff, now: float) -> None:
+        if now - state.last > self.forget_after:
+            state.failures = 0
+        state.failures += 1
+        state.last = now
+        over = state.failures - self.free
+        if over >= 0:
+            state.until = now + min(self.cap, self.base * 2.0 ** min(over, 64))
+
+    def _make_room(self, now: float) -> None:
+        peers = self.peers
+        if len(peers) < self.max_peers:
+            return
+        for key in [k for k, v in peers.items() if now - v.last > self.forget_after]:
+            del peers[key]
+        # Then the oldest, an eighth at a time: at most one sweep per max_peers / 8 new peers.
+        while len(peers) > self.max_peers - max(1, self.max_peers // 8):
+            del peers[next(iter(peers))]
 
 
 class Session:
-    """One connection's state. `handle` turns a decoded message into a Command or a reply."""
+    """One connection's state. `handle` turns a decoded message into a Command, a query or a reply.
 
-    __slots__ = ("account", "auth", "bad", "bucket", "close_reason", "instruments", "max_bad")
+    throttle: the process's LoginThrottle (a private one if not given: per-connection backoff only);
+    peer: the client's IP address, for the per-peer backoff (None: not counted per peer).
+    """
+
+    __slots__ = (
+        "account",
+        "auth",
+        "bad",
+        "bucket",
+        "close_reason",
+        "failed_logins",
+        "instruments",
+        "login",
+        "max_bad",
+        "max_failed_logins",
+        "peer",
+        "throttle",
+    )
 
     def __init__(
         self,
@@ -106,6 +211,10 @@ class Session:
         now: float,
         burst: float | None = None,
         max_bad: int = MAX_BAD_MESSAGES,
+        *,
+        throttle: LoginThrottle | None = None,
+        peer: str | None = None,
+        max_failed_logins: int = MAX_FAILED_LOGINS,
     ) -> None:
         self.auth = auth
         self.instruments = instruments
@@ -113,9 +222,14 @@ class Session:
         self.bucket = TokenBucket(rate, burst, now)
         self.bad = 0  # consecutive bad messages
         self.max_bad = max_bad
+        self.throttle = throttle if throttle is not None else LoginThrottle()
+        self.peer = peer_key(peer) if peer is not None else None
+        self.login = Backoff()  # this connection's checked failures
+        self.failed_logins = 0  # every auth attempt refused on this connection
+        self.max_failed_logins = max_failed_logins
         self.close_reason: str | None = None  # set when the connection must be closed (1008)
 
-    def handle(self, msg: Message | None, now: float) -> Command | Message:
+    def handle(self, msg: Message | None, now: float) -> Command | ExecutionsQuery | Message:
         """msg: the decoded frame (None if it is not a JSON object)."""
         if not self.bucket.take(now):
             op, cid = (msg.get("op"), msg.get("client_order_id")) if msg is not None else (None, None)
@@ -135,17 +249,44 @@ class Session:
             self.bad = 0
             return result
         if op == AUTH:
-            account = self.auth.authenticate(msg)
-            if not isinstance(account, str):
-                return self._bad(account)  # repeated failures close the connection (key guessing)
-            self.account = account
-            return self._good({"type": "authenticated", "account": account})
+            return self._auth(msg, now)
         if op == PING:
             pong: Message = {"type": "pong"}
             if type(msg.get("id")) in (str, int):  # lets a client match pongs to pings
                 pong["id"] = msg["id"]
             return self._good(pong)
+        if op == validation.EXECUTIONS:
+            if self.account is None:
+                self.bad = 0
+                return validation.reject(codes.UNAUTHENTICATED, op)
+            query = validation.parse_executions(msg, self.account, self.instruments)
+            if type(query) is dict:
+                return self._bad(query) if query["code"] in _BAD_CODES else self._good(query)
+            self.bad = 0
+            return query
         return self._bad(validation.reject(codes.UNKNOWN_OP, op, msg.get("client_order_id")))
+
+    def _auth(self, msg: Message, now: float) -> Message:
+        wait = self.throttle.retry_after(self.login, self.peer, now)
+        if wait > 0:  # refused without looking at the key: a guess made now is never checked
+            reply = validation.reject(
+                codes.UNAUTHENTICATED, AUTH, reason=f"too many failed logins: retry in {wait:.1f} s"
+            )
+            reply["retry_after_ms"] = int(wait * 1000) + 1
+            return self._failed_login(reply)
+        account = self.auth.authenticate(msg)
+        if not isinstance(account, str):
+            self.throttle.failed(self.login, self.peer, now)
+            return self._failed_login(account)
+        self.account = account
+        return self._good({"type": "authenticated", "account": account})
+
+    def _failed_login(self, reply: Message) -> Message:
+        # Not a bad message (and no reset of that count either): logins have their own limit.
+        self.failed_logins += 1
+        if self.failed_logins >= self.max_failed_logins:
+            self.close_reason = FAILED_LOGINS_REASON
+        return reply
 
     def _good(self, reply: Message) -> Message:
         self.bad = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
@@ -31,7 +32,7 @@ from services.matcher.commands import (
 )
 from shared import codes
 from shared.ids import parse_order_id
-from shared.instruments import Instrument, OffGrid, scale_of
+from shared.instruments import Instrument, JsonNumber, OffGrid
 
 Message = dict[str, Any]
 Reject = dict[str, Any]
@@ -40,6 +41,10 @@ NEW: Final = "new"
 CANCEL: Final = "cancel"
 AMEND: Final = "amend"
 ORDER_OPS: Final = frozenset((NEW, CANCEL, AMEND))
+EXECUTIONS: Final = "executions"
+DEFAULT_EXECUTIONS_LIMIT: Final = 1000
+MAX_EXECUTIONS_LIMIT: Final = 5000
+MAX_EXEC_ID: Final = (1 << 63) - 1  # exec ids are 64-bit signed everywhere downstream (Redis, the core)
 
 MAX_CLIENT_ORDER_ID: Final = 36
 # No spaces: the exec channel frames a line as "<account> <json>" (shared.wire).
@@ -47,44 +52,97 @@ _ACCOUNT_RE: Final = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 _SIDES: Final = frozenset((BUY, SELL))
 _TIFS: Final = frozenset((GTC, IOC, FOK))
 _MAX_ECHO: Final = 64  # longest op / order id echoed back in a reject
-_POW10: Final = tuple(10**i for i in range(64))
+_DIGITS: Final = re.compile(r"[0-9]{1,19}")  # ASCII only, unlike str.isdigit
 
 
-class JsonNumber(str):
-    """The exact source text of a JSON number, from the exact re-parse (see decode).
+@dataclass(frozen=True, slots=True)
+class ExecutionsQuery:
+    """{"op":"executions"} of an authenticated account: its reports on `symbol` with exec_id > after,
+    oldest first, at most `limit` (the server reads them from the durable events stream)."""
 
-    A str subclass so that shared.instruments.to_decimal reads it as a decimal string; fields that
-    must be real strings (symbol, client_order_id ...) are checked with `type(v) is str`, so a
-    number never passes for one.
-    """
+    symbol: str
+    account: str
+    after: int
+    limit: int
 
-    __slots__ = ()
+
+class DuplicateKey(ValueError):
+    """A JSON object names the same key twice (orjson would silently keep the last one)."""
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise DuplicateKey("duplicate key")
+    return obj
 
 
 def _exact_loads(data: str | bytes) -> Any:
     # Numbers keep their text (big ints, 1e400, 1e-400, 0.1000000000000000001 stay what the client
     # wrote); NaN / Infinity literals become numbers that the field checks then refuse.
-    return json.loads(data, parse_float=JsonNumber, parse_int=JsonNumber, parse_constant=JsonNumber)
+    if not isinstance(data, str):
+        data = data.decode()  # UTF-8 only: json.loads would guess UTF-16 / UTF-32 from bytes
+    return json.loads(
+        data,
+        parse_float=JsonNumber,
+        parse_int=JsonNumber,
+        parse_constant=JsonNumber,
+        object_pairs_hook=_unique_object,
+    )
 
 
 def decode(data: str | bytes) -> Message | None:
-    """A text frame as a JSON object, or None if it is not one.
+    """A text frame as a JSON object, or None if it is not one (never raises).
 
-    orjson is the fast path. Binary floats are not exact, and orjson turns integers beyond 64 bits
-    into floats and refuses 1e400 and NaN, so when a price or quantity arrives as a float, or orjson
-    refuses the text, the frame is parsed again with the exact (slower) decoder.
+    orjson is the fast path. The exact (slower) decoder reads the frame again when orjson refuses it
+    (integers beyond 64 bits, 1e400, NaN; also lone surrogates, which are then refused) or when a
+    price or quantity arrives as a binary float (not exact). Duplicate keys (at any depth) are
+    refused: the gateway and a client would otherwise disagree on which value counts. orjson keeps
+    the last silently, so when two cheap scans cannot rule one out, json.loads checks.
     """
     try:
         msg = orjson.loads(data)
-        exact = type(msg) is dict and (type(msg.get("price")) is float or type(msg.get("quantity")) is float)
     except orjson.JSONDecodeError:
-        exact = True
-    if exact:
-        try:
-            msg = _exact_loads(data)
-        except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-            return None
-    return msg if type(msg) is dict else None
+        return _exact_decode(data)
+    if type(msg) is not dict:
+        return None
+    if type(msg.get("price")) is float or type(msg.get("quantity")) is float:
+        return _exact_decode(data)
+    # Proof of no duplicate key in two C-level scans, which a typical order passes (inline: a call
+    # costs a third of them). Every key in the text is followed by one structural colon, so
+    # colons >= keys written; when the only "{" is the first character there is no nested object,
+    # so keys written >= len(msg), equal only without duplicates. Hence colons == len(msg) proves
+    # it; otherwise (a colon in a string, nesting, a duplicate) json.loads has to tell.
+    if isinstance(data, str):
+        clear = data.count(":") == len(msg) and data.rfind("{") == 0
+    else:
+        clear = data.count(b":") == len(msg) and data.rfind(b"{") == 0
+    return msg if clear or not _has_duplicate_key(data) else None
+
+
+def _has_duplicate_key(data: str | bytes) -> bool:
+    # Only the answer is used, not the objects: the message keeps orjson's types (ints stay ints).
+    try:
+        json.loads(data, object_pairs_hook=_unique_object)
+    except (ValueError, RecursionError):  # DuplicateKey; or nesting json cannot follow: refused too
+        return True
+    return False
+
+
+def _exact_decode(data: str | bytes) -> Message | None:
+    try:
+        msg = _exact_loads(data)
+    except (ValueError, RecursionError):  # UnicodeDecodeError, JSONDecodeError, DuplicateKey
+        return None
+    if type(msg) is not dict:
+        return None
+    # json.loads accepts lone surrogates ("\ud800"), which no UTF-8 encoder (orjson's included) can
+    # write: a message we cannot echo back is not a message.
+    try:
+        orjson.dumps(msg)
+    except orjson.JSONEncodeError:
+        return None
+    return msg
 
 
 def valid_account(value: object) -> bool:
@@ -220,6 +278,42 @@ def parse_amend(
     return Amend(symbol, account, order_id, cid, price, qty)
 
 
+def parse_executions(
+    msg: Mapping[str, Any], account: str, instruments: Mapping[str, Instrument]
+) -> ExecutionsQuery | Reject:
+    """{"op":"executions","symbol":S,"after":N[,"limit":L]} -> ExecutionsQuery or reject."""
+    inst = _instrument(msg.get("symbol"), instruments)
+    if inst is None:
+        return reject(codes.UNKNOWN_SYMBOL, EXECUTIONS)
+    after = _count(msg.get("after"))
+    if after is None:
+        return reject(
+            codes.INVALID_MESSAGE,
+            EXECUTIONS,
+            reason="after must be a non-negative integer exec_id (a JSON integer or a string of digits)",
+        )
+    raw_limit = msg.get("limit")
+    limit = DEFAULT_EXECUTIONS_LIMIT if raw_limit is None else _count(raw_limit)
+    if limit is None or not 1 <= limit <= MAX_EXECUTIONS_LIMIT:
+        return reject(
+            codes.INVALID_MESSAGE,
+            EXECUTIONS,
+            reason=f"limit must be an integer from 1 to {MAX_EXECUTIONS_LIMIT}",
+        )
+    return ExecutionsQuery(inst.symbol, account, after, limit)
+
+
+def _count(value: object) -> int | None:
+    """A non-negative 64-bit integer given as a JSON integer or a string of ASCII digits, else None."""
+    if type(value) is int:  # exact type: not a bool
+        n = value
+    elif isinstance(value, str) and _DIGITS.fullmatch(value) is not None:  # str or JsonNumber
+        n = int(value)
+    else:
+        return None  # 1.0, 1e3, -1, "+1", " 1", Arabic-Indic digits, true, null ...
+    return n if 0 <= n <= MAX_EXEC_ID else None
+
+
 def _target(
     op: str, msg: Mapping[str, Any], instruments: Mapping[str, Instrument]
 ) -> tuple[str, int | None, str | None] | Reject:
@@ -247,10 +341,6 @@ def _instrument(symbol: object, instruments: Mapping[str, Instrument]) -> Instru
 
 def _ticks(inst: Instrument, value: object) -> int | None:
     """Price in ticks, or None (off grid, not positive, not finite, too large, not a number)."""
-    grid = _grid(inst)
-    ticks = _fast_units(value, grid[0], grid[1], inst.max_price_ticks)
-    if ticks is not None:
-        return ticks
     try:
         return inst.price_to_ticks(value)
     except (OffGrid, ArithmeticError):  # decimal.InvalidOperation beyond 60 digits of ticks
@@ -261,49 +351,8 @@ def _lots(inst: Instrument, value: object) -> int | None:
     """Quantity in lots within [min, max], or None (missing, off grid, out of range)."""
     if value is None:
         return None
-    grid = _grid(inst)
-    lots = _fast_units(value, grid[2], grid[3], inst.max_qty_lots)
-    if lots is None:
-        try:
-            lots = inst.qty_to_lots(value)
-        except (OffGrid, ArithmeticError):
-            return None
+    try:
+        lots = inst.qty_to_lots(value)
+    except (OffGrid, ArithmeticError):
+        return None
     return lots if lots >= inst.min_qty_lots else None
-
-
-_GRIDS: dict[str, tuple[Instrument, tuple[int, int, int, int]]] = {}
-
-
-def _grid(inst: Instrument) -> tuple[int, int, int, int]:
-    """(tick m, tick k, lot m, lot k) with increment = m x 10^-k, cached per instrument."""
-    cached = _GRIDS.get(inst.symbol)
-    if cached is None or cached[0] is not inst:
-        cached = _GRIDS[inst.symbol] = (inst, (*scale_of(inst.tick_size), *scale_of(inst.lot_size)))
-    return cached[1]
-
-
-def _fast_units(value: object, m: int, k: int, max_units: int) -> int | None:
-    """A plain decimal string ("100.50") that is on the grid and in (0, max_units], as units; None for
-    anything else, which then takes the exact Decimal path of shared.instruments (the single authority
-    on what is rejected). Integer arithmetic only: about a third of the Decimal path's cost."""
-    if type(value) is not str or not value.isascii() or len(value) > 40 or k > 60:
-        return None
-    whole, dot, frac = value.partition(".")
-    if not whole.isdigit():  # ASCII digits only (checked above); no sign, exponent or underscore
-        return None
-    if dot:
-        if not frac.isdigit():
-            return None
-        if len(frac) > k:
-            if frac[k:].strip("0"):
-                return None  # finer than the grid: the slow path rejects it
-            scaled = int(whole + frac[:k])
-        else:
-            scaled = int(whole + frac) * _POW10[k - len(frac)]
-    else:
-        scaled = int(whole) * _POW10[k]
-    if m != 1:  # the increment is m x 10^-k
-        scaled, rest = divmod(scaled, m)
-        if rest:
-            return None
-    return scaled if 0 < scaled <= max_units else None

@@ -12,9 +12,12 @@ from hypothesis import strategies as st
 from shared.instruments import (
     FEE_DENOM,
     Instrument,
+    JsonNumber,
     OffGrid,
     default_instruments,
     load_instruments,
+    plain_units,
+    scale_of,
     to_decimal,
     to_units,
     units_to_str,
@@ -47,9 +50,11 @@ def test_default_instruments() -> None:
         ("30000.50", 3_000_050),
         (30000.5, 3_000_050),
         ("30000.5", 3_000_050),
-        ("  42.00 ", 4_200),
         (42, 4_200),
-        ("1e2", 10_000),
+        ("0042.00", 4_200),
+        (JsonNumber("1e2"), 10_000),  # a JSON number literal keeps the JSON grammar
+        (JsonNumber("4.2E+1"), 4_200),
+        (JsonNumber("42"), 4_200),
         ("10000000", 1_000_000_000),  # the maximum price
         ("10000000.00", 1_000_000_000),
         (1e7, 1_000_000_000),
@@ -121,6 +126,10 @@ def test_qty_to_lots_exact(value: Any, lots: int) -> None:
         "9" * 65,  # too long
         "0." + "0" * 62 + "1",  # too many digits (and too long)
         "0.01" + "0" * 59 + "1",  # too many digits
+        JsonNumber("NaN"),
+        JsonNumber("-Infinity"),
+        JsonNumber("1e400"),
+        JsonNumber("9" * 65),
     ],
 )
 def test_price_to_ticks_rejects(value: Any) -> None:
@@ -158,7 +167,114 @@ def test_offgrid_is_a_value_error() -> None:
 @pytest.mark.parametrize("value", ["1e-1000059", "1e-999999999", "5E-1000100"])
 def test_tiny_exponents_are_off_grid(value: str) -> None:
     with pytest.raises(OffGrid):
-        BTC.price_to_ticks(value)
+        BTC.price_to_ticks(JsonNumber(value))
+
+
+# Issue 13 finding 7: every one of these read as 10 (or 10.00) before.
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\u0661\u0660",  # Arabic-Indic
+        "\u06f1\u06f0",  # extended Arabic-Indic
+        "\u0967\u0966",  # Devanagari
+        "\uff11\uff10",  # full-width
+        "+10",
+        " 10.00 ",
+        "10\n",
+        "\u200910",  # thin space
+        "1e1",
+        "1E1",
+        "10.",
+        ".5",
+        "10.0.0",
+        "--10",
+        "- 10",
+        "1_0",
+        "Infinity",
+        "10\x00",
+    ],
+)
+def test_decimal_strings_are_strict(text: str) -> None:
+    with pytest.raises(OffGrid):
+        to_decimal(text)
+    with pytest.raises(OffGrid):
+        BTC.price_to_ticks(text)
+    with pytest.raises(OffGrid):
+        BTC.qty_to_lots(text)
+
+
+@pytest.mark.parametrize("text", ["10", "10.00", "-10", "-0.5", "0", "007", "1.000000"])
+def test_decimal_string_grammar(text: str) -> None:
+    assert to_decimal(text) == Decimal(text)
+
+
+def test_only_plain_str_and_json_numbers_are_text() -> None:
+    class Other(str):
+        pass
+
+    with pytest.raises(OffGrid):
+        to_decimal(Other("10"))
+    assert to_decimal(JsonNumber("1e1")) == 10
+
+
+# The integer fast path agrees with the exact Decimal path -------------------------------------------
+GRIDS = [
+    Instrument("A-B"),
+    Instrument("C-D", tick_size="0.05", lot_size="0.001", min_qty="0.001", max_qty="500", max_price="1000"),
+    Instrument("E-F", tick_size="5", lot_size="10", min_qty="10", max_qty="100000", max_price="100000"),
+    Instrument("G-H", tick_size="0.00000001", lot_size="1", min_qty="1", max_qty="1000000", max_price="0.5"),
+]
+
+
+def exact_ticks(inst: Instrument, value: Any) -> int | None:
+    try:
+        return to_units(value, inst.tick_size, inst.max_price)
+    except (OffGrid, ArithmeticError):
+        return None
+
+
+def fast_ticks(inst: Instrument, value: Any) -> int | None:
+    return plain_units(value, *scale_of(inst.tick_size), inst.max_price_ticks)
+
+
+@given(
+    whole=st.text("0123456789", min_size=0, max_size=22),
+    frac=st.none() | st.text("0123456789", min_size=0, max_size=22),
+    inst=st.sampled_from(GRIDS),
+)
+@settings(max_examples=2000, deadline=None, database=None)
+def test_fast_units_match_the_decimal_path(whole: str, frac: str | None, inst: Instrument) -> None:
+    text = whole if frac is None else f"{whole}.{frac}"
+    fast = fast_ticks(inst, text)
+    exact = exact_ticks(inst, text)
+    assert fast is None or fast == exact, text  # a fast answer is the exact one
+    assert exact is None or len(text) > 40 or fast == exact, text  # and it has one for plain text
+    lots = plain_units(text, *scale_of(inst.lot_size), inst.max_qty_lots)
+    try:
+        exact_lots: int | None = to_units(text, inst.lot_size, inst.max_qty)
+    except OffGrid:
+        exact_lots = None
+    assert lots is None or lots == exact_lots, text
+
+
+@given(units=st.integers(min_value=-5, max_value=10**12), inst=st.sampled_from(GRIDS))
+@settings(max_examples=1000, deadline=None, database=None)
+def test_fast_units_round_trip(units: int, inst: Instrument) -> None:
+    text = inst.price_str(units)
+    expected = units if 0 < units <= inst.max_price_ticks else None
+    assert fast_ticks(inst, text) == expected
+
+
+@given(text=st.text("0123456789.+-e_ x\u0660\u00b2\uff10", max_size=30), inst=st.sampled_from(GRIDS))
+@settings(max_examples=3000, deadline=None, database=None)
+def test_fast_units_agree_on_arbitrary_text(text: str, inst: Instrument) -> None:
+    fast = fast_ticks(inst, text)
+    assert fast is None or fast == exact_ticks(inst, text), text
+    try:
+        via_instrument: int | None = inst.price_to_ticks(text)
+    except OffGrid:
+        via_instrument = None
+    assert via_instrument == exact_ticks(inst, text), text
 
 
 def test_to_decimal_is_exact() -> None:

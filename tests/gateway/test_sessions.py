@@ -1,4 +1,5 @@
-"""Session rules with injected time: auth (open and API-key modes), rate limit, bad-message counter."""
+"""Session rules with injected time: auth (open and API-key modes), login throttling, rate limit,
+bad-message counter, executions queries."""
 
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ import pytest
 
 from services.gateway.sessions import (
     BAD_MESSAGES_REASON,
+    FAILED_LOGINS_REASON,
     Authenticator,
+    Backoff,
+    LoginThrottle,
     Session,
     TokenBucket,
     load_api_keys,
+    peer_key,
 )
-from services.gateway.validation import decode
+from services.gateway.validation import ExecutionsQuery, decode
 from services.matcher.commands import NewOrder
 from shared import codes
 from shared.instruments import default_instruments
@@ -29,6 +34,12 @@ ORDER = {
     "quantity": "1",
     "client_order_id": "o1",
 }
+
+
+KEY_A = "key-a-0123456789abcdefghij"  # 26 characters: keys need at least 22 (128 bits)
+KEY_B = "key-b-0123456789abcdefghij"
+KEYS = {KEY_A: "alice", KEY_B: "bob"}
+WRONG = "wrong-0123456789abcdefghij"
 
 
 def session(api_keys: dict[str, str] | None = None, rate: float = 0.0, **kw: Any) -> Session:
@@ -116,26 +127,38 @@ def test_unauthenticated_cancel_and_amend() -> None:
 
 
 def test_api_key_mode() -> None:
-    keys = {"key-a": "alice", "key-b": "bob"}
-    s = session(keys)
+    s = session(KEYS)
     assert code(send(s, {"op": "auth", "account": "alice"})) == codes.UNAUTHENTICATED  # self-declared
-    assert code(send(s, {"op": "auth", "api_key": "wrong"})) == codes.UNAUTHENTICATED
+    assert code(send(s, {"op": "auth", "api_key": WRONG})) == codes.UNAUTHENTICATED
     assert code(send(s, {"op": "auth", "api_key": 123})) == codes.UNAUTHENTICATED
     assert s.account is None
-    assert send(s, {"op": "auth", "api_key": "key-b"}) == {"type": "authenticated", "account": "bob"}
+    assert send(s, {"op": "auth", "api_key": KEY_B}) == {"type": "authenticated", "account": "bob"}
     assert s.account == "bob"
+
+
+def test_api_keys_are_held_as_digests() -> None:
+    auth = Authenticator(KEYS)
+    assert auth.keys is not None
+    assert KEY_A not in repr(vars(auth)) and KEY_A not in repr(auth.keys._accounts)
 
 
 def test_api_key_accounts_must_be_valid() -> None:
     with pytest.raises(ValueError):
-        Authenticator({"k": "bad name"})
+        Authenticator({KEY_A: "bad name"})
+
+
+@pytest.mark.parametrize("short", ["k", "s3cret", "x" * 21])
+def test_short_api_keys_are_refused(short: str) -> None:
+    with pytest.raises(ValueError, match="22"):
+        Authenticator({short: "alice"})
 
 
 def test_load_api_keys(tmp_path: Path) -> None:
     path = tmp_path / "keys.json"
-    path.write_text('{"k1": "alice", "k2": "bob"}')
-    assert load_api_keys(str(path)) == {"k1": "alice", "k2": "bob"}
-    for bad in ('["k1"]', '{"k1": 5}', "{}"):
+    path.write_text(json.dumps(KEYS))
+    s = Session(Authenticator(load_api_keys(str(path))), INSTRUMENTS, 0.0, now=0.0)
+    assert send(s, {"op": "auth", "api_key": KEY_A}) == {"type": "authenticated", "account": "alice"}
+    for bad in ('["k1"]', '{"k1": 5}', "{}", '{"k1": "alice"}'):
         path.write_text(bad)
         with pytest.raises(ValueError):
             load_api_keys(str(path))
@@ -170,11 +193,137 @@ def test_business_rejects_do_not_count_as_bad() -> None:
     assert s.close_reason is None
 
 
-def test_failed_auth_counts_as_bad() -> None:
-    s = session({"k": "alice"}, max_bad=3)
-    for _ in range(3):
-        send(s, {"op": "auth", "api_key": "guess"})
+# Failed logins (issue 13 finding 5) ------------------------------------------------------------------
+def auth(s: Session, key: str, now: float) -> Any:
+    return send(s, {"op": "auth", "api_key": key}, now)
+
+
+def test_a_valid_message_does_not_reset_failed_logins() -> None:
+    # The bypass: 19 wrong keys, a ping, repeated, made 2,000 guesses a second on one connection.
+    s = session(KEYS, max_bad=20)
+    for i in range(19):
+        assert code(auth(s, WRONG, now=i * 100.0)) == codes.UNAUTHENTICATED
+        assert send(s, {"op": "ping"}, now=i * 100.0 + 1) == {"type": "pong"}
+    assert s.close_reason is None and s.bad == 0
+    auth(s, WRONG, now=2000.0)
+    assert s.close_reason == FAILED_LOGINS_REASON
+
+
+def test_failed_logins_are_not_bad_messages() -> None:
+    s = session(KEYS, max_bad=3)
+    for i in range(4):
+        auth(s, WRONG, now=i * 100.0)
+    assert s.bad == 0 and s.close_reason is None
+    assert code(send(s, "{", now=500.0)) == codes.INVALID_MESSAGE  # its own count still works
+    assert s.bad == 1
+
+
+def test_backoff_after_five_failures_doubles_up_to_the_cap() -> None:
+    s = session(KEYS, max_failed_logins=1000)
+    for _ in range(5):
+        assert code(auth(s, WRONG, now=0.0)) == codes.UNAUTHENTICATED
+    now = 0.0
+    for delay in [0.5, 1, 2, 4, 8, 16, 30, 30]:
+        # Inside the backoff even the right key is refused: the key is not looked at.
+        refused = auth(s, KEY_A, now=now + delay - 0.01)
+        assert code(refused) == codes.UNAUTHENTICATED and s.account is None
+        assert "too many failed logins" in refused["reason"]
+        assert 0 < refused["retry_after_ms"] <= 20
+        now += delay
+        assert "unknown api key" in auth(s, WRONG, now=now)["reason"]  # checked, and wrong again
+    assert auth(s, KEY_A, now=now + 30.0) == {"type": "authenticated", "account": "alice"}
+
+
+def test_refused_attempts_count_towards_closing() -> None:
+    s = session(KEYS)
+    for _ in range(5):
+        auth(s, WRONG, now=0.0)
+    for _ in range(14):
+        assert code(auth(s, KEY_A, now=0.1)) == codes.UNAUTHENTICATED
+    assert s.close_reason is None and s.failed_logins == 19
+    auth(s, KEY_A, now=0.1)
+    assert s.close_reason == FAILED_LOGINS_REASON
+
+
+def test_success_does_not_clear_failures() -> None:
+    # A valid key of one's own must not buy fresh guesses at other accounts' keys.
+    s = session(KEYS)
+    for _ in range(4):
+        auth(s, WRONG, now=0.0)
+    assert auth(s, KEY_A, now=0.0)["type"] == "authenticated"
+    auth(s, WRONG, now=0.0)
+    assert code(auth(s, KEY_A, now=0.1)) == codes.UNAUTHENTICATED  # the 5th failure started the backoff
+
+
+def test_per_peer_backoff_spans_connections() -> None:
+    throttle = LoginThrottle()
+    auth_ = Authenticator(KEYS)
+    for i in range(5):  # five connections from one address, one guess each
+        s = Session(auth_, INSTRUMENTS, 0.0, now=0.0, throttle=throttle, peer="10.0.0.7")
+        assert "unknown api key" in auth(s, WRONG, now=float(i))["reason"]
+    fresh = Session(auth_, INSTRUMENTS, 0.0, now=4.0, throttle=throttle, peer="10.0.0.7")
+    assert "too many failed logins" in auth(fresh, KEY_A, now=4.1)["reason"]
+    other = Session(auth_, INSTRUMENTS, 0.0, now=4.0, throttle=throttle, peer="10.0.0.8")
+    assert auth(other, KEY_A, now=4.1)["type"] == "authenticated"  # another address is not affected
+    assert auth(fresh, KEY_A, now=4.5)["type"] == "authenticated"  # 0.5 s after the 5th failure
+
+
+def test_peer_failures_are_forgotten_after_a_quiet_period() -> None:
+    throttle = LoginThrottle(forget_after=600.0)
+    conn = Backoff()
+    for _ in range(5):
+        throttle.failed(conn, "10.0.0.7", 0.0)
+    assert throttle.retry_after(Backoff(), "10.0.0.7", 0.1) == pytest.approx(0.4)
+    throttle.failed(Backoff(), "10.0.0.7", 601.0)  # the first failure of a new streak
+    assert throttle.retry_after(Backoff(), "10.0.0.7", 601.0) == 0.0
+
+
+def test_peer_records_are_bounded() -> None:
+    throttle = LoginThrottle(max_peers=64)
+    for i in range(1000):
+        throttle.failed(Backoff(), f"10.0.{i // 256}.{i % 256}", 0.0)
+        assert len(throttle.peers) <= 64
+    assert "10.0.3.231" in throttle.peers  # the newest are kept
+
+
+@pytest.mark.parametrize(
+    ("ip", "key"),
+    [
+        ("10.1.2.3", "10.1.2.3"),
+        ("::ffff:10.1.2.3", "10.1.2.3"),
+        ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff::1", "2001:db8:1:2::/64"),
+        ("unix", "unix"),
+    ],
+)
+def test_peer_key(ip: str, key: str) -> None:
+    assert peer_key(ip) == key
+
+
+# Executions queries -----------------------------------------------------------------------------
+def test_executions_query_needs_auth() -> None:
+    s = session()
+    query = {"op": "executions", "symbol": "BTC-USDT", "after": 3}
+    assert code(send(s, query)) == codes.UNAUTHENTICATED
+    send(s, {"op": "auth", "account": "alice"})
+    assert send(s, query) == ExecutionsQuery("BTC-USDT", "alice", 3, 1000)
+
+
+def test_executions_rejects() -> None:
+    s = session(max_bad=2)
+    send(s, {"op": "auth", "account": "alice"})
+    assert code(send(s, {"op": "executions", "symbol": "XRP-USDT", "after": 0})) == codes.UNKNOWN_SYMBOL
+    assert code(send(s, {"op": "executions", "symbol": "BTC-USDT", "after": -1})) == codes.INVALID_MESSAGE
+    assert s.bad == 1 and s.close_reason is None
+    send(s, {"op": "executions", "symbol": "BTC-USDT", "after": 0, "limit": 0})
     assert s.close_reason == BAD_MESSAGES_REASON
+
+
+def test_executions_are_rate_limited() -> None:
+    s = session(rate=1)
+    send(s, {"op": "auth", "account": "alice"})
+    reply = send(s, {"op": "executions", "symbol": "BTC-USDT", "after": 0})
+    assert code(reply) == codes.RATE_LIMITED and reply["op"] == "executions"
 
 
 def test_unknown_op_echoes_op() -> None:

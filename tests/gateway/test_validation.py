@@ -7,15 +7,21 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from services.gateway import validation
-from services.gateway.validation import Reject, decode, parse_order, valid_account, valid_client_order_id
+from services.gateway.validation import (
+    ExecutionsQuery,
+    Reject,
+    decode,
+    parse_executions,
+    parse_order,
+    valid_account,
+    valid_client_order_id,
+)
 from services.matcher.commands import Amend, Cancel, Command, NewOrder
 from shared import codes
 from shared.ids import entry_to_seq
-from shared.instruments import Instrument, OffGrid, default_instruments
+from shared.instruments import Instrument, JsonNumber, default_instruments
 
 INSTRUMENTS = default_instruments()  # tick 0.01, lot 0.00001, min qty 0.00001, max 10000, min notional 0.01
 
@@ -47,7 +53,7 @@ def new(**changes: Any) -> Command | Reject | None:
 _DROP = object()
 
 
-def code_of(result: Command | Reject | None) -> str:
+def code_of(result: Command | ExecutionsQuery | Reject | None) -> str:
     assert isinstance(result, dict), f"expected a reject, got {result!r}"
     assert result["type"] == "reject"
     assert result["reason"]
@@ -66,7 +72,7 @@ def test_not_a_json_object_is_not_decoded(text: str | bytes) -> None:
 def test_decode_keeps_exact_number_text_when_floats_appear() -> None:
     msg = decode('{"op":"new","price":0.1000000000000000001,"quantity":1e400}')
     assert msg is not None
-    assert msg["price"] == "0.1000000000000000001" and isinstance(msg["price"], validation.JsonNumber)
+    assert msg["price"] == "0.1000000000000000001" and isinstance(msg["price"], JsonNumber)
     assert msg["quantity"] == "1e400"
 
 
@@ -74,6 +80,60 @@ def test_decode_fast_path_for_strings_and_ints() -> None:
     msg = decode('{"op":"new","price":"1.5","quantity":3}')
     assert msg == {"op": "new", "price": "1.5", "quantity": 3}
     assert type(msg["quantity"]) is int
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"op":"new","price":"1","price":"2"}',
+        '{"op":"new","op":"cancel"}',
+        b'{"op":"new","quantity":1,"quantity":2}',
+        '{"op":"new","client_order_id":"a:b","op":"x"}',  # a colon in a string: the scan cannot tell
+        '{"op":"new","price":1.5,"price":2.5}',  # floats: the exact path checks too
+        '{"op":"new","x":{"a":1,"a":2}}',  # nested
+        '{"op":"new","x":[{"a":1},{"b":1,"b":2}]}',
+        '{"op":"new","op":"new"}',  # even when both values agree
+        '{"op":"new","\\u006fp":"x"}',  # the same key, escaped
+    ],
+)
+def test_duplicate_keys_are_refused(text: str | bytes) -> None:
+    assert decode(text) is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"op":"new","client_order_id":"a:b:c"}',
+        '{"op":"new","x":{"a":1,"b":2},"y":{"a":1}}',  # ints stay ints on this path
+        '{"op":"new","quantity":3,"client_order_id":"a:b"}',
+        '{"op":"new","x":"{"}',
+        '{"op":"new","x":[]}',
+    ],
+)
+def test_same_key_in_different_objects_is_fine(text: str) -> None:
+    assert decode(text) == json.loads(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"op":"\\ud800"}',
+        '{"op":"new","client_order_id":"\\udfff"}',
+        '{"op":"new","\\ud83d":1}',  # in a key
+        '{"op":"new","x":["\\ud800"]}',
+        '{"op":"new","price":1.5,"client_order_id":"\\ud800"}',  # on the exact path
+        '{"op":"\ud800"}',  # a str that holds the surrogate itself
+    ],
+)
+def test_unencodable_text_is_not_a_message(text: str) -> None:
+    # Finding 6 of issue 13: json.loads accepted these and the reject echoing them crashed orjson.dumps.
+    assert decode(text) is None
+
+
+def test_surrogate_pairs_are_fine() -> None:
+    msg = decode('{"op":"\\ud83d\\ude00"}')
+    assert msg == {"op": "\U0001f600"}
+    orjson.dumps(validation.reject(codes.UNKNOWN_OP, msg["op"]))
 
 
 # New orders: accepted --------------------------------------------------------------------------
@@ -114,10 +174,9 @@ def test_type_defaults_to_limit() -> None:
         (100, 10000),
         (0.1, 10),
         (100.5, 10050),
-        ("1e2", 10000),
         ("0.01", 1),
+        ("0100.5", 10050),
         ("10000000", 1_000_000_000),
-        (" 5.00 ", 500),
         (1e-2, 1),
     ],
 )
@@ -125,6 +184,52 @@ def test_price_forms_read_exactly(price: Any, ticks: int) -> None:
     result = new(price=price, quantity="10")
     assert isinstance(result, NewOrder)
     assert result.price == ticks
+
+
+@pytest.mark.parametrize(
+    ("literal", "ticks"), [("1e2", 10000), ("1E+2", 10000), ("10050e-2", 10050), ("100.500", 10050)]
+)
+def test_json_numbers_keep_their_full_grammar(literal: str, ticks: int) -> None:
+    # A number literal is what the client wrote: exponents are fine there, only strings are strict.
+    text = '{"op":"new","symbol":"BTC-USDT","side":"buy","quantity":"1","price":' + literal + "}"
+    result = run(text)
+    assert isinstance(result, NewOrder) and result.price == ticks
+
+
+# Finding 7 of issue 13: these strings all read as 10.00 before.
+LENIENT_NUMBER_STRINGS = [
+    "\u0661\u0660",  # Arabic-Indic digits
+    "\uff11\uff10",  # full-width digits
+    "+10",
+    " 10.00 ",
+    "10 ",
+    "\t10",
+    "10\n",
+    "1e1",
+    "1E1",
+    "10.",
+    ".5",
+    "-.5",
+    "1_0",
+    "10.0\u0660",
+    "\u00b9\u2070",  # superscripts
+]
+
+
+@pytest.mark.parametrize("text", LENIENT_NUMBER_STRINGS)
+def test_number_strings_are_strict_for_price(text: str) -> None:
+    assert code_of(new(price=text)) == codes.INVALID_PRICE
+    assert code_of(run({"op": "amend", "symbol": "BTC-USDT", "order_id": "1-0", "price": text})) == (
+        codes.INVALID_PRICE
+    )
+
+
+@pytest.mark.parametrize("text", LENIENT_NUMBER_STRINGS)
+def test_number_strings_are_strict_for_quantity(text: str) -> None:
+    assert code_of(new(quantity=text)) == codes.INVALID_QUANTITY
+    assert code_of(run({"op": "amend", "symbol": "BTC-USDT", "order_id": "1-0", "quantity": text})) == (
+        codes.INVALID_QUANTITY
+    )
 
 
 @pytest.mark.parametrize(
@@ -225,6 +330,8 @@ def test_invalid_tif(changes: dict[str, Any]) -> None:
         "1E+10",
         "0x10",
         "1,5",
+        "1e2",
+        " 5.00 ",
     ],
 )
 def test_invalid_price(price: Any) -> None:
@@ -468,55 +575,81 @@ def test_client_order_id_rule() -> None:
     assert not valid_client_order_id("") and not valid_client_order_id("\x7f")
 
 
-# The integer fast path agrees with the exact Decimal path ----------------------------------------
-GRIDS = [
-    Instrument("A-B"),
-    Instrument("C-D", tick_size="0.05", lot_size="0.001", min_qty="0.001", max_qty="500", max_price="1000"),
-    Instrument("E-F", tick_size="5", lot_size="10", min_qty="10", max_qty="100000", max_price="100000"),
-    Instrument("G-H", tick_size="0.00000001", lot_size="1", min_qty="1", max_qty="1000000", max_price="0.5"),
-]
+# Executions queries (issue 8) ---------------------------------------------------------------------
+def executions(**fields: Any) -> ExecutionsQuery | Reject | None:
+    msg = decode(json.dumps({"op": "executions", **fields}))
+    assert msg is not None
+    return parse_executions(msg, "alice", INSTRUMENTS)
 
 
-def slow(convert: Any, value: Any) -> int | None:
-    try:
-        return int(convert(value))
-    except OffGrid:
-        return None
-
-
-@given(
-    whole=st.text("0123456789", min_size=0, max_size=22),
-    frac=st.none() | st.text("0123456789", min_size=0, max_size=22),
-    inst=st.sampled_from(GRIDS),
+@pytest.mark.parametrize(
+    ("fields", "query"),
+    [
+        ({"symbol": "BTC-USDT", "after": 0}, ExecutionsQuery("BTC-USDT", "alice", 0, 1000)),
+        ({"symbol": "BTC-USDT", "after": 41, "limit": 5}, ExecutionsQuery("BTC-USDT", "alice", 41, 5)),
+        ({"symbol": "ETH-USDT", "after": "17"}, ExecutionsQuery("ETH-USDT", "alice", 17, 1000)),
+        (
+            {"symbol": "BTC-USDT", "after": "007", "limit": "5000"},
+            ExecutionsQuery("BTC-USDT", "alice", 7, 5000),
+        ),
+        (
+            {"symbol": "BTC-USDT", "after": 2**63 - 1, "limit": 1},
+            ExecutionsQuery("BTC-USDT", "alice", 2**63 - 1, 1),
+        ),
+        ({"symbol": "BTC-USDT", "after": 3, "limit": None}, ExecutionsQuery("BTC-USDT", "alice", 3, 1000)),
+    ],
 )
-@settings(max_examples=3000, deadline=None)
-def test_fast_units_match_the_decimal_path(whole: str, frac: str | None, inst: Instrument) -> None:
-    text = whole if frac is None else f"{whole}.{frac}"
-    expected = slow(inst.price_to_ticks, text)
-    assert validation._ticks(inst, text) == expected, text
-    lots = slow(inst.qty_to_lots, text)
-    expected_lots = lots if lots is not None and lots >= inst.min_qty_lots else None
-    assert validation._lots(inst, text) == expected_lots, text
+def test_executions_query(fields: dict[str, Any], query: ExecutionsQuery) -> None:
+    assert executions(**fields) == query
 
 
-@given(units=st.integers(min_value=-5, max_value=10**12), inst=st.sampled_from(GRIDS))
-@settings(max_examples=1000, deadline=None)
-def test_fast_units_round_trip(units: int, inst: Instrument) -> None:
-    text = inst.price_str(units)
-    expected = units if 0 < units <= inst.max_price_ticks else None
-    assert validation._ticks(inst, text) == expected
+def test_executions_after_as_a_big_json_integer() -> None:
+    msg = decode('{"op":"executions","symbol":"BTC-USDT","after":9223372036854775807}')
+    assert msg is not None
+    assert parse_executions(msg, "bob", INSTRUMENTS) == ExecutionsQuery("BTC-USDT", "bob", 2**63 - 1, 1000)
+    msg = decode('{"op":"executions","symbol":"BTC-USDT","after":9223372036854775808}')
+    assert msg is not None
+    assert code_of(parse_executions(msg, "bob", INSTRUMENTS)) == codes.INVALID_MESSAGE
 
 
-@given(text=st.text("0123456789.+-e_ x\u0660\u00b2", max_size=30), inst=st.sampled_from(GRIDS))
-@settings(max_examples=3000, deadline=None)
-def test_fast_units_agree_on_arbitrary_text(text: str, inst: Instrument) -> None:
-    assert validation._ticks(inst, text) == slow(inst.price_to_ticks, text), text
+@pytest.mark.parametrize("symbol", ["XRP-USDT", None, 5, "btc-usdt"])
+def test_executions_unknown_symbol(symbol: Any) -> None:
+    result = executions(symbol=symbol, after=0)
+    assert code_of(result) == codes.UNKNOWN_SYMBOL
+    assert isinstance(result, dict) and result["op"] == "executions"
+
+
+@pytest.mark.parametrize(
+    "after", [None, -1, 1.0, 1.5, "1.0", "-1", "+1", " 1", "1e3", "", "\u0661", True, [1], "9" * 20, 2**63]
+)
+def test_executions_bad_after(after: Any) -> None:
+    result = executions(symbol="BTC-USDT", after=after)
+    assert code_of(result) == codes.INVALID_MESSAGE
+    assert isinstance(result, dict) and "after" in result["reason"]
+
+
+def test_executions_after_is_required() -> None:
+    assert code_of(executions(symbol="BTC-USDT")) == codes.INVALID_MESSAGE
+
+
+@pytest.mark.parametrize("limit", [0, 5001, -1, 1.5, "ten", True, "0", [10]])
+def test_executions_bad_limit(limit: Any) -> None:
+    result = executions(symbol="BTC-USDT", after=0, limit=limit)
+    assert code_of(result) == codes.INVALID_MESSAGE
+    assert isinstance(result, dict) and "limit" in result["reason"]
+
+
+def test_executions_query_is_frozen() -> None:
+    query = ExecutionsQuery("BTC-USDT", "alice", 1, 2)
+    with pytest.raises(AttributeError):
+        query.after = 5  # type: ignore[misc]
 
 
 def test_tiny_increments_take_the_exact_path() -> None:
     inst = Instrument("T-Y", tick_size="1e-61", max_price="0.001")
     assert validation._ticks(inst, "0.00001") == 10**56
-    assert validation._ticks(inst, "1E-61") == 1
+    assert validation._ticks(inst, JsonNumber("1E-61")) == 1
+    assert validation._ticks(inst, "1E-61") is None  # a string: no exponent
     assert validation._ticks(inst, "1") is None  # too large
     huge = Instrument("T-Z", tick_size="1e-70", max_price="1")
     assert validation._ticks(huge, "1") is None  # beyond the exact path's 60 digits: refused, not raised
