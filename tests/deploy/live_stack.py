@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from cme_client import Connection, gateway_session, subscribe
 
-from services.wsclient import Conn, gateway_session, port_open, subscribe
+from shared.net import port_open
 from shared.redis_server import RedisServer, free_port
 from tests.deploy import PROMETHEUS, ROOT, load_yaml
 
@@ -443,13 +444,13 @@ class Traffic:
             self._started.set()
 
     async def _main(self) -> None:
-        conns: list[Conn] = []
+        conns: list[Connection] = []
         try:
-            subscribers: list[Conn] = []
-            traders: dict[str, tuple[Conn, Conn]] = {}
+            subscribers: list[Connection] = []
+            traders: dict[str, tuple[Connection, Connection]] = {}
             for symbol in REFERENCE_PRICE:
                 for channel in ("l2", "depth"):
-                    subscribers.append(await subscribe(self.md_url, symbol, channel, retry_for=5))
+                    subscribers.append(await subscribe(self.md_url, symbol, channel=channel, retry_for=5))
                 subscribers.append(await subscribe(self.trades_url, symbol, retry_for=5))
                 conns += subscribers[-3:]
                 maker = await gateway_session(self.gateway_url, f"live-maker-{symbol}-{self.tag}")
@@ -475,11 +476,11 @@ class Traffic:
                 with contextlib.suppress(Exception):
                     await conn.close()
 
-    async def _send(self, conn: Conn, kind: str, msg: dict[str, Any]) -> None:
+    async def _send(self, conn: Connection, kind: str, msg: dict[str, Any]) -> None:
         await conn.send(msg)
         self.sent[kind] += 1
 
-    async def _round(self, symbol: str, maker: Conn, taker: Conn, bad: Conn) -> None:
+    async def _round(self, symbol: str, maker: Connection, taker: Connection, bad: Connection) -> None:
         n, ref = self.rounds, REFERENCE_PRICE[symbol]
         k = 1 + n % 5
         for side, price in (("buy", ref - k * PRICE_STEP), ("sell", ref + k * PRICE_STEP)):

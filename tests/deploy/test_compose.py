@@ -16,12 +16,32 @@ from urllib.parse import urlparse
 import pytest
 
 from services.cli import build_parser
+from shared.redis_acl import ACL_FILE, K8S_SECRET, ROLES, URL_ENV, write_deploy_secrets
 from tests.deploy import COMPOSE, DEPLOY, PROMETHEUS, PROMETHEUS_LOCAL, ROOT, load_yaml
 
 SERVICE_COMMANDS = {"matcher", "gateway", "feeds"}
 DOCKERFILE = DEPLOY / "Dockerfile"
 HAPROXY = DEPLOY / "haproxy" / "haproxy.cfg"
 K8S = DEPLOY / "k8s" / "cme.yaml"
+SECRETS = DEPLOY / "secrets"  # written by `cme redis-secrets`, git-ignored
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What `cme redis-secrets --out deploy/secrets` writes, written to a temporary directory instead."""
+    out = tmp_path_factory.mktemp("secrets")
+    write_deploy_secrets(out)
+    return out
+
+
+def env_file(path: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+
+
+def in_secrets(source: str) -> str | None:
+    """The file name, if a compose path points into deploy/secrets/."""
+    path = (DEPLOY / source).resolve()
+    return path.name if path.parent == SECRETS else None
 
 
 def compose() -> dict[str, Any]:
@@ -88,17 +108,22 @@ def test_every_service_has_an_image_or_a_build() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(cme_services()))
-def test_cme_commands_are_valid(name: str) -> None:
+def test_cme_commands_are_valid(name: str, generated: Path) -> None:
     service = cme_services()[name]
     args = parse(service["command"])
     assert args.command in SERVICE_COMMANDS, f"{name}: runs `cme {args.command}`"
     assert args.instance == name, f"{name}: --instance should be the compose service name"
     assert args.metrics_port == 9100
-    redis = urlparse(args.redis_url)
-    assert redis.scheme == "redis" and redis.hostname in services(), f"{name}: redis {args.redis_url}"
+    assert not any("--redis-url" in a for a in service["command"]), f"{name}: a password on the command line"
+    # Each service logs in as its own ACL user, from its own env file (CME_REDIS_URL).
+    assert in_secrets(service["env_file"]) == f"{args.command}.env", f"{name}: env_file {service['env_file']}"
+    redis = urlparse(env_file(generated / f"{args.command}.env")[URL_ENV])
+    assert redis.scheme == "redis" and redis.hostname in services() and redis.username == args.command
     assert "redis" in service["depends_on"]
     if hasattr(args, "host"):
         assert args.host == "0.0.0.0", f"{name}: must listen on every interface of its container"
+    metrics_host = args.metrics_host or getattr(args, "host", None)  # as `cme` resolves it
+    assert metrics_host == "0.0.0.0", f"{name}: Prometheus cannot scrape /metrics on {metrics_host}"
     if args.command == "matcher":
         targets = [target for volume in service["volumes"] for target in [volume.split(":")[1]]]
         assert args.data_dir in targets, "the matcher's checkpoints must live on a volume"
@@ -113,13 +138,37 @@ def test_redis_is_7_with_aof_on_a_volume() -> None:
     assert "healthcheck" in redis
 
 
-def test_volumes_and_files_exist() -> None:
+def test_redis_loads_the_generated_acl_and_its_health_check_logs_in(generated: Path) -> None:
+    redis = services()["redis"]
+    command = redis["command"]
+    acl = command[command.index("--aclfile") + 1]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in redis["volumes"]}
+    assert in_secrets(mounts[acl]) == ACL_FILE and (generated / ACL_FILE).read_text().startswith(
+        "user default off"
+    )
+    assert in_secrets(redis["env_file"]) == "admin.env"
+    assert "REDISCLI_AUTH" in env_file(generated / "admin.env")
+    assert "--user admin" in " ".join(redis["healthcheck"]["test"])
+    assert "redis-cli" in " ".join(redis["healthcheck"]["test"])
+
+
+def test_generated_secrets_are_never_committed() -> None:
+    ignore = (SECRETS / ".gitignore").read_text().split()
+    assert ignore[-2:] == ["*", "!.gitignore"], "deploy/secrets/ must ignore everything but its .gitignore"
+
+
+def test_volumes_and_files_exist(generated: Path) -> None:
     declared = set(compose().get("volumes") or {})
     used = set()
     for name, service in services().items():
+        for source in [service["env_file"]] if "env_file" in service else []:
+            secret = in_secrets(source)
+            assert secret and (generated / secret).exists(), f"{name}: `cme redis-secrets` writes no {source}"
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
-            if source.startswith((".", "/")):
+            if in_secrets(source):  # made by `cme redis-secrets`, not in the repository
+                assert (generated / str(in_secrets(source))).exists(), f"{name}: {source} is not generated"
+            elif source.startswith((".", "/")):
                 assert (DEPLOY / source).exists(), f"{name}: {source} does not exist"
             else:
                 assert source in declared, f"{name}: volume {source} is not declared"
@@ -243,7 +292,7 @@ def k8s_objects() -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(K8S.read_text()) if doc]
 
 
-def test_k8s_manifests() -> None:
+def test_k8s_manifests(generated: Path) -> None:
     objects = k8s_objects()
     workloads = {o["metadata"]["name"]: o for o in objects if o["kind"] in {"Deployment", "StatefulSet"}}
     assert set(workloads) == {"redis", "matcher", "gateway", "feeds"}
@@ -257,8 +306,86 @@ def test_k8s_manifests() -> None:
         if container["image"].startswith("cme"):
             args = parse([a.replace("$(POD_NAME)", "pod-0") for a in container["args"]])
             assert args.command == name
-            assert urlparse(args.redis_url).hostname in services_
+            assert not any("--redis-url" in a for a in container["args"]), f"{name}: a password in args"
+            env = {e["name"]: e for e in container["env"]}
+            ref = env[URL_ENV]["valueFrom"]["secretKeyRef"]
+            assert ref == {"name": K8S_SECRET, "key": f"{name}.url"}, f"{name}: {ref}"
+            url = urlparse(secret_data(generated)[ref["key"]])
+            assert url.hostname in services_ and url.username == name
+            assert (args.metrics_host or getattr(args, "host", None)) == "0.0.0.0", f"{name}: metrics host"
             annotations = workload["spec"]["template"]["metadata"]["annotations"]
             assert annotations["prometheus.io/port"] == str(args.metrics_port)
     for name, service in services_.items():
         assert service["spec"]["selector"] == workloads[name]["spec"]["template"]["metadata"]["labels"], name
+
+
+def secret_data(generated: Path) -> dict[str, str]:
+    secret = json.loads((generated / "k8s-secret.json").read_text())
+    assert secret["metadata"] == {"name": K8S_SECRET, "namespace": "cme"}
+    data: dict[str, str] = secret["stringData"]
+    return data
+
+
+def test_k8s_redis_uses_the_secrets_acl_only(generated: Path) -> None:
+    redis = next(o for o in k8s_objects() if o["kind"] == "StatefulSet" and o["metadata"]["name"] == "redis")
+    pod = redis["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    acl = container["args"][container["args"].index("--aclfile") + 1]
+    mount = next(m for m in container["volumeMounts"] if acl.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert volume["secret"]["secretName"] == K8S_SECRET
+    assert volume["secret"]["items"] == [{"key": ACL_FILE, "path": acl.rsplit("/", 1)[1]}], "no URLs in redis"
+    auth = next(e for e in container["env"] if e["name"] == "REDISCLI_AUTH")["valueFrom"]["secretKeyRef"]
+    assert auth["key"] in secret_data(generated) and "--user admin" in " ".join(
+        container["readinessProbe"]["exec"]["command"]
+    )
+    assert set(secret_data(generated)) == {ACL_FILE, "admin.password", *(f"{user}.url" for user in ROLES)}
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels, matchExpressions with In) against pod labels."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        assert expr["operator"] == "In", expr
+        if labels.get(expr["key"]) not in expr["values"]:
+            return False
+    return True
+
+
+def test_k8s_network_policies() -> None:
+    objects = k8s_objects()
+    policies = [o["spec"] for o in objects if o["kind"] == "NetworkPolicy"]
+    pods = {
+        o["metadata"]["name"]: o["spec"]["template"]["metadata"]["labels"]
+        for o in objects
+        if o["kind"] in {"Deployment", "StatefulSet"}
+    }
+    assert any(p["podSelector"] == {} and not p.get("ingress") for p in policies), "a default deny"
+    prometheus = [{"kubernetes.io/metadata.name": "monitoring"}, {"app.kubernetes.io/name": "prometheus"}]
+
+    def allowed(pod: str, port: int) -> list[list[dict[str, Any]]]:
+        """The `from` lists of every rule letting something reach `pod` on `port` ([] = anyone)."""
+        found = []
+        for policy in policies:
+            if "Ingress" in policy["policyTypes"] and selects(policy["podSelector"], pods[pod]):
+                for rule in policy.get("ingress", []):
+                    if any(p["port"] == port for p in rule["ports"]):
+                        found.append(rule.get("from", []))
+        return found
+
+    redis_from = allowed("redis", 6379)
+    assert len(redis_from) == 1 and len(redis_from[0]) == 1
+    peer = redis_from[0][0]
+    assert set(peer) == {"podSelector"}, "Redis: pods of this namespace only"
+    clients = {name for name, labels in pods.items() if selects(peer["podSelector"], labels)}
+    assert clients == SERVICE_COMMANDS
+    for pod in SERVICE_COMMANDS:
+        rules = allowed(pod, 9100)
+        assert rules and all(len(r) == 1 for r in rules), f"{pod}: /metrics from anyone"
+        for (scraper,) in rules:
+            selectors = [scraper["namespaceSelector"]["matchLabels"], scraper["podSelector"]["matchLabels"]]
+            assert selectors == prometheus, f"{pod}: /metrics from {scraper}"
+    for pod, port in (("gateway", 8000), ("feeds", 8001), ("feeds", 8002)):
+        assert allowed(pod, port) == [[]], f"{pod}: clients on {port}"
+    assert not allowed("matcher", 8000) and not allowed("redis", 9100)
