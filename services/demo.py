@@ -8,6 +8,9 @@ fresh snapshot must equal the book rebuilt from the updates; 5. the maker's last
 
 Accounts carry a random suffix, so reruns never collide on client order ids. Every step is checked;
 the exit code is 0 only if all checks pass.
+
+The two accounts trade through the client library (cme_client.Client); the feeds are read with its
+recording Connection, so that the narration can show the wire's l2_update and trade messages.
 """
 
 from __future__ import annotations
@@ -26,18 +29,18 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
-
-from services.wsclient import (
-    Conn,
+from cme_client import (
+    Client,
+    Connection,
     L2Book,
     Message,
     Predicate,
-    gateway_session,
+    Rejected,
     is_type,
     l2_snapshot,
-    same_levels,
     subscribe,
 )
+
 from shared.instruments import Instrument, default_instruments
 
 STEP_TIMEOUT = 10.0
@@ -48,6 +51,47 @@ TERMINAL = ("filled", "cancelled", "rejected")
 
 class DemoFailed(RuntimeError):
     pass
+
+
+class Account:
+    """A demo account: its cme_client.Client and every execution report it was sent, in order."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.reports: list[Message] = []
+        self._changed = asyncio.Event()
+        self._task = asyncio.create_task(self._collect())
+
+    async def _collect(self) -> None:
+        async for m in self.client.execution_reports():
+            self.reports.append(m)
+            self._changed.set()
+
+    async def wait(self, pred: Predicate, want: int = 1, timeout: float = STEP_TIMEOUT) -> list[Message]:
+        """The first `want` reports that match; TimeoutError if they do not come in time."""
+        deadline = time.monotonic() + timeout
+        while len(found := [m for m in self.reports if pred(m)]) < want:
+            self._changed.clear()
+            await asyncio.wait_for(self._changed.wait(), max(0.0, deadline - time.monotonic()))
+        return found[:want]
+
+    async def close(self) -> None:
+        await self.client.close()
+        await self._task
+
+
+def same_levels(a: Message, b: Message) -> bool:
+    """Two books show the same levels (compared as decimals; seq ignored)."""
+
+    def norm(levels: list[list[str]]) -> list[tuple[Decimal, Decimal]]:
+        return [(Decimal(p), Decimal(q)) for p, q in levels]
+
+    return norm(a["bids"]) == norm(b["bids"]) and norm(a["asks"]) == norm(b["asks"])
+
+
+def best_prices(book: L2Book) -> tuple[Decimal | None, Decimal | None]:
+    bid, ask = book.best("buy"), book.best("sell")
+    return (Decimal(bid[0]) if bid else None, Decimal(ask[0]) if ask else None)
 
 
 def say(text: str = "") -> None:
@@ -114,11 +158,12 @@ class Demo:
         self.taker_account = f"taker-demo-{self.tag}"
         self.failures: list[str] = []
         self.cid_n = 0
-        self.md: Conn | None = None
-        self.trades: Conn | None = None
-        self.maker: Conn | None = None
-        self.taker: Conn | None = None
+        self.md: Connection | None = None
+        self.trades: Connection | None = None
+        self.maker: Account | None = None
+        self.taker: Account | None = None
         self.book: L2Book | None = None
+        self.md_applied = 0  # md messages the book has seen
 
     # --- small helpers ------------------------------------------------------------------------------
     def check(self, ok: bool, what: str) -> None:
@@ -136,31 +181,26 @@ class Demo:
     def q(self, qty: Decimal) -> str:
         return self.inst.qty_str(self.inst.qty_to_lots(str(qty)))
 
-    async def order(self, conn: Conn, who: str, **fields: Any) -> tuple[str, str]:
-        """Send a new order; returns (client_order_id, order_id) once acked. A reject fails the demo."""
-        cid = self.cid(str(fields.get("type", "o")))
-        msg = {"op": "new", "symbol": self.symbol, "client_order_id": cid, **fields}
-        reply = await conn.request(
-            msg,
-            lambda m: m.get("type") in ("ack", "reject") and m.get("client_order_id") == cid,
-            STEP_TIMEOUT,
-        )
-        if reply["type"] != "ack":
-            raise DemoFailed(f"{who}'s order {msg} was rejected: {reply.get('code')} {reply.get('reason')}")
-        return cid, str(reply["order_id"])
+    async def order(
+        self, acct: Account, who: str, side: Any, qty: Decimal, price: Decimal | None = None, **kw: Any
+    ) -> tuple[str, str]:
+        """Place an order; returns (client_order_id, order_id) once acked. A reject fails the demo."""
+        cid = self.cid(str(kw.get("type", "o")))
+        p = None if price is None else self.p(price)
+        try:
+            ack = await acct.client.place(self.symbol, side, self.q(qty), p, client_order_id=cid, **kw)
+        except Rejected as exc:
+            raise DemoFailed(f"{who}'s {side} {self.q(qty)} @ {p} {kw} was rejected: {exc}") from exc
+        return cid, str(ack["order_id"])
 
-    async def final_report(self, conn: Conn, cid: str, timeout: float = STEP_TIMEOUT) -> Message:
-        return await conn.wait_for(
-            lambda m: (
-                m.get("type") == "execution"
-                and m.get("client_order_id") == cid
-                and m.get("status") in TERMINAL
-            ),
-            timeout,
-        )
+    async def final_report(self, acct: Account, cid: str, timeout: float = STEP_TIMEOUT) -> Message:
+        def done(m: Message) -> bool:
+            return m.get("client_order_id") == cid and m.get("status") in TERMINAL
 
-    def reports(self, conn: Conn, cid: str) -> list[Message]:
-        return conn.since(0, lambda m: m.get("type") == "execution" and m.get("client_order_id") == cid)
+        return (await acct.wait(done, 1, timeout))[0]
+
+    def reports(self, acct: Account, cid: str) -> list[Message]:
+        return [m for m in acct.reports if m.get("type") == "execution" and m.get("client_order_id") == cid]
 
     def show_exec(self, who: str, m: Message) -> None:
         line = (
@@ -189,9 +229,15 @@ class Demo:
                 f"   md     l2_update seq {m['seq']}: {changes}   "
                 f"(best bid {bid[0] if bid else '-'} / ask {ask[0] if ask else '-'})"
             )
-        self.book.apply_all(self.md.since(start))
+        self.sync_book()
 
-    async def wait_count(self, conn: Conn, start: int, pred: Predicate, want: int) -> list[Message]:
+    def sync_book(self) -> None:
+        """Apply the md messages the book has not seen yet."""
+        assert self.md is not None and self.book is not None
+        self.book.apply_all(self.md.messages[self.md_applied :])
+        self.md_applied = len(self.md.messages)
+
+    async def wait_count(self, conn: Connection, start: int, pred: Predicate, want: int) -> list[Message]:
         """The messages after `start` that match, once there are `want` of them (or at the timeout)."""
         deadline = time.monotonic() + STEP_TIMEOUT
         while (
@@ -207,10 +253,10 @@ class Demo:
 
     def show_book(self) -> None:
         assert self.book is not None
-        bids, asks = self.book.sides()
+        bids, asks = self.book.levels(3)
 
-        def top(levels: list[tuple[Decimal, Decimal]]) -> str:
-            return ", ".join(f"{q} @ {p}" for p, q in levels[:3]) or "-"
+        def top(levels: list[list[str]]) -> str:
+            return ", ".join(f"{q} @ {p}" for p, q in levels) or "-"
 
         say(f"   book   bids {top(bids)}  |  asks {top(asks)}")
 
@@ -220,16 +266,20 @@ class Demo:
         self.md = await subscribe(a.md, self.symbol)
         snap = await self.md.wait_for(is_type("l2_snapshot", symbol=self.symbol), STEP_TIMEOUT)
         self.book = L2Book(snap)
+        self.md_applied = self.md.mark()
         self.trades = await subscribe(a.trades, self.symbol)
-        self.maker = await gateway_session(a.gateway, self.maker_account)
-        self.taker = await gateway_session(a.gateway, self.taker_account)
+        # reconnect=False: a demo that lost the gateway should say so, not wait for it to come back
+        maker = await Client(a.gateway, account=self.maker_account, reconnect=False).connect()
+        self.maker = Account(maker)
+        taker = await Client(a.gateway, account=self.taker_account, reconnect=False).connect()
+        self.taker = Account(taker)
         say(f"connected: accounts {self.maker_account} (maker) and {self.taker_account} (taker)")
         self.show_book()
 
     async def build_book(self) -> tuple[Decimal, Decimal, Decimal]:
         assert self.maker and self.md and self.book
         say("\n1. the maker builds a book")
-        best_bid, best_ask = self.book.best()
+        best_bid, best_ask = best_prices(self.book)
         ref = REFERENCE_PRICE.get(self.symbol.split("-")[0], Decimal(100))
         prices = choose_prices(best_bid, best_ask, self.inst.tick_size, ref)
         if prices is None:
@@ -243,10 +293,8 @@ class Demo:
             ("sell", ask2, Decimal("0.3")),
             ("buy", bid, Decimal("0.2")),
         ):
-            cid, oid = await self.order(
-                self.maker, "maker", side=side, type="limit", price=self.p(price), quantity=self.q(qty)
-            )
-            new = await self.maker.wait_for(is_type("execution", client_order_id=cid), STEP_TIMEOUT)
+            cid, oid = await self.order(self.maker, "maker", side, qty, price, type="limit")
+            [new] = await self.maker.wait(is_type("execution", client_order_id=cid))
             say(
                 f"   maker  {side:<4} {self.q(qty)} @ {self.p(price)} limit gtc"
                 f" -> ack {oid}, execution {new['status']}"
@@ -255,7 +303,7 @@ class Demo:
         await self.settle_md(start, 3)
         self.show_md(start)
         self.show_book()
-        b, a = self.book.best()
+        b, a = best_prices(self.book)
         self.check((b, a) == (bid, ask1), f"best bid / ask are now {self.p(bid)} / {self.p(ask1)}")
         return bid, ask1, ask2
 
@@ -264,7 +312,7 @@ class Demo:
         qty = Decimal("0.8")
         say(f"\n2. the taker's market buy of {self.q(qty)} sweeps both ask levels")
         md_start, tr_start = self.md.mark(), self.trades.mark()
-        cid, oid = await self.order(self.taker, "taker", side="buy", type="market", quantity=self.q(qty))
+        cid, oid = await self.order(self.taker, "taker", "buy", qty, type="market")
         say(f"   taker  buy  {self.q(qty)} market ioc -> ack {oid}")
         final = await self.final_report(self.taker, cid)
         for m in self.reports(self.taker, cid):
@@ -284,9 +332,7 @@ class Demo:
         )
         # The maker's reports come on its own connection, maybe a moment after the taker's: wait for them.
         trade_ids = {t["trade_id"] for t in fills}
-        maker_fills = await self.wait_count(
-            self.maker, 0, lambda m: m.get("type") == "execution" and m.get("trade_id") in trade_ids, 2
-        )
+        maker_fills = await self.maker.wait(lambda m: m.get("trade_id") in trade_ids, 2)
         for m in maker_fills:
             self.show_exec("maker", m)
         self.check(
@@ -306,9 +352,7 @@ class Demo:
         assert self.taker
         qty = Decimal("0.5")
         say(f"\n3. an FOK sell of {self.q(qty)} at {self.p(bid)}: only 0.2 is bid there, so it cannot fill")
-        cid, oid = await self.order(
-            self.taker, "taker", side="sell", type="limit", tif="fok", price=self.p(bid), quantity=self.q(qty)
-        )
+        cid, oid = await self.order(self.taker, "taker", "sell", qty, bid, type="limit", tif="fok")
         say(f"   taker  sell {self.q(qty)} @ {self.p(bid)} limit fok -> ack {oid}")
         final = await self.final_report(self.taker, cid)
         for m in self.reports(self.taker, cid):
@@ -324,14 +368,16 @@ class Demo:
         a = self.args
         data_dir = Path(a.data_dir)
         state = read_stack(data_dir, a.gateway)
-        before = await l2_snapshot(a.md, self.symbol, STEP_TIMEOUT)
-        self.book.apply_all(self.md.messages)  # idempotent: updates already applied are skipped by seq
-        bids, asks = self.book.sides()
-        rebuilt = {"bids": [[str(p), str(q)] for p, q in bids], "asks": [[str(p), str(q)] for p, q in asks]}
-        pid = matcher_pid(state) if state else None
+        before = await l2_snapshot(a.md, self.symbol, timeout=STEP_TIMEOUT)
+        self.sync_book()
+        bids, asks = self.book.levels()
+        rebuilt = {"bids": bids, "asks": asks}
+        # Killing someone's matcher is opt-in: without --restart-check only the reconnect check runs.
+        pid = matcher_pid(state) if state and getattr(a, "restart_check", False) else None
         if state is None or pid is None:
             where = data_dir.resolve()
-            say(f"\n4. restart check: no `cme up` of this gateway in {where}; a reconnect check instead")
+            why = "no --restart-check" if state else f"no `cme up` of this gateway in {where}"
+            say(f"\n4. restart check: {why}; a reconnect check instead")
             self.check(
                 same_levels(before, rebuilt), "a fresh snapshot equals the book rebuilt from the l2 updates"
             )
@@ -350,6 +396,7 @@ class Demo:
         self.trades = await subscribe(a.trades, self.symbol, retry_for=RESTART_TIMEOUT)
         after = await self.md.wait_for(is_type("l2_snapshot", symbol=self.symbol), RESTART_TIMEOUT)
         self.book = L2Book(after)
+        self.md_applied = self.md.messages.index(after) + 1
         self.show_book()
         self.check(same_levels(before, after), "the book after the restart is unchanged")
         await self.trade_again(bid)
@@ -369,42 +416,40 @@ class Demo:
         qty = Decimal("0.1")
         say(f"   a new order must still trade: taker sells {self.q(qty)} @ {self.p(bid)} ioc")
         tr_start = self.trades.mark()
-        cid, oid = await self.order(
-            self.taker, "taker", side="sell", type="limit", tif="ioc", price=self.p(bid), quantity=self.q(qty)
-        )
+        cid, oid = await self.order(self.taker, "taker", "sell", qty, bid, type="limit", tif="ioc")
         final = await self.final_report(self.taker, cid, RESTART_TIMEOUT)
         self.show_exec("taker", final)
         trade = await self.trades.wait_for(is_type("trade", taker_order_id=oid), STEP_TIMEOUT, tr_start)
         self.show_trade(trade)
         self.check(final["status"] == "filled", "it trades against the maker's bid, which survived")
 
-    def open_orders(self, conn: Conn) -> list[str]:
-        """Client order ids of this connection's orders that were accepted and have not ended."""
+    def open_orders(self, acct: Account) -> list[str]:
+        """Client order ids of this account's orders that were accepted and have not ended."""
         seen = dict.fromkeys(
             m["client_order_id"]
-            for m in conn.messages
+            for m in acct.reports
             if m.get("type") == "execution" and m.get("status") == "new"
         )
-        return [cid for cid in seen if not any(r.get("status") in TERMINAL for r in self.reports(conn, cid))]
+        return [cid for cid in seen if not any(r.get("status") in TERMINAL for r in self.reports(acct, cid))]
 
     async def cleanup(self) -> None:
         assert self.maker
         say("\n5. the maker cancels what is left")
         for cid in self.open_orders(self.maker):
-            await self.maker.send({"op": "cancel", "symbol": self.symbol, "client_order_id": cid})
+            await self.maker.client.cancel(self.symbol, client_order_id=cid)
             final = await self.final_report(self.maker, cid)
             self.show_exec("maker", final)
             self.check(final["status"] == "cancelled", f"{cid} cancelled")
 
     async def leave_no_orders(self) -> None:
         """After a failure: best-effort cancels, so a rerun does not meet the old orders in the book."""
-        for conn in (self.maker, self.taker):
-            if conn is None or conn.closed_reason is not None:
+        for acct in (self.maker, self.taker):
+            if acct is None or not acct.client.connected:
                 continue
             with contextlib.suppress(Exception):
-                for cid in self.open_orders(conn):
-                    await conn.send({"op": "cancel", "symbol": self.symbol, "client_order_id": cid})
-                    await self.final_report(conn, cid, 2.0)
+                for cid in self.open_orders(acct):
+                    await acct.client.cancel(self.symbol, client_order_id=cid)
+                    await self.final_report(acct, cid, 2.0)
 
     async def close(self) -> None:
         for conn in (self.md, self.trades, self.maker, self.taker):
