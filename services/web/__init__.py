@@ -1,0 +1,1 @@
+"""The trading page (static/) and the small HTTP server that serves it with its helper endpoints."""
