@@ -25,14 +25,23 @@ INVALID_CLIENT_ORDER_ID: Final = "INVALID_CLIENT_ORDER_ID"
 INVALID_STP: Final = "INVALID_STP"
 INVALID_ACCOUNT: Final = "INVALID_ACCOUNT"
 INTERNAL_ERROR: Final = "INTERNAL_ERROR"
+# More order types (docs/protocol.md "More order types").
+INVALID_STOP_PRICE: Final = "INVALID_STOP_PRICE"
+INVALID_EXPIRE_TIME: Final = "INVALID_EXPIRE_TIME"
+INVALID_DISPLAY_QUANTITY: Final = "INVALID_DISPLAY_QUANTITY"
+NOT_AMENDABLE: Final = "NOT_AMENDABLE"
+INSUFFICIENT_FUNDS: Final = "INSUFFICIENT_FUNDS"  # used once balances exist
 
 REASONS: Final[dict[str, str]] = {
     INVALID_MESSAGE: "message is not a valid JSON object with the required fields",
     UNKNOWN_OP: "unknown op",
     UNKNOWN_SYMBOL: "unknown symbol",
     INVALID_SIDE: "side must be buy or sell",
-    INVALID_TYPE: "type must be limit or market (or the shorthand ioc / fok)",
-    INVALID_TIF: "tif must be gtc, ioc or fok; market orders cannot be gtc; post_only needs limit gtc",
+    INVALID_TYPE: "type must be limit, market, stop_limit or stop_market (or the shorthand ioc / fok)",
+    INVALID_TIF: (
+        "tif must be gtc, ioc, fok or gtd; market and stop_market orders take ioc (a market order also "
+        "fok, but not with quote_quantity); gtd needs a limit; post_only needs limit gtc"
+    ),
     INVALID_PRICE: (
         "price is missing, not a decimal (a JSON number or a string of ASCII digits with an optional "
         "point: 123.45), off the tick grid, not positive or too large"
@@ -52,6 +61,19 @@ REASONS: Final[dict[str, str]] = {
     INVALID_STP: "stp must be cancel_taker, cancel_maker or cancel_both",
     INVALID_ACCOUNT: "account must be a string of 1 to 64 characters",
     INTERNAL_ERROR: "internal error; the order was not queued",
+    INVALID_STOP_PRICE: (
+        "stop_price is missing (stop_limit and stop_market need it), given on another type, off the tick "
+        "grid, not positive or too large"
+    ),
+    INVALID_EXPIRE_TIME: (
+        "expire_time must be an integer of ms since the epoch, given only with tif gtd, and in the future"
+    ),
+    INVALID_DISPLAY_QUANTITY: (
+        "display_quantity must be on the lot grid, at least the minimum quantity, below quantity, and "
+        "only on a gtc or gtd limit"
+    ),
+    NOT_AMENDABLE: "an untriggered stop or an iceberg cannot be amended; cancel it and place a new one",
+    INSUFFICIENT_FUNDS: "the account's available balance does not cover the order",
 }
 
 # Why an order ended in "cancelled".
@@ -60,6 +82,7 @@ REASON_IOC: Final = "unfilled_ioc"
 REASON_MARKET: Final = "unfilled_market"
 REASON_FOK: Final = "fok_unfillable"
 REASON_STP: Final = "self_trade_prevention"
+REASON_EXPIRED: Final = "expired"
 
 
 def reason_for(code: str) -> str:

@@ -11,16 +11,16 @@ from typing import Any
 
 import orjson
 
-from services.matcher.commands import Command, command_from_list, command_to_list
+from services.matcher.commands import CoreCommand, command_from_list, command_to_list
 
 FIELD = b"d"
 
 
-def encode(cmd: Command, recv_ns: int) -> bytes:
+def encode(cmd: CoreCommand, recv_ns: int) -> bytes:
     return orjson.dumps([command_to_list(cmd), recv_ns])
 
 
-def decode(fields: dict[Any, Any] | list[Any]) -> tuple[Command | None, int]:
+def decode(fields: dict[Any, Any] | list[Any]) -> tuple[CoreCommand | None, int]:
     """(command, recv_ns) of an entry's fields (a dict from redis-py, or the flat [field, value, ...]
     list of a raw RESP reply); command is None for an entry that is not ours (it is then skipped)."""
     if isinstance(fields, list):

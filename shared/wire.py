@@ -78,7 +78,7 @@ def _silent(e: ev.Event) -> bool:
 
 
 # Exec lines per event kind, as render() makes them; _silent events make none.
-_EXEC_LINES = {ev.ACCEPTED: 1, ev.CANCELLED: 1, ev.AMENDED: 1, ev.REJECTED: 1, ev.TRADE: 2}
+_EXEC_LINES = {ev.ACCEPTED: 1, ev.CANCELLED: 1, ev.AMENDED: 1, ev.REJECTED: 1, ev.TRADE: 2, ev.TRIGGERED: 1}
 
 
 def count_execs(events: list[ev.Event]) -> int:
@@ -161,6 +161,13 @@ def render(
             msg = _exec(symbol, oid, cid, side, "cancelled", "cancelled", None if price is None else p(price),
                         q(qty), q(qty - leaves), q(0), None, None, zero_fee, None, None, ts)  # fmt: skip
             msg["reason"] = reason
+            out.add_exec(account, msg)
+        elif kind == ev.TRIGGERED:
+            _, symbol, oid, account, cid, side, _otype, _tif, price, stop_price, qty = e
+            qs = q(qty)
+            msg = _exec(symbol, oid, cid, side, "new", "triggered", None if price is None else p(price), qs,
+                        q(0), qs, None, None, zero_fee, None, None, ts)  # fmt: skip
+            msg["stop_price"] = p(stop_price)
             out.add_exec(account, msg)
         elif kind == ev.AMENDED:
             _, symbol, oid, account, cid, side, price, qty, leaves = e

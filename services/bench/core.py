@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from services.bench.flow import SYMBOL, FlowConfig, Step, generate
+from services.bench.flow import ORDER_TYPES, SYMBOL, FlowConfig, Step, generate
 from services.matcher.commands import BUY, GTC, LIMIT, SELL, NewOrder
 from services.matcher.engine import Engine
 from shared.instruments import Instrument
@@ -174,8 +174,16 @@ def run_from_args(args: argparse.Namespace) -> int:
     gc.disable()  # as the matcher does: no cycles in the core, and no collector pauses in the numbers
     quiet = args.quiet
     results: list[dict[str, Any]] = []
+    # --order-types all adds the flow with stops, GTD, icebergs and quote quantity (services.bench.flow),
+    # next to the default one, so the table shows what they cost.
+    order_types = getattr(args, "order_types", "plain")
+    if order_types not in ORDER_TYPES:
+        raise SystemExit(f"--order-types must be one of {', '.join(ORDER_TYPES)}")
     if not args.deep:
         results.append(run_variant("default", FlowConfig(args.commands, args.seed), quiet, args.metrics))
+        if order_types == "all":
+            cfg = FlowConfig(args.commands, args.seed, order_types="all")
+            results.append(run_variant("all types", cfg, quiet))
     if not args.flat:
         results.append(run_variant("deep book", FlowConfig(args.commands, args.seed, deep=True), quiet))
     memory = None if args.no_memory else bytes_per_resting_order(args.memory_orders, quiet)
@@ -203,9 +211,10 @@ def _print_table(report: dict[str, Any]) -> None:
             f"{r['p99_us']:>8.2f} {r['p999_us']:>9.2f} {r['trades']:>9,}"
         )
     variants = report["variants"]
-    if len(variants) == 2:
-        ratio = variants[1]["commands_per_s"] / variants[0]["commands_per_s"]
-        print(f"deep book / default throughput: {ratio:.3f}")
+    if len(variants) >= 2 and variants[0]["variant"] == "default":
+        for other in variants[1:]:
+            ratio = other["commands_per_s"] / variants[0]["commands_per_s"]
+            print(f"{other['variant']} / default throughput: {ratio:.3f}")
     for r in variants:
         if "metrics" in r:
             m = r["metrics"]

@@ -8,6 +8,11 @@ new order has a client order id, as real clients send them. To know which orders
 cancels) and where the levels are (for crossing orders), the generator drives its own engine; the
 benchmark then replays the recorded
 commands into a fresh one, which gives exactly the same outcomes because the core is deterministic.
+
+With order_types "all" (`cme bench core --order-types all`) the same mix also carries the other order
+types: a fifth of the passive limits are GTD (expiring 0.1-5 s of flow time later) and another fifth
+icebergs; 5 % of the commands place stops (half stop_limit, half stop_market) 3-30 ticks from the
+mid, so trades keep triggering them; a third of the market orders give a quote quantity.
 """
 
 from __future__ import annotations
@@ -18,7 +23,21 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from services.matcher.book import BookSide
-from services.matcher.commands import BUY, FOK, GTC, IOC, LIMIT, MARKET, SELL, Cancel, Command, NewOrder
+from services.matcher.commands import (
+    BUY,
+    FOK,
+    GTC,
+    GTD,
+    IOC,
+    LIMIT,
+    MARKET,
+    SELL,
+    STOP_LIMIT,
+    STOP_MARKET,
+    Cancel,
+    Command,
+    NewOrder,
+)
 from services.matcher.engine import Engine
 from shared.instruments import Instrument
 
@@ -34,6 +53,10 @@ class FlowConfig:
     deep: bool = False  # pre-load 20,000 resting orders on about 4,000 levels
     deep_orders: int = 20_000
     deep_levels: int = 4_000
+    order_types: str = "plain"  # or "all": the flow includes stops, GTD, icebergs, quote quantity
+
+
+ORDER_TYPES = ("plain", "all")
 
 
 Step = tuple[Command, int]  # a command and its seq (= order id of a new order)
@@ -54,7 +77,7 @@ class FlowGenerator:
     def _step(self, cmd: Command) -> Step:
         self.seq += 1
         self.engine.apply(cmd, self.seq, self.seq)
-        if type(cmd) is NewOrder and self.seq in self.book.orders:
+        if type(cmd) is NewOrder and (self.seq in self.book.orders or self.seq in self.book.stops):
             self.live.append((self.seq, cmd.account))
         return cmd, self.seq
 
@@ -72,11 +95,16 @@ class FlowGenerator:
 
     def flow(self) -> Iterator[Step]:
         rng = self.rng
+        more = self.cfg.order_types == "all"
         for _ in range(self.cfg.commands):
             if rng.random() < 0.5:
                 self.mid += rng.choice((-1, 1))
             r = rng.random()
-            if r < 0.60:
+            if more and r < 0.05:
+                yield self._step(self._stop())
+            elif more and r < 0.60:
+                yield self._step(self._passive_more())
+            elif r < 0.60:
                 yield self._step(self._passive())
             elif r < 0.75:
                 yield self._step(self._crossing())
@@ -104,6 +132,26 @@ class FlowGenerator:
                 price = bid + 1
         return self._new(side, LIMIT, GTC, price, self.rng.randint(1, 1000))
 
+    def _passive_more(self) -> NewOrder:
+        """A passive limit; a fifth of them GTD and a fifth icebergs."""
+        order = self._passive()
+        r = self.rng.random()
+        if r < 0.2:
+            return order._replace(tif=GTD, expire_time=self.seq + 1 + self.rng.randint(100, 5000))
+        if r < 0.4 and order.quantity is not None and order.quantity >= 20:
+            return order._replace(display_quantity=order.quantity // self.rng.randint(2, 10))
+        return order
+
+    def _stop(self) -> NewOrder:
+        side = self.rng.choice((BUY, SELL))
+        distance = self.rng.randint(3, 30)
+        stop_price = self.mid + distance if side == BUY else self.mid - distance
+        qty = self.rng.randint(1, 1000)
+        if self.rng.random() < 0.5:
+            limit = stop_price + 5 if side == BUY else stop_price - 5
+            return self._new(side, STOP_LIMIT, GTC, limit, qty)._replace(stop_price=stop_price)
+        return self._new(side, STOP_MARKET, IOC, None, qty)._replace(stop_price=stop_price)
+
     def _crossing(self) -> NewOrder:
         side = self.rng.choice((BUY, SELL))
         opposite = self.book.asks if side == BUY else self.book.bids
@@ -119,13 +167,13 @@ class FlowGenerator:
         return self._new(side, LIMIT, GTC, levels[-1].price, qty)
 
     def _cancel(self) -> Command:
-        live, orders = self.live, self.book.orders
+        live, orders, stops = self.live, self.book.orders, self.book.stops
         while live:
             i = self.rng.randrange(len(live))
             oid, account = live[i]
             live[i] = live[-1]
             live.pop()
-            if oid in orders:
+            if oid in orders or oid in stops:
                 return Cancel(SYMBOL, account, oid)
         return self._passive()
 
@@ -134,6 +182,9 @@ class FlowGenerator:
         qty = self.rng.randint(1, 3000)
         kind = self.rng.random()
         if kind < 0.4:
+            if self.cfg.order_types == "all" and self.rng.random() < 1 / 3:
+                quote = qty * self.mid  # ticks x lots: about qty lots' worth
+                return self._new(side, MARKET, IOC, None, 0)._replace(quantity=None, quote_quantity=quote)
             return self._new(side, MARKET, IOC, None, qty)
         price = self.mid + 5 if side == BUY else self.mid - 5
         return self._new(side, LIMIT, IOC if kind < 0.8 else FOK, price, qty)

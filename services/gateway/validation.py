@@ -19,10 +19,13 @@ from services.matcher.commands import (
     BUY,
     FOK,
     GTC,
+    GTD,
     IOC,
     LIMIT,
     MARKET,
     SELL,
+    STOP_LIMIT,
+    STOP_MARKET,
     STP_CANCEL_TAKER,
     STP_MODES,
     Amend,
@@ -32,7 +35,7 @@ from services.matcher.commands import (
 )
 from shared import codes
 from shared.ids import parse_order_id
-from shared.instruments import Instrument, JsonNumber, OffGrid
+from shared.instruments import Instrument, JsonNumber, OffGrid, to_units
 
 Message = dict[str, Any]
 Reject = dict[str, Any]
@@ -50,7 +53,14 @@ MAX_CLIENT_ORDER_ID: Final = 36
 # No spaces: the exec channel frames a line as "<account> <json>" (shared.wire).
 _ACCOUNT_RE: Final = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 _SIDES: Final = frozenset((BUY, SELL))
-_TIFS: Final = frozenset((GTC, IOC, FOK))
+# The tifs of each order type (the core checks the same); the first is the default.
+_TIFS: Final[dict[str, tuple[str, ...]]] = {
+    LIMIT: (GTC, IOC, FOK, GTD),
+    MARKET: (IOC, FOK),
+    STOP_LIMIT: (GTC, IOC, FOK),
+    STOP_MARKET: (IOC,),
+}
+_MAX_MS: Final = (1 << 63) - 1
 _MAX_ECHO: Final = 64  # longest op / order id echoed back in a reject
 _DIGITS: Final = re.compile(r"[0-9]{1,19}")  # ASCII only, unlike str.isdigit
 
@@ -107,6 +117,12 @@ def decode(data: str | bytes) -> Message | None:
     if type(msg) is not dict:
         return None
     if type(msg.get("price")) is float or type(msg.get("quantity")) is float:
+        return _exact_decode(data)
+    if (  # the other order types' decimals
+        type(msg.get("stop_price")) is float
+        or type(msg.get("display_quantity")) is float
+        or type(msg.get("quote_quantity")) is float
+    ):
         return _exact_decode(data)
     # Proof of no duplicate key in two C-level scans, which a typical order passes (inline: a call
     # costs a third of them). Every key in the text is followed by one structural colon, so
@@ -201,16 +217,17 @@ def parse_new(
         if tif is not None and tif != otype:
             return reject(codes.INVALID_TIF, NEW, cid)
         otype, tif = LIMIT, otype
-    elif otype != LIMIT and otype != MARKET:
+    elif type(otype) is not str or otype not in _TIFS:
         return reject(codes.INVALID_TYPE, NEW, cid)
+    tifs = _TIFS[otype]
     if tif is None:
-        tif = GTC if otype == LIMIT else IOC
-    elif type(tif) is not str or tif not in _TIFS or (otype == MARKET and tif == GTC):
+        tif = tifs[0]
+    elif type(tif) is not str or tif not in tifs:
         return reject(codes.INVALID_TIF, NEW, cid)
 
     price_value = get("price")
     price: int | None = None
-    if otype == LIMIT:
+    if otype in (LIMIT, STOP_LIMIT):
         if price_value is None:
             return reject(codes.INVALID_PRICE, NEW, cid)
         price = _ticks(inst, price_value)
@@ -219,11 +236,31 @@ def parse_new(
     elif price_value is not None:
         return reject(codes.INVALID_PRICE, NEW, cid)
 
-    qty = _lots(inst, get("quantity"))
-    if qty is None:
-        return reject(codes.INVALID_QUANTITY, NEW, cid)
-    if price is not None and price * qty < inst.min_notional_units:
-        return reject(codes.MIN_NOTIONAL, NEW, cid)
+    quote_value = get("quote_quantity")
+    qty: int | None = None
+    quote: int | None = None
+    if quote_value is not None:  # a market order's budget instead of a quantity
+        if otype != MARKET or get("quantity") is not None:
+            return reject(
+                codes.INVALID_QUANTITY, NEW, cid, "quote_quantity replaces quantity on a market order"
+            )
+        if tif != IOC:
+            return reject(codes.INVALID_TIF, NEW, cid)
+        quote = _notional(inst, quote_value)
+        if quote is None:
+            return reject(codes.INVALID_QUANTITY, NEW, cid)
+        if quote < inst.min_notional_units:
+            return reject(codes.MIN_NOTIONAL, NEW, cid)
+    else:
+        qty = _lots(inst, get("quantity"))
+        if qty is None:
+            return reject(codes.INVALID_QUANTITY, NEW, cid)
+        if price is not None and price * qty < inst.min_notional_units:
+            return reject(codes.MIN_NOTIONAL, NEW, cid)
+    extra = _more_fields(msg, inst, otype, tif, qty, cid)
+    if isinstance(extra, dict):
+        return extra
+    stop_price, expire_time, display = extra
 
     if cid is not None and not valid_client_order_id(cid):
         return reject(codes.INVALID_CLIENT_ORDER_ID, NEW)
@@ -232,14 +269,75 @@ def parse_new(
         post_only = False
     elif type(post_only) is not bool:
         return reject(codes.INVALID_MESSAGE, NEW, cid, "post_only must be true or false")
-    if post_only and (otype != LIMIT or tif != GTC):
+    if post_only and (otype != LIMIT or (tif != GTC and tif != GTD)):
         return reject(codes.INVALID_TIF, NEW, cid)
     stp = get("stp")
     if stp is None:
         stp = STP_CANCEL_TAKER
     elif type(stp) is not str or stp not in STP_MODES:
         return reject(codes.INVALID_STP, NEW, cid)
-    return NewOrder(inst.symbol, account, side, otype, tif, price, qty, cid, post_only, stp)
+    return NewOrder(
+        inst.symbol,
+        account,
+        side,
+        otype,
+        tif,
+        price,
+        qty,
+        cid,
+        post_only,
+        stp,
+        stop_price,
+        expire_time,
+        display,
+        quote,
+    )
+
+
+def _more_fields(
+    msg: Mapping[str, Any], inst: Instrument, otype: str, tif: str, qty: int | None, cid: object
+) -> tuple[int | None, int | None, int | None] | Reject:
+    """(stop_price, expire_time, display_quantity) of a new order, or a reject. The expiry is checked
+    for its form only: whether it lies in the future is the core's call, against the command's ts."""
+    get = msg.get
+    stop_value, expire_value, display_value = get("stop_price"), get("expire_time"), get("display_quantity")
+    stop_price = expire_time = display = None
+    if otype in (STOP_LIMIT, STOP_MARKET):
+        stop_price = None if stop_value is None else _ticks(inst, stop_value)
+        if stop_price is None:
+            return reject(codes.INVALID_STOP_PRICE, NEW, cid)
+    elif stop_value is not None:
+        return reject(codes.INVALID_STOP_PRICE, NEW, cid)
+    if tif == GTD:
+        expire_time = _ms(expire_value)
+        if expire_time is None:
+            return reject(codes.INVALID_EXPIRE_TIME, NEW, cid)
+    elif expire_value is not None:
+        return reject(codes.INVALID_EXPIRE_TIME, NEW, cid)
+    if display_value is not None:
+        display = _lots(inst, display_value)
+        if display is None or otype != LIMIT or (tif != GTC and tif != GTD) or qty is None or display >= qty:
+            return reject(codes.INVALID_DISPLAY_QUANTITY, NEW, cid)
+    return stop_price, expire_time, display
+
+
+def _ms(value: object) -> int | None:
+    """A positive 64-bit count of ms since the epoch: a JSON integer or a string of ASCII digits."""
+    if type(value) is int:
+        n = value
+    elif isinstance(value, str) and _DIGITS.fullmatch(value) is not None:
+        n = int(value)
+    else:
+        return None
+    return n if 0 < n <= _MAX_MS else None
+
+
+def _notional(inst: Instrument, value: object) -> int | None:
+    """A quote amount in ticks x lots (the core's notional unit), or None (off that grid, out of range)."""
+    try:
+        return to_units(value, inst.tick_size * inst.lot_size, inst.max_price * inst.max_qty)
+    except (OffGrid, ArithmeticError):
+        return None
 
 
 def parse_cancel(

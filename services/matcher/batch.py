@@ -11,16 +11,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from services.matcher.commands import Command
+from services.matcher.commands import CoreCommand
 from services.matcher.events import Event
 
 SAMPLE_EVERY = 8
 
-Item = tuple[Command, int, int]  # (command, seq, ts)
+Item = tuple[CoreCommand, int, int]  # (command, seq, ts)
 
 
 def apply_batch(
-    apply: Callable[[Command, int, int], list[Event]], items: Sequence[Item], samples: list[float]
+    apply: Callable[[CoreCommand, int, int], list[Event]], items: Sequence[Item], samples: list[float]
 ) -> list[list[Event]]:
     """Events of each item, in order; appends sampled core times (seconds) to `samples`."""
     perf = time.perf_counter_ns

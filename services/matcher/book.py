@@ -13,6 +13,17 @@ The layout is chosen for CPython speed, because the core must apply about a mill
 - The heap is lazy too: an emptied level leaves its key behind, stale keys are popped when they reach
   the top, and the heap is rebuilt when stale keys outnumber live ones.
   Invariant: ``heap[0]``, when the heap is not empty, is the key of a live level.
+
+The order types beyond plain limit and market orders keep their extra state beside the book, so a
+plain order pays nothing for them:
+
+- An iceberg's record holds only its shown part in ``leaves`` (what L2 and the level total see);
+  ``icebergs`` maps its id to ``[display_quantity, hidden]``, the reserve that refills it.
+- Untriggered stops are not in the book at all: ``stops`` maps id -> stop record (``S_*`` slots) in
+  the order they were placed (ids rise); their client order ids are in ``cids`` like any open
+  order's, so uniqueness holds across both.
+- GTD orders: ``gtd`` maps id -> expire_time, ``expiries`` is a heap of (expire_time, id). Both are
+  lazy: an entry whose order has gone (filled, cancelled) is dropped when it reaches the top.
 """
 
 from __future__ import annotations
@@ -27,6 +38,8 @@ from shared.instruments import Instrument
 
 O_ID, O_ACCOUNT, O_CID, O_SIDE, O_PRICE, O_QTY, O_LEAVES = range(7)
 Order = list[Any]  # see O_* for the slots
+S_ID, S_ACCOUNT, S_CID, S_SIDE, S_TYPE, S_TIF, S_PRICE, S_QTY, S_STOP, S_STP = range(10)
+Stop = list[Any]  # an untriggered stop order; see S_* for the slots
 
 MAX_KEY: Final = 1 << 62  # beyond any price key: the limit of a market order
 _STALE_SLACK: Final = 64
@@ -147,13 +160,18 @@ class OrderBook:
         "bids",
         "book_seq",
         "cids",
+        "expiries",
+        "gtd",
+        "icebergs",
         "inst",
+        "last_price",
         "maker_rate",
         "max_price",
         "max_qty",
         "min_notional",
         "min_qty",
         "orders",
+        "stops",
         "symbol",
         "taker_rate",
         "trade_seq",
@@ -178,6 +196,11 @@ class OrderBook:
         # (bid price|None, bid total, ask price|None, ask total); the engine refreshes it whenever a
         # command touches a best level, so most commands reuse it instead of recomputing.
         self.bbo: tuple[int | None, int, int | None, int] = (None, 0, None, 0)
+        self.last_price: int | None = None  # of the last trade: what stops trigger on
+        self.stops: dict[int, Stop] = {}
+        self.icebergs: dict[int, list[int]] = {}  # id -> [display_quantity, hidden]
+        self.gtd: dict[int, int] = {}  # id -> expire_time
+        self.expiries: list[tuple[int, int]] = []  # heap of (expire_time, id)
 
     def side_of(self, side: str) -> BookSide:
         return self.bids if side == BUY else self.asks

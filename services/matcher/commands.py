@@ -15,6 +15,11 @@ MARKET: Final = "market"
 GTC: Final = "gtc"
 IOC: Final = "ioc"
 FOK: Final = "fok"
+GTD: Final = "gtd"  # a limit that rests until expire_time (ms since epoch, compared with the command's ts)
+# Stop orders rest outside the book until the symbol's last trade price reaches stop_price; they then
+# become a LIMIT (stop_limit) or MARKET (stop_market) order.
+STOP_LIMIT: Final = "stop_limit"
+STOP_MARKET: Final = "stop_market"
 # Self-trade prevention: what happens when an order would trade against its own account.
 STP_CANCEL_TAKER: Final = "cancel_taker"  # default: cancel the incoming order's remainder
 STP_CANCEL_MAKER: Final = "cancel_maker"  # cancel the resting order, keep matching
@@ -26,13 +31,21 @@ class NewOrder(NamedTuple):
     symbol: str
     account: str
     side: str  # BUY | SELL
-    type: str  # LIMIT | MARKET
-    tif: str  # GTC | IOC | FOK
-    price: int | None  # ticks; None for market orders
-    quantity: int  # lots
+    type: str  # LIMIT | MARKET | STOP_LIMIT | STOP_MARKET
+    tif: str  # GTC | IOC | FOK | GTD
+    price: int | None  # ticks; None for market and stop_market orders
+    quantity: int | None  # lots; None only for a market order that gives quote_quantity
     client_order_id: str | None = None
     post_only: bool = False
     stp: str = STP_CANCEL_TAKER
+    stop_price: int | None = None  # ticks; stop orders only
+    expire_time: int | None = None  # ms since epoch; GTD only
+    display_quantity: int | None = None  # lots; an iceberg (a GTC or GTD limit) shows at most this much
+    quote_quantity: int | None = None  # ticks x lots; a market order's budget instead of a quantity
+
+
+# The fields after stp; a plain order has them all None, and its stream form leaves them out.
+_PLAIN_FIELDS: Final = 10
 
 
 class Cancel(NamedTuple):
@@ -58,15 +71,26 @@ class Amend(NamedTuple):
     quantity: int | None = None
 
 
-Command = NewOrder | Cancel | Amend
+class Tick(NamedTuple):
+    """Time passes on `symbol`: no order, only the command's ts. Expiries due by then fire (GTD)."""
+
+    symbol: str
 
 
-def command_to_list(cmd: Command) -> list[Any]:
+Command = NewOrder | Cancel | Amend  # what clients send (through the gateway)
+CoreCommand = Command | Tick  # what Engine.apply takes: a Tick comes from the matcher, never a client
+
+
+def command_to_list(cmd: CoreCommand) -> list[Any]:
     """A JSON-friendly form, tagged with the command's kind (used by the stream codec and tests)."""
-    return [type(cmd).__name__, *cmd]
+    fields = list(cmd)
+    if type(cmd) is NewOrder:  # keep a plain order's stream form as it was before the new fields
+        while len(fields) > _PLAIN_FIELDS and fields[-1] is None:
+            fields.pop()
+    return [type(cmd).__name__, *fields]
 
 
-def command_from_list(data: list[Any]) -> Command:
+def command_from_list(data: list[Any]) -> CoreCommand:
     kind, *fields = data
-    cls: type[Command] = {"NewOrder": NewOrder, "Cancel": Cancel, "Amend": Amend}[kind]
+    cls: type[CoreCommand] = {"NewOrder": NewOrder, "Cancel": Cancel, "Amend": Amend, "Tick": Tick}[kind]
     return cls(*fields)

@@ -9,6 +9,22 @@ empty, IOC never rests, FOK fills completely or leaves the book untouched, post-
 an account never trades with itself (self-trade prevention), client order ids are unique among an
 account's open orders. Invalid input becomes a ``rejected`` event; the book is then untouched.
 
+More order types (docs/protocol.md "More order types"):
+- Stops (stop_limit, stop_market) wait outside the book. A buy stop triggers when a trade at or above
+  its stop price happens after it was placed (a sell stop: at or below), or at once when placed if
+  the last trade price already meets it (with no trade yet, it waits). The stops a command triggers
+  are applied right after it, in the order they were placed; the stops their trades trigger form the
+  next wave, and so on. Each stop triggers at most once (it leaves ``stops`` when it does), so a
+  cascade ends after at most as many orders as there were stops: no loop is possible.
+- GTD limits expire from the command's ts (time is an input): every command first expires the GTD
+  orders of its symbol with expire_time <= ts; a ``Tick`` carries only time so expiries fire while no
+  order arrives. ``next_expiry(symbol)`` tells the caller when a Tick is due.
+- Icebergs show at most display_quantity; the shown part keeps its priority until it is filled, then
+  the next part comes from the reserve at the back of the level. Trades report the whole remainder.
+- A market order may give quote_quantity instead of quantity: it fills the whole lots whose notional
+  (plus the taker fee, for a buy) stays within it. The lots are counted on the book as it stands (the
+  same walk as FOK's), and the order is then an ordinary market order of that many lots.
+
 The hot paths are written out inline on purpose (no helper calls per fill): this module is the
 benchmark's inner loop.
 """
@@ -16,6 +32,7 @@ benchmark's inner loop.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from heapq import heappop, heappush
 from typing import Any, Final
 
 from services.matcher.book import (
@@ -27,6 +44,11 @@ from services.matcher.book import (
     O_PRICE,
     O_QTY,
     O_SIDE,
+    S_ACCOUNT,
+    S_CID,
+    S_ID,
+    S_SIDE,
+    S_STOP,
     BookSide,
     Order,
     OrderBook,
@@ -35,10 +57,13 @@ from services.matcher.commands import (
     BUY,
     FOK,
     GTC,
+    GTD,
     IOC,
     LIMIT,
     MARKET,
     SELL,
+    STOP_LIMIT,
+    STOP_MARKET,
     STP_CANCEL_BOTH,
     STP_CANCEL_MAKER,
     STP_CANCEL_TAKER,
@@ -47,19 +72,29 @@ from services.matcher.commands import (
     Cancel,
     Command,
     NewOrder,
+    Tick,
 )
-from services.matcher.events import ACCEPTED, AMENDED, BOOK, CANCELLED, REJECTED, TRADE, Event
+from services.matcher.events import ACCEPTED, AMENDED, BOOK, CANCELLED, REJECTED, TRADE, TRIGGERED, Event
 from shared import codes
-from shared.instruments import Instrument
+from shared.instruments import FEE_DENOM, Instrument
 
 # The public core API (docs/core.md): Engine, the commands and the events. The major number changes
 # when a name, a field or an event shape changes incompatibly; the minor one when something is added.
-CORE_API_VERSION: Final = "1.0"
+CORE_API_VERSION: Final = "1.1"
 
 _MAX_CID = 36
 _MAX_ACCOUNT = 64
 _INT64 = 1 << 63
 _NO_CIDS: dict[str, Order] = {}
+_STOP_TYPES: Final = (STOP_LIMIT, STOP_MARKET)
+_NEVER: Final = 1 << 62  # later than any expire_time
+# Per order type: the tifs it takes.
+_TIFS: dict[str, tuple[str, ...]] = {
+    LIMIT: (GTC, IOC, FOK, GTD),
+    MARKET: (IOC, FOK),
+    STOP_LIMIT: (GTC, IOC, FOK),
+    STOP_MARKET: (IOC,),
+}
 
 # Every valid (side, type, tif, stp) of a new order -> (is it a buy, is it a limit order).
 _SHAPES: dict[tuple[str, str, str, str], tuple[bool, bool]] = {
@@ -77,6 +112,9 @@ class Engine:
     def __init__(self, instruments: Iterable[Instrument]) -> None:
         self.books: dict[str, OrderBook] = {i.symbol: OrderBook(i) for i in instruments}
         self.last_seq = 0
+        # Kept so that a plain command checks two ints instead of its book's extra state.
+        self.n_stops = 0  # untriggered stops, all books
+        self.soonest = _NEVER  # no GTD order of any book expires before this (a lower bound)
 
     # ------------------------------------------------------------------------------------------
     def apply(self, cmd: Command | object, seq: int, ts: int) -> list[Event]:
@@ -87,6 +125,8 @@ class Engine:
         if seq <= self.last_seq:
             raise ValueError(f"seq {seq} is not after {self.last_seq}")  # caller bug, not user input
         self.last_seq = seq
+        if ts >= self.soonest or self.n_stops:
+            return self._apply_slow(cmd, seq, ts)
         kind = type(cmd)
         if kind is NewOrder:
             return self._new(cmd, seq, ts)  # type: ignore[arg-type]
@@ -94,14 +134,91 @@ class Engine:
             return self._cancel(cmd)  # type: ignore[arg-type]
         if kind is Amend:
             return self._amend(cmd)  # type: ignore[arg-type]
+        if kind is Tick:
+            return []
         return [_rejected(None, "new", None, None, None, codes.UNKNOWN_OP)]
+
+    def _apply_slow(self, cmd: object, seq: int, ts: int) -> list[Event]:
+        """apply() when an expiry may be due or stops wait: expiries first, then the command, then
+        the stops its trades trigger (see the module docstring)."""
+        kind = type(cmd)
+        fields: tuple[Any, ...] = cmd if kind in (NewOrder, Cancel, Amend, Tick) else ()  # type: ignore[assignment]
+        symbol = fields[0] if fields else None
+        book = self.books.get(symbol) if type(symbol) is str else None
+        out: list[Event] = []
+        if book is not None and book.expiries and book.expiries[0][0] <= ts:
+            self._expire(book, ts, out)
+            self.soonest = min((b.expiries[0][0] for b in self.books.values() if b.expiries), default=_NEVER)
+        if kind is NewOrder:
+            traded = book.trade_seq if book is not None else 0
+            events = self._new(cmd, seq, ts)  # type: ignore[arg-type]
+            if book is not None and book.trade_seq != traded and book.stops and fields[3] not in _STOP_TYPES:
+                prices = [e[3] for e in events if e[0] == TRADE]
+                self._run_stops(book, events, min(prices), max(prices), ts)
+        elif kind is Cancel:
+            events = self._cancel(cmd)  # type: ignore[arg-type]
+        elif kind is Amend:
+            events = self._amend(cmd)  # type: ignore[arg-type]
+        elif kind is Tick:
+            events = []
+        else:
+            events = [_rejected(None, "new", None, None, None, codes.UNKNOWN_OP)]
+        if not out:
+            return events
+        out += events
+        return out
+
+    def _expire(self, book: OrderBook, ts: int, out: list[Event]) -> None:
+        """Cancel (reason expired) every GTD order of `book` with expire_time <= ts, soonest first
+        (ties by id), then one book event for all of them."""
+        heap, gtd, symbol = book.expiries, book.gtd, book.symbol
+        changes: dict[tuple[str, int], int] = {}
+        while heap and heap[0][0] <= ts:
+            expire, oid = heappop(heap)
+            if gtd.get(oid) != expire:
+                continue
+            del gtd[oid]
+            order = book.orders.get(oid)
+            if order is None:  # filled or cancelled since
+                continue
+            side, price = order[O_SIDE], order[O_PRICE]
+            rest = order[O_LEAVES]
+            ice = book.icebergs.pop(oid, None) if book.icebergs else None
+            if ice is not None:
+                rest += ice[1]
+            level = book.side_of(side).remove(order)
+            book.unindex(order)
+            changes[side, price] = level.total
+            out.append((CANCELLED, symbol, oid, order[O_ACCOUNT], order[O_CID], side, price, order[O_QTY],
+                        rest, codes.REASON_EXPIRED))  # fmt: skip
+        if changes:
+            book.book_seq += 1
+            moved = [(side, price, total) for (side, price), total in changes.items()]
+            out.append((BOOK, symbol, book.book_seq, moved, book.refresh_bbo()))
+
+    def next_expiry(self, symbol: str) -> int | None:
+        """The earliest expire_time of a resting GTD order of `symbol` (None: none): a command with a
+        ts at or after it expires that order. Pure: drops only entries of orders already gone."""
+        book = self.books[symbol]
+        heap, gtd = book.expiries, book.gtd
+        while heap:
+            expire, oid = heap[0]
+            if gtd.get(oid) == expire and oid in book.orders:
+                return expire
+            heappop(heap)
+            if gtd.get(oid) == expire:
+                del gtd[oid]
+        return None
 
     # New orders -------------------------------------------------------------------------------
     def _new(self, cmd: NewOrder, seq: int, ts: int) -> list[Event]:
         # The fields are untrusted input: typed Any, so that a compiled build checks them here
         # instead of raising TypeError on a field of the wrong type.
         fields: tuple[Any, ...] = cmd
-        symbol, account, side, otype, tif, price, qty, cid, post_only, stp = fields
+        (symbol, account, side, otype, tif, price, qty, cid, post_only, stp,
+         stop, expire, display, quote) = fields  # fmt: skip
+        if stop is not None or expire is not None or display is not None or quote is not None:
+            return self._new_special(cmd, seq, ts)
         # The common, valid order is checked with as few operations as possible: one dict lookup
         # covers symbol, side, type, tif (and market-not-GTC) and stp. Anything that fails a check
         # goes to _new_order_error, which re-checks in a fixed order to name the exact reject code.
@@ -109,7 +226,7 @@ class Engine:
             book = self.books[symbol]
             buy, is_limit = _SHAPES[side, otype, tif, stp]
         except (KeyError, TypeError):  # TypeError: an unhashable field
-            return [_rejected(symbol, "new", seq, account, cid, _new_order_error(self.books, cmd))]
+            return [_rejected(symbol, "new", seq, account, cid, _new_order_error(self.books, cmd, ts))]
         if (
             type(account) is not str
             or not 0 < len(account) <= _MAX_ACCOUNT
@@ -126,7 +243,7 @@ class Engine:
             )
             or (post_only is not False and (post_only is not True or not is_limit or tif != GTC))
         ):
-            return [_rejected(symbol, "new", seq, account, cid, _new_order_error(self.books, cmd))]
+            return [_rejected(symbol, "new", seq, account, cid, _new_order_error(self.books, cmd, ts))]
         by_cid = book.cids.get(account)
         if cid is not None and by_cid is not None and cid in by_cid:
             return [_rejected(symbol, "new", seq, account, cid, codes.DUPLICATE_CLIENT_ORDER_ID)]
@@ -172,7 +289,7 @@ class Engine:
         if post_only:
             return [_rejected(symbol, "new", seq, account, cid, codes.WOULD_TAKE)]
         out: list[Event] = [accepted]
-        if tif == FOK and not _fillable(opp, limit_key, account, stp, qty):
+        if tif == FOK and not _fillable(opp, limit_key, account, stp, qty, book.icebergs):
             out.append((CANCELLED, symbol, seq, account, cid, side, price, qty, qty, codes.REASON_FOK))
             return out
 
@@ -213,9 +330,10 @@ class Engine:
         maker_rate, taker_rate = book.maker_rate, book.taker_rate
         t_id, account, t_cid, t_side, t_price, t_qty, t_leaves = taker
         levels, heap, opp_side = opp.levels, opp.heap, opp.side
-        orders, cids = book.orders, book.cids
+        orders, cids, icebergs = book.orders, book.cids, book.icebergs
         append = out.append
-        trade_seq = book.trade_seq
+        trade_seq = first_trade = book.trade_seq
+        traded_at = 0
         stopped = False
         while heap and heap[0] <= limit_key:
             key = heap[0]
@@ -239,6 +357,9 @@ class Engine:
                     total -= m_leaves
                     maker[O_LEAVES] = 0
                     book.unindex(maker)
+                    ice = icebergs.pop(m_id, None) if icebergs else None
+                    if ice is not None:  # the whole order goes, its reserve too
+                        m_leaves += ice[1]
                     append((CANCELLED, symbol, m_id, account, m_cid, opp_side, price, m_qty, m_leaves,
                             codes.REASON_STP))  # fmt: skip
                     if stp == STP_CANCEL_BOTH:
@@ -247,24 +368,36 @@ class Engine:
                     if not total:
                         break
                     continue
-                if m_leaves <= t_leaves:  # the maker is filled and leaves the book
+                ice = icebergs.get(m_id) if icebergs else None
+                if m_leaves <= t_leaves:  # the maker's (shown) quantity is filled
                     fill = m_leaves
-                    m_leaves = 0
                     q.popleft()
-                    del orders[m_id]
-                    if m_cid is not None:
-                        del cids[m_account][m_cid]
+                    if ice is not None and ice[1]:  # an iceberg refills at the back of its level
+                        m_rest = ice[1]
+                        m_leaves = ice[0] if ice[0] < m_rest else m_rest
+                        ice[1] = m_rest - m_leaves
+                        q.append(maker)
+                        total += m_leaves
+                    else:  # it leaves the book
+                        m_leaves = m_rest = 0
+                        del orders[m_id]
+                        if m_cid is not None:
+                            del cids[m_account][m_cid]
+                        if ice is not None:
+                            del icebergs[m_id]
                 else:
                     fill = t_leaves
                     m_leaves -= fill
+                    m_rest = m_leaves if ice is None else m_leaves + ice[1]
                 t_leaves -= fill
                 maker[O_LEAVES] = m_leaves
                 total -= fill
                 notional = price * fill
                 trade_seq += 1
+                traded_at = price
                 # fmt: off
                 append((TRADE, symbol, trade_seq, price, fill, t_side,
-                        m_id, m_account, m_cid, m_qty, m_leaves, notional * maker_rate,
+                        m_id, m_account, m_cid, m_qty, m_rest, notional * maker_rate,
                         t_id, account, t_cid, t_price, t_qty, t_leaves, notional * taker_rate, ts))
                 # fmt: on
                 if not t_leaves or not total:
@@ -276,7 +409,9 @@ class Engine:
                 opp.drop(key)
             if stopped or not t_leaves:
                 break
-        book.trade_seq = trade_seq
+        if trade_seq != first_trade:
+            book.trade_seq = trade_seq
+            book.last_price = traded_at
         taker[O_LEAVES] = t_leaves
         return stopped
 
@@ -294,9 +429,16 @@ class Engine:
             order = book.cids.get(account, _NO_CIDS).get(cid)
         else:
             order = None
-        if order is None or order[O_ACCOUNT] != account:
-            return [_rejected(symbol, "cancel", order_id, account, cid, codes.UNKNOWN_ORDER)]
+        if order is None or order[O_ACCOUNT] != account or (self.n_stops and order[O_ID] in book.stops):
+            stop = _find_stop(book, account, order_id, cid) if self.n_stops else None
+            if stop is None:
+                return [_rejected(symbol, "cancel", order_id, account, cid, codes.UNKNOWN_ORDER)]
+            return [self._drop_stop(book, stop)]
         side, price, leaves = order[O_SIDE], order[O_PRICE], order[O_LEAVES]
+        if book.icebergs:
+            ice = book.icebergs.pop(order[O_ID], None)
+            if ice is not None:
+                leaves += ice[1]
         own = book.bids if side == BUY else book.asks
         key = price * own.sign
         was_best = own.heap[0] == key
@@ -325,8 +467,16 @@ class Engine:
         if book is None:
             return [_rejected(symbol, "amend", order_id, account, cid, codes.UNKNOWN_SYMBOL)]
         order = book.find(account, order_id, cid)
-        if order is None:
-            return [_rejected(symbol, "amend", order_id, account, cid, codes.UNKNOWN_ORDER)]
+        if order is None or book.stops or book.icebergs:
+            # Amending a stop or an iceberg would need rules of its own (re-check a stop's condition,
+            # resize a reserve); cancel and replace says the same with the rules that exist.
+            stop = _find_stop(book, account, order_id, cid)
+            if stop is not None:
+                return [_rejected(symbol, "amend", stop[S_ID], account, stop[S_CID], codes.NOT_AMENDABLE)]
+            if order is not None and order[O_ID] in book.icebergs:
+                return [_rejected(symbol, "amend", order[O_ID], account, order[O_CID], codes.NOT_AMENDABLE)]
+            if order is None:
+                return [_rejected(symbol, "amend", order_id, account, cid, codes.UNKNOWN_ORDER)]
         inst = book.inst
         price = order[O_PRICE] if new_price is None else new_price
         qty = order[O_QTY] if new_qty is None else new_qty
@@ -386,6 +536,110 @@ class Engine:
             out.append((BOOK, symbol, book.book_seq, changes, book.refresh_bbo()))
         return out
 
+    # More order types -------------------------------------------------------------------------
+    def _new_special(self, cmd: NewOrder, seq: int, ts: int) -> list[Event]:
+        """A new order with a stop price, an expiry, a display quantity or a quote quantity."""
+        fields: tuple[Any, ...] = cmd  # untrusted input, see _new
+        symbol, account, side, otype, tif, price, qty, cid, post_only, stp, _, expire, display, quote = fields
+        code = _check_new(self.books, cmd, ts)
+        if code is not None:
+            return [_rejected(symbol, "new", seq, account, cid, code)]
+        book = self.books[symbol]
+        if otype in _STOP_TYPES:
+            return self._place_stop(book, cmd, seq, ts)
+        if quote is not None:
+            return self._new_quote(book, cmd, seq, ts)
+        # A GTD and/or iceberg limit: it matches as the GTC limit it is; what rests is then adjusted.
+        plain = NewOrder(symbol, account, side, LIMIT, GTC, price, qty, cid, post_only, stp)
+        out = self._new(plain, seq, ts)
+        if tif == GTD and out[0][0] == ACCEPTED:
+            out[0] = (*out[0][:7], GTD, *out[0][8:])
+        order = book.orders.get(seq)
+        if order is None:  # it did not rest
+            return out
+        if tif == GTD:
+            book.gtd[seq] = expire
+            heappush(book.expiries, (expire, seq))
+            if expire < self.soonest:
+                self.soonest = expire
+        leaves = order[O_LEAVES]
+        if display is not None and display < leaves:
+            hidden = leaves - display
+            order[O_LEAVES] = display
+            own = book.side_of(side)
+            level = own.levels[order[O_PRICE] * own.sign]
+            level.total -= hidden
+            book.icebergs[seq] = [display, hidden]
+            last = out[-1]  # the book event of the order joining its level: it shows what L2 sees
+            changes = [(s, p, level.total if (s, p) == (side, level.price) else t) for s, p, t in last[3]]
+            out[-1] = (BOOK, symbol, last[2], changes, book.refresh_bbo())
+        return out
+
+    def _new_quote(self, book: OrderBook, cmd: NewOrder, seq: int, ts: int) -> list[Event]:
+        """A market order with quote_quantity: a market order of the whole lots its budget buys."""
+        fields: tuple[Any, ...] = cmd  # checked by _check_new
+        symbol, account, side, _, tif, _, _, cid, _, stp, _, _, _, quote = fields
+        buy = side == BUY
+        opp = book.asks if buy else book.bids
+        lots = _quote_lots(opp, account, stp, quote, buy, book.taker_rate, book.icebergs)
+        lots = min(lots, book.max_qty)
+        if lots < book.min_qty:  # the budget buys nothing (or the book is empty)
+            return [
+                (ACCEPTED, symbol, seq, account, cid, side, MARKET, tif, None, 0),
+                (CANCELLED, symbol, seq, account, cid, side, None, 0, 0, codes.REASON_MARKET),
+            ]
+        return self._new(NewOrder(symbol, account, side, MARKET, tif, None, lots, cid, False, stp), seq, ts)
+
+    def _place_stop(self, book: OrderBook, cmd: NewOrder, seq: int, ts: int) -> list[Event]:
+        symbol, account, side, otype, tif, price, qty, cid, _, stp, stop_price, _, _, _ = cmd
+        book.stops[seq] = stop = [seq, account, cid, side, otype, tif, price, qty, stop_price, stp]
+        self.n_stops += 1
+        if cid is not None:
+            by_cid = book.cids.get(account)
+            if by_cid is None:
+                by_cid = book.cids[account] = {}
+            by_cid[cid] = stop
+        out: list[Event] = [(ACCEPTED, symbol, seq, account, cid, side, otype, tif, price, qty)]
+        last = book.last_price
+        if last is not None:  # its condition may hold already (no trade yet: it waits)
+            self._run_stops(book, out, last, last, ts)
+        return out
+
+    def _run_stops(self, book: OrderBook, out: list[Event], lo: int, hi: int, ts: int) -> None:
+        """Trigger and apply, in waves, the stops met by trades in [lo, hi] (see the module doc)."""
+        stops, symbol = book.stops, book.symbol
+        while stops:
+            wave = [s for s in stops.values() if (hi >= s[S_STOP] if s[S_SIDE] == BUY else lo <= s[S_STOP])]
+            if not wave:
+                return
+            for s in wave:  # all leave first: a triggered stop is an order now, whatever happens next
+                del stops[s[S_ID]]
+                if s[S_CID] is not None:
+                    del book.cids[s[S_ACCOUNT]][s[S_CID]]
+            self.n_stops -= len(wave)
+            lo, hi = _NEVER, -1
+            for oid, account, cid, side, otype, tif, price, qty, stop_price, stp in wave:
+                kind = LIMIT if otype == STOP_LIMIT else MARKET
+                out.append((TRIGGERED, symbol, oid, account, cid, side, kind, tif, price, stop_price, qty))
+                order = NewOrder(symbol, account, side, kind, tif, price, qty, cid, False, stp)
+                events = self._new(order, oid, ts)
+                assert events[0][0] == ACCEPTED, events  # it was checked when placed
+                for e in events[1:]:
+                    out.append(e)
+                    if e[0] == TRADE:
+                        lo, hi = min(lo, e[3]), max(hi, e[3])
+            if hi < 0:
+                return
+
+    def _drop_stop(self, book: OrderBook, stop: list[Any]) -> Event:
+        """Cancel an untriggered stop (it is not in the book: no book event)."""
+        oid, account, cid, side, _, _, price, qty, _, _ = stop
+        del book.stops[oid]
+        self.n_stops -= 1
+        if cid is not None:
+            del book.cids[account][cid]
+        return (CANCELLED, book.symbol, oid, account, cid, side, price, qty, qty, codes.REASON_USER)
+
     # Views ------------------------------------------------------------------------------------
     def book(self, symbol: str) -> OrderBook:
         return self.books[symbol]
@@ -408,10 +662,15 @@ def _unfilled(otype: str) -> str:
     return codes.REASON_MARKET if otype == MARKET else codes.REASON_IOC
 
 
-def _fillable(opp: BookSide, limit_key: int, account: str, stp: str, qty: int) -> bool:
-    """Could `qty` fill completely against `opp` up to limit_key, given self-trade prevention?"""
+def _fillable(
+    opp: BookSide, limit_key: int, account: str, stp: str, qty: int, icebergs: dict[int, list[int]]
+) -> bool:
+    """Could `qty` fill completely against `opp` up to limit_key, given self-trade prevention?
+
+    An iceberg's reserve refills behind its level, so it counts once the whole level is passed."""
     got = 0
     for level in opp.iter_levels(limit_key):
+        hidden = 0
         for maker in level.orders:
             leaves = maker[O_LEAVES]
             if not leaves:  # lazily cancelled
@@ -423,13 +682,89 @@ def _fillable(opp: BookSide, limit_key: int, account: str, stp: str, qty: int) -
             got += leaves
             if got >= qty:
                 return True
+            if icebergs:
+                ice = icebergs.get(maker[O_ID])
+                if ice is not None:
+                    hidden += ice[1]
+        got += hidden
+        if got >= qty:
+            return True
     return False
 
 
-def _new_order_error(books: dict[str, OrderBook], cmd: NewOrder) -> str:
-    """The reject code of an invalid new order: its first failing check, in a fixed order."""
+def _quote_lots(
+    opp: BookSide,
+    account: str,
+    stp: str,
+    quote: int,
+    buy: bool,
+    taker_rate: int,
+    icebergs: dict[int, list[int]],
+) -> int:
+    """How many whole lots a market order with this quote budget fills, walking the book as _match
+    would (self-trade prevention and iceberg refills included). A buy pays notional x (1 + taker
+    rate) out of the budget, a sell needs only notional <= budget; all in integers (x FEE_DENOM)."""
+    budget, mult = (quote * FEE_DENOM, FEE_DENOM + taker_rate) if buy else (quote, 1)
+    lots = 0
+    for level in opp.iter_levels():
+        avail = hidden = 0
+        stopped = False
+        for maker in level.orders:
+            leaves = maker[O_LEAVES]
+            if not leaves:
+                continue
+            if maker[O_ACCOUNT] == account:
+                if stp == STP_CANCEL_MAKER:
+                    continue
+                stopped = True  # matching stops here; refills behind it are never reached
+                break
+            avail += leaves
+            if icebergs:
+                ice = icebergs.get(maker[O_ID])
+                if ice is not None:
+                    hidden += ice[1]
+        if not stopped:
+            avail += hidden
+        cost = level.price * mult
+        affordable = budget // cost
+        if affordable < avail:
+            return lots + affordable
+        lots += avail
+        budget -= avail * cost
+        if stopped:
+            return lots
+    return lots
+
+
+def _find_stop(book: OrderBook, account: Any, order_id: Any, cid: Any) -> list[Any] | None:
+    """The caller's untriggered stop by id, else by client order id; None if there is none."""
+    if order_id is not None:
+        stop = book.stops.get(order_id) if type(order_id) is int else None
+    elif type(cid) is str and type(account) is str:
+        stop = book.cids.get(account, _NO_CIDS).get(cid)
+        if stop is not None and stop[S_ID] not in book.stops:
+            return None
+    else:
+        return None
+    return stop if stop is not None and stop[S_ACCOUNT] == account else None
+
+
+def _new_order_error(books: dict[str, OrderBook], cmd: NewOrder, ts: int) -> str:
+    """The reject code of an order the fast check refused (it must have one)."""
+    code = _check_new(books, cmd, ts)
+    if code is None:
+        raise AssertionError(f"no reject code for a valid order: {cmd!r}")  # the fast check disagrees
+    return code
+
+
+def _is_int(value: Any, lo: int, hi: int) -> bool:
+    return type(value) is int and lo <= value <= hi
+
+
+def _check_new(books: dict[str, OrderBook], cmd: NewOrder, ts: int) -> str | None:
+    """The reject code of a new order (its first failing check, in a fixed order), None if valid."""
     fields: tuple[Any, ...] = cmd
-    symbol, account, side, otype, tif, price, qty, cid, post_only, stp = fields
+    symbol, account, side, otype, tif, price, qty, cid, post_only, stp, stop, expire, display, quote = fields
     book = books.get(symbol) if type(symbol) is str else None
     if book is None:
         return codes.UNKNOWN_SYMBOL
@@ -437,26 +772,43 @@ def _new_order_error(books: dict[str, OrderBook], cmd: NewOrder) -> str:
         return codes.INVALID_ACCOUNT
     if side != BUY and side != SELL:
         return codes.INVALID_SIDE
-    if otype != LIMIT and otype != MARKET:
+    if type(otype) is not str or otype not in _TIFS:
         return codes.INVALID_TYPE
-    if (tif != GTC and tif != IOC and tif != FOK) or (otype == MARKET and tif == GTC):
+    if type(tif) is not str or tif not in _TIFS[otype] or (quote is not None and tif != IOC):
         return codes.INVALID_TIF
-    if type(qty) is not int or not book.min_qty <= qty <= book.max_qty:
+    if quote is not None:
+        if otype != MARKET or qty is not None or not _is_int(quote, 1, book.max_price * book.max_qty):
+            return codes.INVALID_QUANTITY
+        if quote < book.min_notional:
+            return codes.MIN_NOTIONAL
+    elif not _is_int(qty, book.min_qty, book.max_qty):
         return codes.INVALID_QUANTITY
-    if otype == LIMIT:
-        if type(price) is not int or not 0 < price <= book.max_price:
+    if otype in (LIMIT, STOP_LIMIT):
+        if not _is_int(price, 1, book.max_price):
             return codes.INVALID_PRICE
         if price * qty < book.min_notional:
             return codes.MIN_NOTIONAL
     elif price is not None:  # a market order takes no price
         return codes.INVALID_PRICE
+    if (otype in _STOP_TYPES) != (stop is not None) or (
+        stop is not None and not _is_int(stop, 1, book.max_price)
+    ):
+        return codes.INVALID_STOP_PRICE
+    if (tif == GTD) != (expire is not None) or (
+        expire is not None and not _is_int(expire, ts + 1, _INT64 - 1)
+    ):
+        return codes.INVALID_EXPIRE_TIME
+    if display is not None and (
+        otype != LIMIT or (tif != GTC and tif != GTD) or not _is_int(display, book.min_qty, qty - 1)
+    ):
+        return codes.INVALID_DISPLAY_QUANTITY
     if cid is not None and (type(cid) is not str or not 0 < len(cid) <= _MAX_CID or not cid.isprintable()):
         return codes.INVALID_CLIENT_ORDER_ID
-    if post_only is not False and (post_only is not True or otype != LIMIT or tif != GTC):
+    if post_only is not False and (post_only is not True or otype != LIMIT or (tif != GTC and tif != GTD)):
         return codes.INVALID_TIF if post_only is True else codes.INVALID_MESSAGE
     if type(stp) is not str or stp not in STP_MODES:
         return codes.INVALID_STP
     by_cid = book.cids.get(account)
     if cid is not None and by_cid is not None and cid in by_cid:
         return codes.DUPLICATE_CLIENT_ORDER_ID
-    raise AssertionError(f"no reject code for a valid order: {cmd!r}")  # the fast check disagrees
+    return None

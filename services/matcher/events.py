@@ -3,6 +3,10 @@
 Every event starts with its kind and the symbol. Prices are ticks, quantities lots, fees integer fee
 units (shared.instruments.FEE_DENOM). One command yields its events in this order: accepted or
 rejected, trades, cancelled/amended, and last one `book` event if any price level changed.
+Two extensions (order types): the GTD orders that expire at the command's ts come first, as
+`cancelled` events (reason `expired`) and their own `book` event; and stops triggered by the
+command's trades follow it, each as `triggered` and then its own events (its own `book` event too).
+So a command may carry several `book` events; book_seq still rises by one per book event.
 
 accepted   (kind, symbol, order_id, account, client_order_id, side, type, tif, price|None, quantity)
 rejected   (kind, symbol, op, order_id|None, account, client_order_id, code)      op: new|cancel|amend
@@ -14,6 +18,9 @@ trade      (kind, symbol, trade_id, price, quantity, aggressor_side,
            so each trade also carries both orders' new state (filled when leaves == 0).
 cancelled  (kind, symbol, order_id, account, client_order_id, side, price|None, quantity, leaves, reason)
 amended    (kind, symbol, order_id, account, client_order_id, side, price, quantity, leaves)
+triggered  (kind, symbol, order_id, account, client_order_id, side, type, tif, price|None, stop_price,
+            quantity)  a stop order's condition was met: type is now limit or market, and the order's own
+            events (trades, cancelled, book) follow at once, with no second `accepted`
 book       (kind, symbol, book_seq, changes, bbo)
            changes: list of (side, price, new level total) per level the command touched, 0 = removed;
            bbo: (bid_price|None, bid_total, ask_price|None, ask_total) after the command.
@@ -30,6 +37,7 @@ TRADE: Final = "trade"
 CANCELLED: Final = "cancelled"
 AMENDED: Final = "amended"
 BOOK: Final = "book"
+TRIGGERED: Final = "triggered"
 
 Event = tuple[Any, ...]
 

@@ -46,6 +46,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from services.matcher import checkpoint as ck
 from services.matcher.batch import Item, apply_batch
+from services.matcher.commands import Tick
 from services.matcher.engine import Engine
 from services.matcher.events import TRADE
 from services.matcher.lease import RENEW, Fenced, LeaseLost, Leases
@@ -55,7 +56,7 @@ from shared.ids import SEQ_BITS, entry_to_seq, seq_to_entry
 from shared.instruments import Instrument, load_instruments
 from shared.redis_acl import redact
 from shared.resp import RespConnection, pack
-from shared.stream import decode, encode_events
+from shared.stream import FIELD, decode, encode, encode_events
 from shared.wire import Rendered, count_execs, frame, l2_snapshot, render
 
 log = logging.getLogger("cme.matcher")
@@ -131,6 +132,7 @@ class SymbolState:
         self.exec_seq = 0  # the last exec_id assigned (published, or replayed at start)
         self.epoch = b""  # the fencing epoch of our lease, checked by every write
         self.snapshot_wanted = False
+        self.tick_pending = False  # a Tick we appended has not been applied yet
         self.k_orders, self.k_events, self.k_progress = keys.orders(s), keys.events(s), keys.progress(s)
         self.k_checkpoint, self.k_appended = keys.checkpoint(s), keys.appended(s)
         self.k_md, self.k_trades = keys.md_channel(s), keys.trades_channel(s)
@@ -176,6 +178,22 @@ class CommitFailed(RedisError):
 def _fence_error(reply: object) -> Fenced | None:
     text = str(reply)
     return Fenced(f"Redis refused a write: {text}") if text.startswith("FENCED") else None
+
+
+def _due_ticks(states: list[SymbolState], now_ms: int) -> list[bytes]:
+    """XADDs of a Tick for each symbol whose next GTD expiry is due: time enters the core only through
+    the stream, so an expiry fires (and replays) even when no order arrives. One Tick at a time per
+    symbol; sent with the next round trip, whose XREAD then reads it back. Counted in the appended
+    counter first, as the gateways count their entries, so appended - applied stays the lag. The
+    replies (a count, an entry id) pass _check_commits like a commit's."""
+    out = []
+    for st in states:
+        due = st.engine.next_expiry(st.symbol)
+        if due is not None and due <= now_ms and not st.tick_pending:
+            st.tick_pending = True
+            out.append(pack(b"INCR", st.k_appended.encode()))
+            out.append(pack(b"XADD", st.k_orders.encode(), b"*", FIELD, encode(Tick(st.symbol), 0)))
+    return out
 
 
 def _check_commits(replies: list[Any], n: int) -> None:
@@ -295,15 +313,22 @@ class Matcher:
 
     async def _wait_for_redis(self) -> None:
         deadline = time.monotonic() + self.cfg.connect_timeout
+        next_log, log_gap = (
+            0.0,
+            1.0,
+        )  # the warning backs off (1, 2, 4 ... 30 s): an outage is one line, not a flood
         while True:
             try:
                 self._rt("ping")
                 await self.r.ping()
                 return
             except (RedisError, OSError) as exc:
-                if time.monotonic() > deadline or self._stopping:
+                now = time.monotonic()
+                if now > deadline or self._stopping:
                     raise
-                log.warning("waiting for Redis at %s: %s", redact(self.cfg.redis_url), exc)
+                if now >= next_log:
+                    log.warning("waiting for Redis at %s: %s", redact(self.cfg.redis_url), exc)
+                    next_log, log_gap = now + log_gap, min(30.0, log_gap * 2)
                 await asyncio.sleep(0.5)
 
     async def _listen(self, pubsub: aioredis.client.PubSub) -> None:
@@ -449,6 +474,7 @@ class Matcher:
                 for key, entries in _stream_entries(replies[-1]):
                     if entries:
                         commits.append(self._process(self.by_stream[key], entries, read_ns))
+                commits += _due_ticks(states, read_ns // 1_000_000)
         finally:
             conn.close()
 
@@ -463,6 +489,8 @@ class Matcher:
         for raw_id, fields in entries:
             seq = _entry_seq(raw_id)
             cmd, recv_ns = decode(fields)
+            if type(cmd) is Tick:
+                st.tick_pending = False
             if cmd is None or seq is None or seq <= last:
                 log.warning("%s: skipping entry %r: not a command", st.symbol, raw_id)
                 slots.append(-1)

@@ -1,20 +1,27 @@
 """Whole-engine snapshots: plain data (ints, strings, lists) that pickles and hashes the same everywhere.
 
 A snapshot holds what decides future events: every resting order in time priority per level, the
-per-symbol trade and book sequence numbers, and the last applied seq. Derived structures (heaps,
-id and client-id indexes, dead queue entries) are rebuilt on restore, so they are not part of it.
+per-symbol trade and book sequence numbers, and the last applied seq; and since version 2 what the
+other order types add: the last trade price (stops trigger on it), the untriggered stops in the order
+they were placed, every iceberg's display quantity and hidden reserve, and every resting GTD order's
+expire_time. Derived structures (heaps, id and client-id indexes, dead queue entries, stale expiry
+entries) are rebuilt on restore, so they are not part of it. Version 1 snapshots still restore.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from heapq import heapify
 from typing import Any
 
 from services.matcher.book import O_ACCOUNT, O_CID, O_ID, O_LEAVES, O_QTY, BookSide, OrderBook
+from services.matcher.commands import BUY, SELL, STOP_LIMIT, STOP_MARKET
 from services.matcher.engine import Engine
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_READABLE = (1, 2)
+_NEVER = 1 << 62
 
 
 def _dump_side(side: BookSide) -> list[Any]:
@@ -34,6 +41,10 @@ def snapshot(engine: Engine) -> dict[str, Any]:
                 "book_seq": book.book_seq,
                 "bids": _dump_side(book.bids),
                 "asks": _dump_side(book.asks),
+                "last_price": book.last_price,
+                "stops": [list(stop) for stop in book.stops.values()],
+                "icebergs": sorted([oid, *ice] for oid, ice in book.icebergs.items()),
+                "gtd": sorted([oid, exp] for oid, exp in book.gtd.items() if oid in book.orders),
             }
             for symbol, book in engine.books.items()
         },
@@ -53,7 +64,7 @@ def restore(engine: Engine, snap: dict[str, Any]) -> None:
     including the inconsistencies that cost no more than the restore itself: a resting order twice, one
     with nothing left or newer than the last applied seq, a crossed book. The engine is then left half
     restored: restore into a fresh one."""
-    if snap.get("version") != FORMAT_VERSION:
+    if snap.get("version") not in _READABLE:
         raise ValueError(f"unsupported snapshot version {snap.get('version')!r}")
     unknown = set(snap["books"]) - set(engine.books)
     if unknown:
@@ -82,11 +93,52 @@ def restore(engine: Engine, snap: dict[str, Any]) -> None:
                         order = [oid, account, cid, side.side, price, qty, leaves]
                         side.add(order)
                         book.index(order)
+            _restore_extras(book, data, last_seq)
         bid, _, ask, _ = book.refresh_bbo()
         if bid is not None and ask is not None and bid >= ask:
             raise ValueError(f"snapshot {symbol} has a crossed book (bid {bid} >= ask {ask})")
         engine.books[symbol] = book
     engine.last_seq = last_seq
+    engine.n_stops = sum(len(b.stops) for b in engine.books.values())
+    engine.soonest = min((b.expiries[0][0] for b in engine.books.values() if b.expiries), default=_NEVER)
+
+
+def _restore_extras(book: OrderBook, data: dict[str, Any], last_seq: int) -> None:
+    """Stops, icebergs and GTD expiries (absent from version 1 snapshots)."""
+    symbol = book.symbol
+    last_price = data.get("last_price")
+    if last_price is not None and (type(last_price) is not int or last_price <= 0):
+        raise ValueError(f"snapshot {symbol} has a last price of {last_price!r}")
+    book.last_price = last_price
+    for stop in data.get("stops", []):
+        oid, account, cid, side, otype, _, _, qty, stop_price, _ = stop
+        if (
+            type(oid) is not int
+            or not 0 < oid <= last_seq
+            or oid in book.orders
+            or oid in book.stops
+            or side not in (BUY, SELL)
+            or otype not in (STOP_LIMIT, STOP_MARKET)
+            or type(qty) is not int
+            or type(stop_price) is not int
+        ):
+            raise ValueError(f"snapshot {symbol} has an impossible stop order {oid!r}")
+        record = list(stop)
+        book.stops[oid] = record
+        if cid is not None:
+            book.cids.setdefault(account, {})[cid] = record
+    if list(book.stops) != sorted(book.stops):
+        raise ValueError(f"snapshot {symbol} has stops out of placement order")
+    for oid, display, hidden in data.get("icebergs", []):
+        if oid not in book.orders or type(display) is not int or type(hidden) is not int or hidden < 0:
+            raise ValueError(f"snapshot {symbol} has an impossible iceberg {oid!r}")
+        book.icebergs[oid] = [display, hidden]
+    for oid, expire in data.get("gtd", []):
+        if oid not in book.orders or type(expire) is not int:
+            raise ValueError(f"snapshot {symbol} has an impossible expiry for {oid!r}")
+        book.gtd[oid] = expire
+    book.expiries = [(expire, oid) for oid, expire in book.gtd.items()]
+    heapify(book.expiries)
 
 
 def to_bytes(snap: dict[str, Any]) -> bytes:

@@ -9,11 +9,18 @@ and event constants, the reject codes and the instrument specs.
 
 It emits the same event tuples as the engine (see services/matcher/events.py), so a random command
 stream can be compared event by event.
+
+The other order types are modelled as naively: untriggered stops are a list scanned after every
+command with trades; GTD orders are found by scanning for expire_time <= ts before each command; an
+iceberg is a resting order with a `hidden` reserve; and a quote-quantity market order finds its lot
+count by binary search over dry runs of the match on a copy of the book (the engine walks the book
+once instead).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
@@ -21,20 +28,24 @@ from services.matcher.commands import (
     BUY,
     FOK,
     GTC,
+    GTD,
     IOC,
     LIMIT,
     MARKET,
     SELL,
+    STOP_LIMIT,
+    STOP_MARKET,
     STP_CANCEL_BOTH,
     STP_CANCEL_MAKER,
     STP_CANCEL_TAKER,
     Amend,
     Cancel,
     NewOrder,
+    Tick,
 )
-from services.matcher.events import ACCEPTED, AMENDED, BOOK, CANCELLED, REJECTED, TRADE
+from services.matcher.events import ACCEPTED, AMENDED, BOOK, CANCELLED, REJECTED, TRADE, TRIGGERED
 from shared import codes
-from shared.instruments import Instrument
+from shared.instruments import FEE_DENOM, Instrument
 
 MAX_CID_LEN = 36
 MAX_ACCOUNT_LEN = 64
@@ -50,7 +61,10 @@ class RefOrder:
     price: int
     qty: int
     leaves: int
-    prio: int  # seq of the command that put it at the back of its level; smaller = earlier
+    prio: int  # when it was put at the back of its level (a counter that only rises); smaller = earlier
+    display: int | None = None  # an iceberg's display quantity; leaves is then its shown part
+    hidden: int = 0  # an iceberg's reserve
+    expire: int | None = None  # a GTD order's expire_time
 
 
 @dataclass
@@ -59,6 +73,9 @@ class RefBook:
     resting: list[RefOrder] = field(default_factory=list)
     trade_seq: int = 0
     book_seq: int = 0
+    last_price: int | None = None
+    stops: list[list[Any]] = field(default_factory=list)  # [oid, account, cid, side, type, tif, price,
+    # qty, stop_price, stp] in the order placed, as the engine's snapshot lists them
 
     # Queries: all O(n), recomputed every time -------------------------------------------------
     def side_orders(self, side: str) -> list[RefOrder]:
@@ -116,6 +133,17 @@ class RefBook:
     def clone(self) -> RefBook:
         return RefBook(self.inst, [copy.copy(o) for o in self.resting], self.trade_seq, self.book_seq)
 
+    def find_stop(self, account: Any, order_id: Any, cid: Any) -> list[Any] | None:
+        if type(account) is not str:
+            return None
+        if order_id is not None:
+            hits = [s for s in self.stops if type(order_id) is int and s[0] == order_id and s[1] == account]
+        elif type(cid) is str:
+            hits = [s for s in self.stops if s[2] == cid and s[1] == account]
+        else:
+            return None
+        return hits[0] if hits else None
+
     def remove(self, order: RefOrder) -> None:
         self.resting = [o for o in self.resting if o is not order]
 
@@ -144,6 +172,11 @@ class Reference:
     def __init__(self, instruments: list[Instrument]) -> None:
         self.books: dict[str, RefBook] = {i.symbol: RefBook(i) for i in instruments}
         self.last_seq = 0
+        self.clock = 0  # time priority: rises each time an order goes to the back of a level
+
+    def prio(self) -> int:
+        self.clock += 1
+        return self.clock
 
     def book_for(self, symbol: Any) -> RefBook | None:
         if type(symbol) is not str:
@@ -154,18 +187,74 @@ class Reference:
         if seq <= self.last_seq:
             raise ValueError("seq must rise")
         self.last_seq = seq
-        if type(cmd) is NewOrder:
-            return self._new(cmd, seq, ts)
-        if type(cmd) is Cancel:
-            return self._cancel(cmd)
-        if type(cmd) is Amend:
-            return self._amend(cmd, seq)
-        return [_rejected(None, "new", None, None, None, codes.UNKNOWN_OP)]
+        kind = type(cmd)
+        book = self.book_for(cmd[0]) if kind in (NewOrder, Cancel, Amend, Tick) else None
+        out = self._expire(book, ts) if book is not None else []
+        if kind is NewOrder:
+            events = self._new(cmd, seq, ts)
+            prices = [e[3] for e in events if e[0] == TRADE]
+            if book is not None and prices and cmd[3] not in (STOP_LIMIT, STOP_MARKET):
+                self._run_stops(book, events, min(prices), max(prices), ts)
+        elif kind is Cancel:
+            events = self._cancel(cmd)
+        elif kind is Amend:
+            events = self._amend(cmd)
+        elif kind is Tick:
+            events = []
+        else:
+            events = [_rejected(None, "new", None, None, None, codes.UNKNOWN_OP)]
+        return out + events
+
+    def next_expiry(self, symbol: str) -> int | None:
+        times = [o.expire for o in self.books[symbol].resting if o.expire is not None]
+        return min(times) if times else None
+
+    def _expire(self, book: RefBook, ts: int) -> list[Event]:
+        due = sorted(
+            (o for o in book.resting if o.expire is not None and o.expire <= ts),
+            key=lambda o: (o.expire, o.oid),
+        )
+        out: list[Event] = []
+        touched: list[tuple[str, int]] = []
+        for o in due:
+            book.remove(o)
+            out.append((CANCELLED, book.inst.symbol, o.oid, o.account, o.cid, o.side, o.price, o.qty,
+                        o.leaves + o.hidden, codes.REASON_EXPIRED))  # fmt: skip
+            if (o.side, o.price) not in touched:
+                touched.append((o.side, o.price))
+        if touched:
+            book.book_seq += 1
+            changes = [(side, price, book.total(side, price)) for side, price in touched]
+            out.append((BOOK, book.inst.symbol, book.book_seq, changes, book.bbo()))
+        return out
+
+    def _run_stops(self, book: RefBook, out: list[Event], lo: int, hi: int, ts: int) -> None:
+        """Waves: the stops met by [lo, hi] trigger in the order placed; their trades make the next."""
+        while True:
+            wave = [s for s in book.stops if (hi >= s[8] if s[3] == BUY else lo <= s[8])]
+            if not wave:
+                return
+            book.stops = [s for s in book.stops if not any(s is w for w in wave)]
+            prices: list[int] = []
+            for oid, account, cid, side, otype, tif, price, qty, stop_price, stp in wave:
+                kind = LIMIT if otype == STOP_LIMIT else MARKET
+                out.append(
+                    (TRIGGERED, book.inst.symbol, oid, account, cid, side, kind, tif, price, stop_price, qty)
+                )
+                events = self._new(
+                    NewOrder(book.inst.symbol, account, side, kind, tif, price, qty, cid, False, stp), oid, ts
+                )
+                assert events[0][0] == ACCEPTED
+                out += events[1:]
+                prices += [e[3] for e in events if e[0] == TRADE]
+            if not prices:
+                return
+            lo, hi = min(prices), max(prices)
 
     def state(self) -> dict[str, Any]:
         """The same shape as services.matcher.snapshot.snapshot()."""
         return {
-            "version": 1,
+            "version": 2,
             "last_seq": self.last_seq,
             "books": {
                 s: {
@@ -173,6 +262,12 @@ class Reference:
                     "book_seq": b.book_seq,
                     "bids": b.levels(BUY),
                     "asks": b.levels(SELL),
+                    "last_price": b.last_price,
+                    "stops": [list(s) for s in b.stops],
+                    "icebergs": sorted(
+                        [o.oid, o.display, o.hidden] for o in b.resting if o.display is not None
+                    ),
+                    "gtd": sorted([o.oid, o.expire] for o in b.resting if o.expire is not None),
                 }
                 for s, b in self.books.items()
             },
@@ -180,72 +275,127 @@ class Reference:
 
     # New orders -------------------------------------------------------------------------------
     @staticmethod
-    def _validate_new(book: RefBook, cmd: NewOrder) -> str | None:
-        _, account, side, otype, tif, price, qty, cid, post_only, stp = cmd
+    def _validate_new(book: RefBook, cmd: NewOrder, ts: int) -> str | None:
+        _, account, side, otype, tif, price, qty, cid, post_only, stp, stop, expire, display, quote = cmd
         inst = book.inst
         if type(account) is not str or not 1 <= len(account) <= MAX_ACCOUNT_LEN:
             return codes.INVALID_ACCOUNT
         if side not in (BUY, SELL):
             return codes.INVALID_SIDE
-        if otype not in (LIMIT, MARKET):
+        tifs = {
+            LIMIT: (GTC, IOC, FOK, GTD),
+            MARKET: (IOC, FOK),
+            STOP_LIMIT: (GTC, IOC, FOK),
+            STOP_MARKET: (IOC,),
+        }
+        if type(otype) is not str or otype not in tifs:
             return codes.INVALID_TYPE
-        if tif not in (GTC, IOC, FOK):
+        if type(tif) is not str or tif not in tifs[otype] or (quote is not None and tif != IOC):
             return codes.INVALID_TIF
-        if otype == MARKET and tif == GTC:
-            return codes.INVALID_TIF
-        if not _is_int(qty) or qty < inst.min_qty_lots or qty > inst.max_qty_lots:
+        if quote is not None:
+            if otype != MARKET or qty is not None or not _is_int(quote) or quote < 1:
+                return codes.INVALID_QUANTITY
+            if quote > inst.max_price_ticks * inst.max_qty_lots:
+                return codes.INVALID_QUANTITY
+            if quote < inst.min_notional_units:
+                return codes.MIN_NOTIONAL
+        elif not _is_int(qty) or qty < inst.min_qty_lots or qty > inst.max_qty_lots:
             return codes.INVALID_QUANTITY
-        if otype == LIMIT:
+        if otype in (LIMIT, STOP_LIMIT):
             if not _is_int(price) or price <= 0 or price > inst.max_price_ticks:
                 return codes.INVALID_PRICE
+            assert qty is not None
             if price * qty < inst.min_notional_units:
                 return codes.MIN_NOTIONAL
         elif price is not None:
             return codes.INVALID_PRICE
+        is_stop = otype in (STOP_LIMIT, STOP_MARKET)
+        if is_stop != (stop is not None) or (
+            stop is not None and (not _is_int(stop) or not 0 < stop <= inst.max_price_ticks)
+        ):
+            return codes.INVALID_STOP_PRICE
+        if (tif == GTD) != (expire is not None) or (
+            expire is not None and (not _is_int(expire) or not ts < expire < 2**63)
+        ):
+            return codes.INVALID_EXPIRE_TIME
+        if display is not None and (
+            otype != LIMIT
+            or tif not in (GTC, GTD)
+            or not _is_int(display)
+            or qty is None
+            or not inst.min_qty_lots <= display < qty
+        ):
+            return codes.INVALID_DISPLAY_QUANTITY
         if cid is not None and (
             type(cid) is not str or not 1 <= len(cid) <= MAX_CID_LEN or not cid.isprintable()
         ):
             return codes.INVALID_CLIENT_ORDER_ID
         if post_only is True:
-            if otype != LIMIT or tif != GTC:
+            if otype != LIMIT or tif not in (GTC, GTD):
                 return codes.INVALID_TIF
         elif post_only is not False:
             return codes.INVALID_MESSAGE
         if type(stp) is not str or stp not in (STP_CANCEL_TAKER, STP_CANCEL_MAKER, STP_CANCEL_BOTH):
             return codes.INVALID_STP
-        if cid is not None and any(o.account == account and o.cid == cid for o in book.resting):
+        if cid is not None and (
+            any(o.account == account and o.cid == cid for o in book.resting)
+            or any(s[1] == account and s[2] == cid for s in book.stops)
+        ):
             return codes.DUPLICATE_CLIENT_ORDER_ID
         return None
 
     def _new(self, cmd: NewOrder, seq: int, ts: int) -> list[Event]:
-        symbol, account, side, otype, tif, price, qty, cid, post_only, _ = cmd
+        symbol, account, side, otype, tif, price, qty, cid, post_only, stp, stop, expire, display, quote = cmd
         book = self.book_for(symbol)
         if book is None:
             return [_rejected(symbol, "new", seq, account, cid, codes.UNKNOWN_SYMBOL)]
-        code = self._validate_new(book, cmd)
+        code = self._validate_new(book, cmd, ts)
         if code is not None:
             return [_rejected(symbol, "new", seq, account, cid, code)]
+        if otype in (STOP_LIMIT, STOP_MARKET):
+            book.stops.append([seq, account, cid, side, otype, tif, price, qty, stop, stp])
+            out: list[Event] = [(ACCEPTED, symbol, seq, account, cid, side, otype, tif, price, qty)]
+            if book.last_price is not None:
+                self._run_stops(book, out, book.last_price, book.last_price, ts)
+            return out
+        if quote is not None:
+            lots = _quote_lots(book, cmd, self.prio)
+            if lots < book.inst.min_qty_lots:
+                return [
+                    (ACCEPTED, symbol, seq, account, cid, side, MARKET, tif, None, 0),
+                    (CANCELLED, symbol, seq, account, cid, side, None, 0, 0, codes.REASON_MARKET),
+                ]
+            cmd = NewOrder(symbol, account, side, MARKET, IOC, None, lots, cid, False, stp)
+            qty = lots
+        assert qty is not None
 
         opp_side = SELL if side == BUY else BUY
         if post_only and _makers(book, side, price):
             return [_rejected(symbol, "new", seq, account, cid, codes.WOULD_TAKE)]
-        out: list[Event] = [(ACCEPTED, symbol, seq, account, cid, side, otype, tif, price, qty)]
+        out = [(ACCEPTED, symbol, seq, account, cid, side, otype, tif, price, qty)]
 
         if tif == FOK:
-            leaves, _, _ = _match(book.clone(), cmd, seq, ts, [])
+            leaves, _, _ = _match(book.clone(), cmd, seq, ts, [], self.prio)
             if leaves:  # it would not fill completely: nothing happens at all
                 out.append((CANCELLED, symbol, seq, account, cid, side, price, qty, qty, codes.REASON_FOK))
                 return out
 
-        leaves, stopped, touched = _match(book, cmd, seq, ts, out)
-        changes = [(opp_side, p, book.total(opp_side, p)) for p in touched]
+        before = {p: book.total(opp_side, p) for p in {o.price for o in book.resting if o.side == opp_side}}
+        leaves, stopped, touched = _match(book, cmd, seq, ts, out, self.prio)
+        # an iceberg's refill can leave a level's total as it was: no change to tell then
+        changes = [
+            (opp_side, p, book.total(opp_side, p)) for p in touched if book.total(opp_side, p) != before[p]
+        ]
         if leaves:
             reason: str | None
             if stopped:
                 reason = codes.REASON_STP
-            elif tif == GTC:
+            elif tif in (GTC, GTD):
                 assert price is not None  # a limit order
-                book.resting.append(RefOrder(seq, account, cid, side, price, qty, leaves, seq))
+                order = RefOrder(seq, account, cid, side, price, qty, leaves, self.prio(), expire=expire)
+                if display is not None and display < leaves:
+                    order.display, order.leaves, order.hidden = display, display, leaves - display
+                book.resting.append(order)
                 changes.append((side, price, book.total(side, price)))
                 reason = None
             elif otype == MARKET:
@@ -267,24 +417,34 @@ class Reference:
             return [_rejected(symbol, "cancel", order_id, account, cid, codes.UNKNOWN_SYMBOL)]
         order = book.find(account, order_id, cid)
         if order is None:
-            return [_rejected(symbol, "cancel", order_id, account, cid, codes.UNKNOWN_ORDER)]
+            stop = book.find_stop(account, order_id, cid)
+            if stop is None:
+                return [_rejected(symbol, "cancel", order_id, account, cid, codes.UNKNOWN_ORDER)]
+            book.stops.remove(stop)
+            oid, _, s_cid, side, _, _, price, qty, _, _ = stop
+            return [(CANCELLED, symbol, oid, account, s_cid, side, price, qty, qty, codes.REASON_USER)]
         book.remove(order)
         book.book_seq += 1
         return [
             (CANCELLED, symbol, order.oid, order.account, order.cid, order.side, order.price, order.qty,
-             order.leaves, codes.REASON_USER),
+             order.leaves + order.hidden, codes.REASON_USER),
             (BOOK, symbol, book.book_seq, [(order.side, order.price, book.total(order.side, order.price))],
              book.bbo()),
         ]  # fmt: skip
 
-    def _amend(self, cmd: Amend, seq: int) -> list[Event]:
+    def _amend(self, cmd: Amend) -> list[Event]:
         symbol, account, order_id, cid, new_price, new_qty = cmd
         book = self.book_for(symbol)
         if book is None:
             return [_rejected(symbol, "amend", order_id, account, cid, codes.UNKNOWN_SYMBOL)]
+        stop = book.find_stop(account, order_id, cid)
+        if stop is not None:
+            return [_rejected(symbol, "amend", stop[0], account, stop[2], codes.NOT_AMENDABLE)]
         order = book.find(account, order_id, cid)
         if order is None:
             return [_rejected(symbol, "amend", order_id, account, cid, codes.UNKNOWN_ORDER)]
+        if order.display is not None:
+            return [_rejected(symbol, "amend", order.oid, account, order.cid, codes.NOT_AMENDABLE)]
         inst = book.inst
         price = order.price if new_price is None else new_price
         qty = order.qty if new_qty is None else new_qty
@@ -315,7 +475,7 @@ class Reference:
             order.price = price
             order.qty = qty
             order.leaves = qty - filled
-            order.prio = seq  # to the back of its (new) level
+            order.prio = self.prio()  # to the back of its (new) level
             if price != old_price:
                 changes.append((side, old_price, book.total(side, old_price)))
             changes.append((side, price, book.total(side, price)))
@@ -341,17 +501,26 @@ def _makers(book: RefBook, side: str, limit: int | None) -> list[RefOrder]:
     return [m for m in book.side_orders(opp_side) if _acceptable(side, limit, m.price)]
 
 
-def _match(book: RefBook, cmd: NewOrder, seq: int, ts: int, out: list[Event]) -> tuple[int, bool, list[int]]:
-    """Trade the incoming order against the book; return (leaves, stopped by STP, touched prices)."""
-    symbol, account, side, _, _, price, qty, cid, _, stp = cmd
+def _match(
+    book: RefBook, cmd: NewOrder, seq: int, ts: int, out: list[Event], prio: Callable[[], int]
+) -> tuple[int, bool, list[int]]:
+    """Trade the incoming order against the book; return (leaves, stopped by STP, touched prices).
+    The best maker is looked up again before every fill, so an iceberg refilled at the back of its
+    level (prio() is later than everyone's) is met again only after the rest of its level."""
+    symbol, account, side, _, _, price, qty, cid, _, stp = cmd[:10]
     inst = book.inst
+    assert qty is not None  # a quote-quantity order is matched with its lot count
     leaves = qty
     stopped = False
     touched: list[int] = []
     opp_side = SELL if side == BUY else BUY
-    for maker in _makers(book, side, price):
-        if leaves == 0:
+    while leaves:
+        makers = _makers(book, side, price)
+        if not makers:
             break
+        maker = makers[0]
+        if maker.price not in touched:
+            touched.append(maker.price)
         if maker.account == account:  # self-trade prevention
             if stp == STP_CANCEL_TAKER:
                 stopped = True
@@ -359,10 +528,8 @@ def _match(book: RefBook, cmd: NewOrder, seq: int, ts: int, out: list[Event]) ->
             book.remove(maker)
             out.append(
                 (CANCELLED, symbol, maker.oid, maker.account, maker.cid, opp_side, maker.price, maker.qty,
-                 maker.leaves, codes.REASON_STP)
+                 maker.leaves + maker.hidden, codes.REASON_STP)
             )  # fmt: skip
-            if maker.price not in touched:
-                touched.append(maker.price)
             if stp == STP_CANCEL_BOTH:
                 stopped = True
                 break
@@ -371,15 +538,49 @@ def _match(book: RefBook, cmd: NewOrder, seq: int, ts: int, out: list[Event]) ->
         maker.leaves -= fill
         leaves -= fill
         book.trade_seq += 1
+        book.last_price = maker.price
         out.append(
             (TRADE, symbol, book.trade_seq, maker.price, fill, side,
-             maker.oid, maker.account, maker.cid, maker.qty, maker.leaves,
+             maker.oid, maker.account, maker.cid, maker.qty, maker.leaves + maker.hidden,
              maker.price * fill * inst.maker_rate,
              seq, account, cid, price, qty, leaves,
              maker.price * fill * inst.taker_rate, ts)
         )  # fmt: skip
-        if maker.price not in touched:
-            touched.append(maker.price)
         if maker.leaves == 0:
-            book.remove(maker)
+            if maker.hidden:
+                assert maker.display is not None
+                maker.leaves = min(maker.display, maker.hidden)
+                maker.hidden -= maker.leaves
+                maker.prio = prio()
+            else:
+                book.remove(maker)
     return leaves, stopped, touched
+
+
+def _quote_lots(book: RefBook, cmd: NewOrder, prio: Callable[[], int]) -> int:
+    """The most whole lots a quote-quantity market order can fill within its budget: binary search
+    over dry runs of the match (on copies of the book) with a quantity of n lots."""
+    symbol, account, side, _, _, _, _, cid, _, stp, _, _, _, quote = cmd
+    rate = book.inst.taker_rate
+    assert quote is not None
+
+    def affordable(n: int) -> bool:
+        trades: list[Event] = []
+        order = NewOrder(symbol, account, side, MARKET, IOC, None, n, cid, False, stp)
+        leaves, _, _ = _match(book.clone(), order, 0, 0, trades, prio)
+        notional = sum(e[3] * e[4] for e in trades if e[0] == TRADE)
+        within = notional * (FEE_DENOM + rate) <= quote * FEE_DENOM if side == BUY else notional <= quote
+        return leaves == 0 and within
+
+    opp_side = SELL if side == BUY else BUY
+    lo, hi = (
+        0,
+        min(book.inst.max_qty_lots, sum(o.leaves + o.hidden for o in book.resting if o.side == opp_side)),
+    )
+    while lo < hi:  # affordable(lo) holds (0 lots cost nothing); find the largest such
+        mid = (lo + hi + 1) // 2
+        if affordable(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

@@ -359,6 +359,7 @@ def test_fok_that_cannot_fill_leaves_the_book_untouched(ex: Ex, cmd: NewOrder, w
     ex(lim("bob", SELL, 10_001, 30))
     before = ex.state()["books"]
     out = ex(cmd)
+    assert cmd.quantity is not None
     assert out == [
         ("accepted", S, 3, "carol", None, BUY, cmd.type, FOK, cmd.price, cmd.quantity),
         cancelled(3, "carol", BUY, cmd.price, cmd.quantity, cmd.quantity, codes.REASON_FOK),

@@ -191,11 +191,20 @@ def test_restore_of_an_engine_with_more_symbols_gives_the_extra_ones_empty_books
     big.apply(NewOrder("ETH-USDT", "a", BUY, LIMIT, "gtc", 10_000, 10), 1, 0)
     restore(big, snapshot(small))
     snap = snapshot(big)
-    assert snap["books"]["ETH-USDT"] == {"trade_seq": 0, "book_seq": 0, "bids": [], "asks": []}
+    assert snap["books"]["ETH-USDT"] == {
+        "trade_seq": 0,
+        "book_seq": 0,
+        "bids": [],
+        "asks": [],
+        "last_price": None,
+        "stops": [],
+        "icebergs": [],
+        "gtd": [],
+    }
     assert snap["books"][S] == snapshot(small)["books"][S]
 
 
-@pytest.mark.parametrize("version", [0, 2, None, "1", FORMAT_VERSION + 1])
+@pytest.mark.parametrize("version", [0, None, "1", "2", FORMAT_VERSION + 1])
 def test_restore_rejects_unknown_versions(version: Any) -> None:
     engine = fresh()
     snap = snapshot(engine)

@@ -653,3 +653,56 @@ def test_tiny_increments_take_the_exact_path() -> None:
     assert validation._ticks(inst, "1") is None  # too large
     huge = Instrument("T-Z", tick_size="1e-70", max_price="1")
     assert validation._ticks(huge, "1") is None  # beyond the exact path's 60 digits: refused, not raised
+
+
+# The other order types ----------------------------------------------------------------------------
+def test_the_other_order_types_parse_to_their_command_fields() -> None:
+    stop = new(type="stop_limit", stop_price="100.40", tif=_DROP)
+    assert isinstance(stop, NewOrder) and (stop.type, stop.tif, stop.stop_price) == (
+        "stop_limit",
+        "gtc",
+        10040,
+    )
+    smkt = new(type="stop_market", stop_price="99", price=_DROP)
+    assert isinstance(smkt, NewOrder) and (smkt.tif, smkt.price, smkt.stop_price) == ("ioc", None, 9900)
+    gtd = new(tif="gtd", expire_time="1732500060000")
+    assert isinstance(gtd, NewOrder) and gtd.expire_time == 1_732_500_060_000
+    ice = new(display_quantity="0.5")
+    assert isinstance(ice, NewOrder) and ice.display_quantity == 50_000
+    quote = new(type="market", price=_DROP, quantity=_DROP, quote_quantity="10.5")
+    assert isinstance(quote, NewOrder) and (quote.quantity, quote.quote_quantity) == (None, 105_000_000)
+    assert new(display_quantity=0.5) == ice  # a binary float is read from its exact text
+
+
+@pytest.mark.parametrize(
+    ("changes", "code"),
+    [
+        ({"type": "stop_limit"}, codes.INVALID_STOP_PRICE),
+        ({"type": "stop_limit", "stop_price": "1.001"}, codes.INVALID_STOP_PRICE),
+        ({"stop_price": "100"}, codes.INVALID_STOP_PRICE),
+        ({"type": "stop_market", "price": _DROP, "tif": "gtc", "stop_price": "1"}, codes.INVALID_TIF),
+        ({"tif": "gtd"}, codes.INVALID_EXPIRE_TIME),
+        ({"tif": "gtd", "expire_time": -5}, codes.INVALID_EXPIRE_TIME),
+        ({"tif": "gtd", "expire_time": 1.5}, codes.INVALID_EXPIRE_TIME),
+        ({"expire_time": 1732500060000}, codes.INVALID_EXPIRE_TIME),
+        ({"display_quantity": "99"}, codes.INVALID_DISPLAY_QUANTITY),
+        ({"display_quantity": "0.000001"}, codes.INVALID_DISPLAY_QUANTITY),
+        ({"display_quantity": "0.1", "tif": "ioc"}, codes.INVALID_DISPLAY_QUANTITY),
+        (
+            {"type": "market", "price": _DROP, "quantity": _DROP, "quote_quantity": "0.00000001"},
+            codes.INVALID_QUANTITY,
+        ),
+        (
+            {"type": "market", "price": _DROP, "quantity": _DROP, "quote_quantity": "0.001"},
+            codes.MIN_NOTIONAL,
+        ),
+        ({"type": "market", "price": _DROP, "quote_quantity": "10"}, codes.INVALID_QUANTITY),
+        (
+            {"type": "market", "price": _DROP, "quantity": _DROP, "tif": "fok", "quote_quantity": "10"},
+            codes.INVALID_TIF,
+        ),
+        ({"quantity": _DROP, "quote_quantity": "10"}, codes.INVALID_QUANTITY),
+    ],
+)
+def test_the_other_order_types_are_checked_at_the_gateway(changes: dict[str, Any], code: str) -> None:
+    assert code_of(new(**changes)) == code

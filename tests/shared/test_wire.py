@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import orjson
 
+from services.bench.flow import SYMBOL as FLOW_SYMBOL
+from services.bench.flow import FlowConfig, generate
 from services.matcher.engine import Engine
 from services.matcher.events import REJECTED
 from shared.ids import entry_to_seq, seq_ms, seq_to_entry
+from shared.instruments import Instrument
 from shared.wire import Rendered, count_execs, frame, render, split_exec_line, unframe, unframe_exec
 from tests.matcher import BTC, INSTRUMENTS, Flow
 
@@ -33,6 +36,23 @@ def test_count_execs_is_the_number_of_exec_lines_render_makes() -> None:
     out = Rendered()
     render([silent], inst, 0, out)
     assert count_execs([silent]) == 0 == len(out.execs)
+
+
+def test_count_execs_agrees_with_render_on_the_other_order_types() -> None:
+    """The bench's flow with stops, GTD, icebergs and quote quantity: triggered reports included."""
+    cfg = FlowConfig(3_000, seed=5, order_types="all")
+    inst = Instrument(FLOW_SYMBOL)
+    engine, out = Engine([inst]), Rendered()
+    kinds: set[str] = set()
+    for cmd, seq in generate(cfg)[1]:
+        events = engine.apply(cmd, seq, seq)
+        before = len(out.execs)
+        render(events, inst, seq, out)
+        assert count_execs(events) == len(out.execs) - before, events
+        kinds.update(e[0] if e[0] != "cancelled" else e[-1] for e in events)
+    assert {"triggered", "expired", "trade"} <= kinds
+    triggered = [orjson.loads(split_exec_line(line)[1]) for line in out.execs if b'"triggered"' in line]
+    assert triggered and all(m["status"] == "new" and m["stop_price"] for m in triggered)
 
 
 def test_exec_lines_are_numbered_from_the_running_count() -> None:
