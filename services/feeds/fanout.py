@@ -32,14 +32,20 @@ from typing import Any
 from websockets.asyncio.server import ServerConnection
 from websockets.protocol import State
 
+from services.feeds.candles import INTERVALS
 from shared import metrics
 
 log = logging.getLogger(__name__)
 
-L2, DEPTH, TRADES = "l2", "depth", "trades"
+L2, DEPTH, TRADES, TICKER = "l2", "depth", "trades", "ticker"
+SEED_L2, SEED_TRADES = "seed_l2", "seed_trades"  # the seed's dialect (services.feeds.seed)
+# One fan-out channel per candle interval (a client may hold several intervals of one symbol).
+CANDLES = {interval: f"candles_{interval}" for interval in INTERVALS}
+CHANNELS = (L2, DEPTH, TRADES, TICKER, SEED_L2, SEED_TRADES, *CANDLES.values())
 CONTROL = ""  # replies to the client's own messages: not feed data, not in the feed metrics
 
 SLOW_CONSUMER = "slow consumer: send buffer full"
+IDLE = "idle: no subscription"
 POLICY_VIOLATION = 1008
 Tally = dict[tuple[str, int], int]  # (channel, publish ns) -> messages written in one flush
 CLOSE_TIMEOUT = 5.0  # seconds a dropped client gets to read up to our close frame
@@ -63,7 +69,7 @@ def frames(messages: Iterable[bytes]) -> bytes:
 class Client:
     """One WebSocket connection of the md or trades server and what is queued for it."""
 
-    __slots__ = ("bad", "conn", "dropped", "outbox", "pending", "server", "subs", "waiting")
+    __slots__ = ("bad", "conn", "dropped", "idle", "outbox", "pending", "server", "subs", "waiting")
 
     def __init__(self, conn: ServerConnection, server: str) -> None:
         self.conn = conn
@@ -75,6 +81,7 @@ class Client:
         self.waiting = False  # a task waits for the transport to drain
         self.subs: set[tuple[str, str]] = set()  # (channel, symbol)
         self.bad = 0  # invalid client messages so far
+        self.idle: asyncio.TimerHandle | None = None  # armed while it holds no subscription
 
     def __repr__(self) -> str:
         return f"<Client {self.server} {self.conn.remote_address}>"
@@ -83,27 +90,34 @@ class Client:
 class Fanout:
     """Subscriptions and outboxes of every client of one process (md and trades servers alike)."""
 
-    def __init__(self, max_buffer: int) -> None:
+    def __init__(self, max_buffer: int, idle_timeout: float = 0.0) -> None:
         if max_buffer < 1:
             raise ValueError("max_buffer must be at least 1")
         self.max_buffer = max_buffer
+        # A connection that holds no subscription this long is closed (0: never). Whatever made the
+        # subscription (a subscribe message or one implied by the connection itself) disarms it.
+        self.idle_timeout = idle_timeout
         self.clients: set[Client] = set()
         # (channel, symbol) -> client -> argument (the depth channel's N; 0 otherwise)
         self.subs: dict[tuple[str, str], dict[Client, int]] = {}
         self._dirty: set[Client] = set()
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
-        self._sent = {ch: metrics.FEED_SENT.labels(ch) for ch in (L2, DEPTH, TRADES)}
-        self._latency = {ch: metrics.FEED_SEND_SECONDS.labels(ch) for ch in (L2, DEPTH, TRADES)}
+        self._sent = {ch: metrics.FEED_SENT.labels(ch) for ch in CHANNELS}
+        self._latency = {ch: metrics.FEED_SEND_SECONDS.labels(ch) for ch in CHANNELS}
         self._dropped = metrics.FEED_DROPPED.labels("buffer_full")
 
     # Clients and subscriptions -------------------------------------------------------------------
     def register(self, conn: ServerConnection, server: str) -> Client:
         client = Client(conn, server)
         self.clients.add(client)
+        self._arm_idle(client)
         return client
 
     def unregister(self, client: Client) -> None:
+        if client.idle is not None:
+            client.idle.cancel()
+            client.idle = None
         for key in client.subs:
             self._forget(key, client)
         client.subs.clear()
@@ -116,6 +130,9 @@ class Fanout:
         key = (channel, symbol)
         self.subs.setdefault(key, {})[client] = arg
         client.subs.add(key)
+        if client.idle is not None:
+            client.idle.cancel()
+            client.idle = None
 
     def unsubscribe(self, client: Client, channel: str, symbol: str) -> bool:
         key = (channel, symbol)
@@ -123,10 +140,21 @@ class Fanout:
             return False
         client.subs.discard(key)
         self._forget(key, client)
+        if not client.subs:
+            self._arm_idle(client)
         return True
 
     def subscribers(self, channel: str, symbol: str) -> dict[Client, int]:
         return self.subs.get((channel, symbol)) or {}
+
+    def _arm_idle(self, client: Client) -> None:
+        if self.idle_timeout > 0 and client.idle is None and not client.dropped:
+            client.idle = asyncio.get_running_loop().call_later(self.idle_timeout, self._idle, client)
+
+    def _idle(self, client: Client) -> None:
+        client.idle = None
+        if not client.subs:
+            self.drop(client, IDLE)
 
     def _forget(self, key: tuple[str, str], client: Client) -> None:
         subs = self.subs.get(key)
@@ -254,7 +282,9 @@ class Fanout:
         client.dropped = True
         if reason == SLOW_CONSUMER:
             self._dropped.inc()
-        log.warning("dropping %r: %s (%d messages queued)", client, reason, client.pending)
+        # An idle connection is routine (a client that went quiet); one that fell behind is news.
+        level = logging.INFO if reason == IDLE else logging.WARNING
+        log.log(level, "dropping %r: %s (%d messages queued)", client, reason, client.pending)
         self.unregister(client)
         self._spawn(close(client.conn, code, reason))
 

@@ -13,10 +13,13 @@ strings exactly as the matcher rendered them, so what we serve is byte for byte 
 from __future__ import annotations
 
 import enum
+import zlib
 from bisect import bisect_left, insort
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from services.feeds.checksum import DEPTH as CHECKSUM_DEPTH
+from services.feeds.checksum import level_part
 from shared.instruments import Instrument, OffGrid
 
 Message = dict[str, Any]
@@ -40,26 +43,59 @@ _TICKS_CACHE_MAX = 100_000  # price strings remembered per view; prices near the
 
 
 class _Side:
-    """One side: ticks -> [price, qty] strings, plus the ticks in ascending order for exact ordering."""
+    """One side: ticks -> [price, qty] strings, plus the ticks in ascending order for exact ordering.
 
-    __slots__ = ("keys", "levels")
+    For the checksum it keeps its best CHECKSUM_DEPTH levels' parts joined (`top_bytes`, None once a change
+    reached those levels: a change deeper in the book leaves it as it is), and each level's part."""
 
-    def __init__(self) -> None:
+    __slots__ = ("descending", "keys", "levels", "parts", "top_bytes")
+
+    def __init__(self, descending: bool) -> None:
+        self.descending = descending  # bids: the best is the highest price
         self.levels: dict[int, Level] = {}
         self.keys: list[int] = []  # ascending; bids read it from the end
+        self.parts: dict[int, bytes] = {}  # ticks -> level_part
+        self.top_bytes: bytes | None = None
 
     def set(self, ticks: int, level: Level) -> None:
+        keys = self.keys
         if ticks not in self.levels:
-            insort(self.keys, ticks)
+            insort(keys, ticks)
         self.levels[ticks] = level
+        self.parts[ticks] = level_part(level[0], level[1])
+        if self.top_bytes is not None and self._in_top(ticks):
+            self.top_bytes = None
 
     def remove(self, ticks: int) -> None:
         if self.levels.pop(ticks, None) is not None:
-            del self.keys[bisect_left(self.keys, ticks)]
+            keys = self.keys
+            del keys[bisect_left(keys, ticks)]
+            self.parts.pop(ticks, None)
+            # A removed top level has the new tenth (the old eleventh) beyond it: the same test holds.
+            if self.top_bytes is not None and self._in_top(ticks):
+                self.top_bytes = None
+
+    def _in_top(self, ticks: int) -> bool:
+        """Whether a level at ticks is (or, just removed, was) among the best CHECKSUM_DEPTH."""
+        keys = self.keys
+        if len(keys) <= CHECKSUM_DEPTH:
+            return True
+        return ticks >= keys[-CHECKSUM_DEPTH] if self.descending else ticks <= keys[CHECKSUM_DEPTH - 1]
 
     def clear(self) -> None:
         self.levels.clear()
         self.keys.clear()
+        self.parts.clear()
+        self.top_bytes = None
+
+    def top_joined(self) -> bytes:
+        """The checksum parts of the best CHECKSUM_DEPTH levels, best first, joined."""
+        joined = self.top_bytes
+        if joined is None:
+            keys = self.keys
+            picked = keys[: -CHECKSUM_DEPTH - 1 : -1] if self.descending else keys[:CHECKSUM_DEPTH]
+            joined = self.top_bytes = b"".join(map(self.parts.__getitem__, picked))
+        return joined
 
     def top(self, n: int | None, descending: bool) -> list[Level]:
         keys = self.keys
@@ -86,8 +122,12 @@ class BookView:
         self.symbol = inst.symbol
         self.synced = False
         self.seq = 0
-        self.bids = _Side()
-        self.asks = _Side()
+        self.bids = _Side(descending=True)
+        self.asks = _Side(descending=False)
+        # The last checksum and what it was made of (the sides' top bytes, compared by identity).
+        self._checksum = self._asks_crc = 0
+        self._asks_top: bytes | None = None
+        self._bids_top: bytes | None = None
         # Set whenever what a depth subscriber would see may have changed; the server's depth timer
         # clears it after sending, which is what conflates many updates into one depth message.
         self.changed = False
@@ -106,7 +146,7 @@ class BookView:
         bids, asks = msg.get("bids"), msg.get("asks")
         if type(seq) is not int or seq < 0 or not isinstance(bids, list) or not isinstance(asks, list):
             raise Malformed("l2_snapshot needs an integer seq and bids/asks lists")
-        new_bids, new_asks = _Side(), _Side()
+        new_bids, new_asks = _Side(descending=True), _Side(descending=False)
         for rows, side in ((bids, new_bids), (asks, new_asks)):
             for row in rows:
                 price, qty = self._level(row)
@@ -159,7 +199,22 @@ class BookView:
             "seq": self.seq,
             "bids": self.bids.top(None, descending=True),
             "asks": self.asks.top(None, descending=False),
+            "checksum": self.checksum(),
         }
+
+    def checksum(self) -> int:
+        """Kraken's v2 book checksum of the book as it is now (services.feeds.checksum)."""
+        # CRC32 runs on from the asks' to the bids' bytes, so only a side whose top changed is joined
+        # again: zlib.crc32(asks + bids) == zlib.crc32(bids, zlib.crc32(asks)).
+        asks, bids = self.asks, self.bids
+        if asks.top_bytes is None or self._asks_top is not asks.top_bytes:
+            self._asks_crc = zlib.crc32(asks.top_joined())
+            self._asks_top = asks.top_bytes
+            self._bids_top = None
+        if bids.top_bytes is None or self._bids_top is not bids.top_bytes:
+            self._checksum = zlib.crc32(bids.top_joined(), self._asks_crc)
+            self._bids_top = bids.top_bytes
+        return self._checksum
 
     def depth(self, n: int) -> Message:
         """The top n levels per side and the BBO: one conflated depth-channel message."""
@@ -225,6 +280,8 @@ class BookView:
         for key, side, descending in (("bid", self.bids, True), ("ask", self.asks, False)):
             theirs = bbo.get(key)
             ours = side.best(descending)
+            if theirs == ours:
+                continue  # the usual case: the matcher renders a level's strings one way only
             if theirs is None or ours is None:
                 if theirs is not ours:
                     raise Malformed(f"bbo {key} disagrees with the levels")

@@ -32,10 +32,14 @@ from services.bench.flow import SYMBOL, FlowConfig, FlowGenerator
 from services.feeds.fanout import SLOW_CONSUMER
 from services.feeds.server import FeedServer
 from services.matcher.engine import Engine
+from services.matcher.events import TRADE, Event
 from shared import keys, metrics
 from shared.instruments import default_instruments
 from shared.redis_server import RedisServer, free_port
+from shared.stream import encode_events
 from shared.wire import Rendered, frame, l2_snapshot, render
+from tests.feeds.test_candles import as_numbers, expected
+from tests.feeds.test_checksum import kraken_checksum
 
 INSTRUMENTS = default_instruments()
 INST = INSTRUMENTS[SYMBOL]
@@ -47,8 +51,10 @@ pytestmark = pytest.mark.timeout(60)
 class Matcher:
     """A real engine fed a seeded flow, published the way services.matcher does."""
 
-    def __init__(self, redis_url: str, seed: int = 1) -> None:
+    def __init__(self, redis_url: str, seed: int = 1, ms_per_command: int = 1, ts_base: int = 0) -> None:
         self.redis = aioredis.Redis.from_url(redis_url)
+        self.ms_per_command, self.ts_base = ms_per_command, ts_base  # a command's ts: base + seq x ms
+        self.trades: list[Event] = []  # every trade event, in order
         self.url = redis_url
         self.steps = FlowGenerator(FlowConfig(commands=10**7, seed=seed), INST).flow()
         self.engine = Engine([INST])
@@ -96,17 +102,26 @@ class Matcher:
             await self.redis.publish(keys.md_channel(SYMBOL), payload)
 
     async def step(self, commands: int, publish_md: bool = True) -> Rendered:
-        """Apply `commands` commands as one batch and publish its md and trades payloads."""
+        """Apply `commands` commands as one batch, append its events to the events stream and publish
+        its md and trades payloads, in one transaction as the matcher's commit script does."""
         async with self.lock:
             out = Rendered()
+            pairs: list[list[Any]] = []
             for _ in range(commands):
                 cmd, seq = next(self.steps)
-                render(self.engine.apply(cmd, seq, seq), INST, seq, out)
+                ts = self.ts_base + seq * self.ms_per_command
+                events = self.engine.apply(cmd, seq, ts)
+                self.trades.extend(e for e in events if e[0] == TRADE)
+                pairs.append([f"{seq}-0", events])
+                render(events, INST, ts, out)
             md, trades, _ = out.payloads(time.time_ns())
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.xadd(keys.events(SYMBOL), {"d": encode_events(pairs)})
             if md and publish_md:
-                await self.redis.publish(keys.md_channel(SYMBOL), md)
+                pipe.publish(keys.md_channel(SYMBOL), md)
             if trades:
-                await self.redis.publish(keys.trades_channel(SYMBOL), trades)
+                pipe.publish(keys.trades_channel(SYMBOL), trades)
+            await pipe.execute()
             return out
 
     async def run(self, batches: int, size: int, pause: float = 0.0) -> None:
@@ -126,6 +141,8 @@ class L2Client:
         self.snapshots: list[Msg] = []
         self.updates: list[bytes] = []  # raw l2_update messages as received
         self.other: list[Msg] = []
+        self.heartbeats: list[Msg] = []
+        self.checked = 0  # messages whose checksum was verified
 
     @classmethod
     async def open(cls, url: str, symbol: str = SYMBOL, **kw: Any) -> L2Client:
@@ -140,6 +157,7 @@ class L2Client:
             self.seq = msg["seq"]
             self.bids = {Decimal(p): [p, q] for p, q in msg["bids"]}
             self.asks = {Decimal(p): [p, q] for p, q in msg["asks"]}
+            self.check_checksum(msg)
         elif msg["type"] == "l2_update":
             assert self.seq is not None, "an update before any snapshot"
             assert msg["seq"] == self.seq + 1, f"seq {msg['seq']} after {self.seq}"
@@ -155,9 +173,19 @@ class L2Client:
             best_bid = self.bids[max(self.bids)] if self.bids else None
             best_ask = self.asks[min(self.asks)] if self.asks else None
             assert (bbo["bid"], bbo["ask"]) == (best_bid, best_ask)
+            self.check_checksum(msg)
+        elif msg["type"] == "heartbeat":
+            assert msg["seq"] == self.seq, "a heartbeat's seq is the book's"
+            self.heartbeats.append(msg)
         else:
             self.other.append(msg)
         return msg
+
+    def check_checksum(self, msg: Msg) -> None:
+        """Every l2 message's checksum is Kraken's over the book this client rebuilt."""
+        bids, asks = self.book()
+        assert msg["checksum"] == kraken_checksum(asks, bids), f"checksum at seq {msg['seq']}"
+        self.checked += 1
 
     async def until_seq(self, seq: int, timeout: float = 10.0) -> None:
         async with asyncio.timeout(timeout):
@@ -210,6 +238,13 @@ async def feed(redis_url: str, **kw: Any) -> AsyncIterator[FeedServer]:
         await server.stop()
 
 
+async def synced(server: FeedServer, symbol: str = SYMBOL, timeout: float = 5.0) -> None:
+    """Until the feed holds the matcher's book (its answer to the feed's first snapshot request)."""
+    async with asyncio.timeout(timeout):
+        while not server.views[symbol].synced:
+            await asyncio.sleep(0.005)
+
+
 def md_url(server: FeedServer) -> str:
     return f"ws://127.0.0.1:{server.md_port}"
 
@@ -221,6 +256,7 @@ def trades_url(server: FeedServer) -> str:
 # --------------------------------------------------------------------------------------------------
 async def test_snapshot_lines_up_with_updates_and_rebuilds_the_book(redis_url: str, matcher: Matcher) -> None:
     async with feed(redis_url) as server:
+        await synced(server)
         early = await L2Client.open(md_url(server))
         assert (await recv_json(early.ws)) == {"type": "subscribed", "channel": "l2", "symbol": SYMBOL}
         await early.next_snapshot()
@@ -290,6 +326,7 @@ async def test_feed_started_before_the_matcher_waits_then_syncs(redis_url: str) 
 async def test_depth_channel_is_conflated(redis_url: str, matcher: Matcher) -> None:
     interval = 0.2
     async with feed(redis_url, depth_interval=interval) as server:
+        await synced(server)
         ws = await connect(md_url(server), compression=None)
         sub = {"op": "subscribe", "symbol": SYMBOL, "channel": "depth", "depth": 5}
         await ws.send(orjson.dumps(sub).decode())
@@ -542,3 +579,93 @@ async def test_two_feed_processes_deliver_the_same_stream(redis_url: str, matche
             if proc.poll() is None:
                 proc.terminate()
                 await asyncio.to_thread(proc.wait, 10)
+
+
+async def test_quiet_l2_subscription_gets_heartbeats(redis_url: str, matcher: Matcher) -> None:
+    async with feed(redis_url) as server:
+        await synced(server)
+        client = await L2Client.open(md_url(server))
+        await client.next_snapshot()
+        async with asyncio.timeout(5):
+            while not client.heartbeats:
+                client.apply(str(await client.ws.recv()))
+        beat = client.heartbeats[0]
+        assert set(beat) == {"type", "symbol", "seq", "last_trade_id", "ts"}
+        assert (beat["symbol"], beat["seq"]) == (SYMBOL, matcher.book.book_seq)
+        assert beat["last_trade_id"] == matcher.trades[-1][2]
+        await matcher.run(3, 10)  # updates, then quiet again: the next beat has the new seq
+        async with asyncio.timeout(5):
+            while len(client.heartbeats) < 2:
+                client.apply(str(await client.ws.recv()))
+        assert client.heartbeats[1]["seq"] == matcher.book.book_seq == client.seq
+        assert client.checked == len(client.snapshots) + len(client.updates)
+        await client.ws.close()
+
+
+async def test_candles_and_ticker_channels(redis_url: str) -> None:
+    # A 1m bar per 20 commands, from now on: the bars' clock runs ahead of the wall clock, so the last
+    # one stays open and the others close because a later one began.
+    now = time.time_ns() // 1_000_000
+    m = await Matcher(redis_url, seed=31, ms_per_command=3000, ts_base=now - now % 60_000).start()
+    try:
+        await m.run(10, 10)
+        async with feed(redis_url) as server:
+            ws = await connect(md_url(server), compression=None, max_size=None)
+            for sub in (
+                {"op": "subscribe", "symbol": SYMBOL, "channel": "candles", "interval": "1m"},
+                {"op": "subscribe", "symbol": SYMBOL, "channel": "ticker"},
+            ):
+                await ws.send(orjson.dumps(sub).decode())
+            seen: dict[str, list[Msg]] = {}
+
+            async def until(kind: str, n: int = 1) -> Msg:
+                async with asyncio.timeout(10):
+                    while len(seen.get(kind, [])) < n:
+                        msg = await recv_json(ws)
+                        seen.setdefault(msg["type"], []).append(msg)
+                return seen[kind][n - 1]
+
+            await until("subscribed", 2)
+            assert seen["subscribed"][0]["interval"] == "1m"
+            snap = await until("candles_snapshot")
+            ticks = [(e[19], e[3], e[4]) for e in m.trades]
+            assert [as_numbers(c) for c in snap["candles"]] == expected(ticks, 60_000)
+            ticker = await until("ticker")
+            assert ticker["last"] == INST.price_str(m.trades[-1][3])
+            await m.run(8, 10)  # past more bar boundaries
+            last_id = m.trades[-1][2]
+            async with asyncio.timeout(10):
+                while server.market[SYMBOL].last_trade_id < last_id:
+                    await asyncio.sleep(0.005)
+            want = expected([(e[19], e[3], e[4]) for e in m.trades], 60_000)
+            # Candle messages follow each bar's changes; the bars before the current one end closed.
+            async with asyncio.timeout(10):
+                while True:
+                    msg = await recv_json(ws)
+                    seen.setdefault(msg["type"], []).append(msg)
+                    if msg["type"] == "candle" and as_numbers(msg) == want[-1]:
+                        break
+            candles = seen["candle"]
+            latest = {c["open_time"]: c for c in candles}
+            closed = [c for c in candles if c["closed"]]
+            assert closed and all(c["open_time"] < want[-1]["open_time"] for c in closed)
+            for c in closed:
+                assert as_numbers(c) in want  # a closed bar is final: it matches the trades
+            assert as_numbers(latest[want[-1]["open_time"]]) == want[-1]
+            final = INST.price_str(m.trades[-1][3])
+            async with asyncio.timeout(10):  # it changed: a new ticker follows (at most once a second)
+                while len(seen["ticker"]) < 2 or seen["ticker"][-1]["last"] != final:
+                    msg = await recv_json(ws)
+                    seen.setdefault(msg["type"], []).append(msg)
+            stamps = [t["ts"] for t in seen["ticker"]]
+            assert all(b - a >= 990 for a, b in itertools.pairwise(stamps))  # the feed's own clock, ms
+            assert Decimal(seen["ticker"][-1]["volume_24h"]) == sum(
+                Decimal(INST.qty_str(e[4])) for e in m.trades
+            )
+            # A bad interval is a reject, nothing subscribed.
+            await ws.send(orjson.dumps({"op": "subscribe", "symbol": SYMBOL, "channel": "candles"}).decode())
+            reject = await until("reject")
+            assert reject["code"] == "INVALID_MESSAGE" and "interval" in reject["reason"]
+            await ws.close()
+    finally:
+        await m.stop()
