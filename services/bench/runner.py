@@ -1,4 +1,4 @@
-"""`cme bench core|e2e` dispatch."""
+"""`cme bench core|matcher|e2e` dispatch."""
 
 from __future__ import annotations
 
@@ -12,6 +12,10 @@ def run(args: argparse.Namespace) -> int:
         if args.commands is None:
             args.commands = 1_000_000
         return run_from_args(args)
+    if args.what == "matcher":
+        from services.bench.matcher import run_from_args as run_matcher
+
+        return run_matcher(args)
     from services.bench.e2e import run_from_args as run_e2e
 
     return run_e2e(args)

@@ -1,0 +1,51 @@
+"""`cme bench e2e` on its own stack reports every process's CPU per command (no timing is asserted:
+see README), and checks the issue's targets its settings speak to."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from services.bench.e2e import targets
+from services.cli import main
+
+
+def test_bench_e2e_reports_cpu_per_command_of_every_process(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    argv = ["bench", "e2e", "--rate", "1000", "--duration", "1", "--clients", "2", "--quiet"]
+    assert main([*argv, "--json", str(out)]) == 0
+    report = orjson.loads(out.read_bytes())
+    assert report["lost_reports"] == 0 and report["commands_sent"] > 0
+    cpu = report["cpu_us_per_command"]
+    names = set(cpu)
+    assert {"redis", "load generator"} <= names
+    for kind in ("matcher", "gateway", "feeds"):
+        assert any(n.startswith(kind) for n in names), (kind, names)
+    assert cpu["load generator"] > 0 and all(us >= 0 for us in cpu.values())
+
+
+def _report(rate: float, cpu: dict[str, float], p99: float) -> dict[str, Any]:
+    return {
+        "offered_rate": rate,
+        "sustained_per_s": rate,
+        "lost_reports": 0,
+        "missing_acks": 0,
+        "report_latency": {"p99_ms": p99, "p999_ms": p99 * 2},
+        "cpu_us_per_command": cpu,
+    }
+
+
+def test_targets_at_10000_per_s_check_latency_and_each_process_budget() -> None:
+    cpu = {"redis": 20.0, "matcher": 11.0, "gateway-1": 16.0, "feeds-1": 5.0, "load generator": 14.0}
+    met = {t["target"]: t["met"] for t in targets(_report(10_000, cpu, 1.5))}
+    assert met == {
+        "10,000/s offered: order -> report p99 <= 2 ms, p99.9 <= 5 ms, nothing lost": True,
+        "10,000/s offered: CPU of gateway-1 <= 15 us per command": False,
+        "10,000/s offered: CPU of matcher <= 12 us per command": True,
+        "10,000/s offered: CPU of feeds-1 <= 6 us per command": True,
+        "10,000/s offered: CPU of load generator <= 15 us per command": True,
+    }
+    assert not targets(_report(10_000, cpu, 2.5))[0]["met"]
+    assert [t["met"] for t in targets(_report(20_000, cpu, 2.5))] == [True]

@@ -1,0 +1,36 @@
+"""`cme bench matcher` runs the real matcher on a preloaded stream and reports every figure (no timing
+is asserted: see README)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+
+from services.bench.flow import FlowConfig, FlowGenerator
+from services.bench.matcher import entry_id, matcher_seq
+from services.cli import main
+from shared.ids import entry_to_seq
+
+
+def test_entry_ids_map_to_the_seqs_cancels_name() -> None:
+    seqs = [1, 1023, 1024, 1025, 999_999]
+    assert [entry_to_seq(entry_id(s)) for s in seqs] == [matcher_seq(s) for s in seqs]
+    assert sorted(matcher_seq(s) for s in seqs) == [matcher_seq(s) for s in seqs]
+
+
+def test_bench_matcher_commits_the_whole_flow_with_the_cores_outcome(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    assert main(["bench", "matcher", "-n", "3000", "--batch", "500", "--quiet", "--json", str(out)]) == 0
+    report = orjson.loads(out.read_bytes())
+    flow = FlowGenerator(FlowConfig(3000, 42))
+    for _ in flow.flow():
+        pass
+    # Same trades as the flow's own engine: every cancel reached the order it names.
+    assert report["applied"] == 3000 and report["trades"] == flow.book.trade_seq > 0
+    assert report["batches"]["count"] >= 6 and report["batches"]["max"] <= 500
+    assert report["commit_roundtrip_ms"]["count"] == report["batches"]["count"] - 1
+    assert all(report["published"][ch]["messages"] > 0 for ch in ("md", "trades", "exec"))
+    cpu = report["cpu_us_per_command"]
+    assert cpu["matcher"] > 0 and cpu["redis"] >= 0
+    assert {"decode", "core", "render", "redis client"} <= set(cpu["matcher_split"])
