@@ -10,29 +10,50 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# What running needs (`make up`); the test tools come with `make test` only.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	CME_PURE_PYTHON=1 $(BIN)/python -m pip install --quiet -e .  # the core is compiled below, once
 	touch $(STAMP)
 
-up: $(STAMP)
+# The test extras of pyproject.toml, installed on their own: reinstalling the project here could
+# replace the compiled core with the pure build.
+TEST_STAMP := $(VENV)/.installed-test
+$(TEST_STAMP): pyproject.toml | $(STAMP)
+	$(BIN)/python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['test']))" > $(VENV)/test-requirements.txt
+	$(BIN)/python -m pip install --quiet -r $(VENV)/test-requirements.txt
+	touch $(TEST_STAMP)
+
+# The compiled core (setup.py: mypyc, next to the sources). Rebuilt when its sources change; a build
+# that cannot compile leaves the pure modules in use (services/matcher/__init__.py picks).
+CORE_STAMP := $(VENV)/.core-built
+$(CORE_STAMP): services/matcher/book.py services/matcher/engine.py setup.py | $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $(CORE_STAMP)
+
+up: $(CORE_STAMP)
 	$(BIN)/cme up $(ARGS)
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-# Prometheus (Debian's package, with promtool) backs the metrics tests; the script installs it when it
-# is missing and the machine allows it, and says loudly when it cannot.
-test: lint
+# Prometheus (Debian's package, with promtool) backs the metrics tests, Chromium and chromedriver the
+# trading page's browser tests; each script installs its package when it is missing and the machine
+# allows it, and says loudly when it cannot (those tests then skip).
+# The core suite runs twice: against the compiled build (in the full run) and the pure one.
+test: lint $(CORE_STAMP)
 	bash deploy/install-prometheus.sh
+	bash deploy/install-haproxy.sh
+	bash deploy/install-chromium.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	CME_PURE_PYTHON=1 $(BIN)/python -m pytest -q tests/core $(PYTEST_ARGS)
 
-bench: $(STAMP)
+bench: $(CORE_STAMP)
 	$(BIN)/cme bench core $(ARGS)
 
 bench-e2e: $(STAMP)
 	$(BIN)/cme bench e2e $(ARGS)
 
 clean:
-	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache build services/matcher/*.so

@@ -17,18 +17,24 @@ import ctypes
 import fcntl
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import orjson
+import redis
 
-from services.wsclient import port_open
+from shared import logs
+from shared.net import port_open
+from shared.redis_acl import SECRET_FILE, URL_ENV, load_or_create, redact
 from shared.redis_server import RedisServer, free_port
 
 LOG = logging.getLogger("cme.up")
@@ -40,6 +46,27 @@ SERVICE_GRACE = 5.0  # seconds a gateway or feed gets to exit after SIGTERM
 MATCHER_GRACE = 10.0  # the matcher may be writing its final checkpoint
 READY_TIMEOUT = 30.0
 POLL = 0.1
+REDIS_WAIT_FIRST, REDIS_WAIT_MAX = 1.0, 30.0  # "still waiting for Redis" lines: 1 s apart, doubling to 30
+ROOT = Path(__file__).resolve().parents[1]
+RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
+# The flag that moves each port, for the "port taken" error.
+PORT_FLAGS = {
+    "gateway": "--gateway-port",
+    "md": "--md-port",
+    "trades": "--trades-port",
+    "web": "--web-port",
+    "prometheus": "--prometheus-port",
+}
+# `cme up` flags passed through to each service (dest, the service's flag).
+TUNING = {
+    "gateway": (("rate_limit", "--rate-limit"), ("max_lag", "--max-lag")),
+    "matcher": (
+        ("checkpoint_every", "--checkpoint-every"),
+        ("checkpoint_seconds", "--checkpoint-seconds"),
+        ("batch", "--batch"),
+    ),
+    "feeds": (("depth_interval", "--depth-interval"),),
+}
 
 try:  # Linux: children get SIGTERM if the supervisor dies, so a `kill -9` of it leaves no orphans.
     _LIBC: Any = ctypes.CDLL(None, use_errno=True)
@@ -56,16 +83,21 @@ def _child_setup(parent_pid: int) -> None:
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _popen(argv: list[str], out: IO[bytes] | int | None) -> subprocess.Popen[bytes]:
+def _popen(
+    argv: list[str], out: IO[bytes] | int | None, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     # A session of its own: a Ctrl-C at the terminal reaches only the supervisor, which then stops
-    # the children in order (Redis last) instead of all of them at once.
+    # the children in order (Redis last) instead of all of them at once. Umask 077: whatever a child
+    # writes in the data dir (AOF, checkpoints, logs) is the stack user's alone.
     parent = os.getpid()
     return subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
         stdout=out,
         stderr=out,
+        env={**os.environ, **env} if env else None,
         start_new_session=True,
+        umask=0o077,
         preexec_fn=lambda: _child_setup(parent),
     )
 
@@ -80,15 +112,22 @@ class StackConfig:
     gateway_port: int = 8000  # 0 for any of the ports: pick a free one
     md_port: int = 8001
     trades_port: int = 8002
+    web_port: int | None = None  # the trading page (0: any free port); None: no web process
     metrics_port: int = 9100  # first of a range: matcher, gateways, feeds
+    metrics_host: str | None = None  # None: the same as host
     redis_url: str | None = None
     data_dir: Path = Path("./var")
     feeds: int = 1
     gateways: int = 1
+    matchers: int = 1  # one active, the others standing by to take over its leases
     api_keys: str | None = None
     instruments: str | None = None
+    seed_symbol: str = "BTC-USDT"  # the seed dialect's symbol (gateways and feeds)
     log_level: str = "INFO"
+    log_format: str = "text"  # shared.logs: text or json, for every process
     log_dir: Path | None = None  # None: children write to our stderr; else one file per child
+    log_file: Path | None = None  # every process's log appended to this one file (cme up --log-file)
+    prometheus_port: int | None = None  # start a local Prometheus on this port; None: none
     extra: dict[str, list[str]] = field(default_factory=dict)  # service -> extra flags (the e2e bench)
     command: list[str] = field(default_factory=lambda: [sys.executable, "-m", "services.cli"])
 
@@ -97,18 +136,35 @@ class StackConfig:
         def absolute(path: str | None) -> str | None:
             return str(Path(path).resolve()) if path else None
 
+        extra = {
+            service: [
+                str(x)
+                for dest, flag in flags
+                if getattr(args, dest, None) is not None
+                for x in (flag, getattr(args, dest))
+            ]
+            for service, flags in TUNING.items()
+        }
         return cls(
+            extra=extra,
+            log_format=getattr(args, "log_format", "text"),
+            log_file=Path(args.log_file).resolve() if getattr(args, "log_file", None) else None,
+            prometheus_port=args.prometheus_port if getattr(args, "prometheus", False) else None,
             host=args.host,
             gateway_port=args.gateway_port,
             md_port=args.md_port,
             trades_port=args.trades_port,
+            web_port=None if getattr(args, "web_port", -1) < 0 else args.web_port,
             metrics_port=args.metrics_port,
+            metrics_host=getattr(args, "metrics_host", None),
             redis_url=args.redis_url,
             data_dir=Path(args.data_dir),
             feeds=args.feeds,
             gateways=args.gateways,
+            matchers=getattr(args, "matchers", 1),
             api_keys=absolute(args.api_keys),
             instruments=absolute(args.instruments),
+            seed_symbol=getattr(args, "seed_symbol", "BTC-USDT"),
             log_level=args.log_level,
         )
 
@@ -124,6 +180,7 @@ class Child:
     service: str  # matcher | gateway | feeds
     argv: list[str]
     metrics_port: int
+    env: dict[str, str] = field(default_factory=dict)  # on top of ours: the Redis URL with its password
     proc: subprocess.Popen[bytes] | None = None
     started: float = 0.0
     restarts: int = 0
@@ -178,19 +235,58 @@ class Stack:
         self.stopping = False
         self._lock_fd: int | None = None
         self._logs: list[IO[bytes]] = []
+        self._log_file: IO[bytes] | None = None
         self.ports: dict[str, int] = {}
+        self.prometheus: subprocess.Popen[bytes] | None = None
+        self.not_ready: dict[str, str] = {}  # child (or port) -> why it is not ready yet
 
     # --- start ------------------------------------------------------------------------------------
-    def start(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+    def start(self, stop: Stopper | None = None) -> None:
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.data_dir.chmod(0o700)  # the Redis secret, checkpoints and the AOF live here
         self._lock()
         self._resolve_ports()
+        if self.cfg.log_file is not None:
+            self._log_file = open(self.cfg.log_file, "ab")  # noqa: SIM115 - lives as long as the stack
         if self.cfg.redis_url is None:
             self._start_redis()
+        elif not self.wait_for_redis(stop):
+            return  # stopped while waiting
         self.children = self._plan()
         for child in self.children:
             self._spawn(child)
+        self.write_targets()
+        if self.cfg.prometheus_port is not None:
+            self._start_prometheus()
         self.write_state()
+
+    def wait_for_redis(self, stop: Stopper | None = None) -> bool:
+        """Until the external Redis answers PING (False: a stop was asked for first). The services
+        would start and retry on their own, but each would log its failures: one line here instead,
+        repeated with a growing gap while Redis stays away."""
+        where = redact(self.redis_url)
+        client = redis.Redis.from_url(self.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        started = time.monotonic()
+        gap, next_line = REDIS_WAIT_FIRST, 0.0
+        try:
+            while not (stop and stop.requested):
+                try:
+                    client.ping()
+                except redis.exceptions.AuthenticationError as exc:  # waiting will not fix a password
+                    raise StackError(f"Redis at {where} refused the login: {exc}") from exc
+                except (redis.exceptions.RedisError, OSError) as exc:
+                    waited = time.monotonic() - started
+                    if waited >= next_line:
+                        LOG.warning("waiting for Redis at %s (%.0f s so far): %s", where, waited, exc)
+                        next_line, gap = waited + gap, min(gap * 2, REDIS_WAIT_MAX)
+                    time.sleep(POLL)
+                    continue
+                if next_line:
+                    LOG.info("Redis at %s answers after %.1f s", where, time.monotonic() - started)
+                return True
+            return False
+        finally:
+            client.close()
 
     def _lock(self) -> None:
         # Two stacks on one data dir would run two Redis servers on one AOF: refuse the second.
@@ -198,19 +294,31 @@ class Stack:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
             os.close(fd)
-            raise StackError(f"another `cme up` is running on {self.data_dir}") from exc
+            pid = f" (pid {holder})" if holder.isdigit() else ""
+            raise StackError(f"another `cme up`{pid} is running on {self.data_dir}") from exc
+        os.ftruncate(fd, 0)  # the holder's pid, for the error above
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
 
     def _resolve_ports(self) -> None:
         cfg, host = self.cfg, self.cfg.host
-        n = 1 + cfg.gateways + cfg.feeds
+        n = self._processes()
         wanted = {"gateway": cfg.gateway_port, "md": cfg.md_port, "trades": cfg.trades_port}
+        if cfg.web_port is not None:
+            wanted["web"] = cfg.web_port
+        if cfg.prometheus_port is not None:
+            wanted["prometheus"] = cfg.prometheus_port
         if cfg.metrics_port:
             wanted.update({f"metrics{i}": cfg.metrics_port + i for i in range(n)})
-        taken = [f"{name} {port}" for name, port in wanted.items() if port and not port_free(host, port)]
+        taken = [name for name, port in wanted.items() if port and not port_free(host, port)]
         if taken:
-            raise StackError(f"ports already in use on {host}: {', '.join(taken)}")
+            said = []
+            for name in taken:
+                flag = PORT_FLAGS.get(name) or f"--metrics-port (the first of {n} /metrics ports)"
+                said.append(f"{name} {wanted[name]} (move it with {flag}, 0: any free port)")
+            raise StackError(f"ports already in use on {host}: {'; '.join(said)}")
         if not cfg.metrics_port:
             wanted.update({f"metrics{i}": 0 for i in range(n)})
         spare = iter(free_ports(host, sum(1 for port in wanted.values() if not port)))
@@ -231,9 +339,17 @@ class Stack:
                 LOG.warning("redis port %d from %s is taken; choosing another", stored, port_file)
         if not port:  # not one of the ports just chosen for the services (they are not bound yet)
             port = next(p for p in free_ports("127.0.0.1", 8) if p not in self.ports.values())
-        self.redis = RedisServer(redis_dir, port=port, spawn=lambda argv: _popen(argv, subprocess.DEVNULL))
+        creds = load_or_create(self.data_dir / SECRET_FILE)  # a new one on first start, kept after
+        self.redis = RedisServer(
+            redis_dir, port=port, spawn=lambda argv: _popen(argv, subprocess.DEVNULL), credentials=creds
+        )
         port_file.write_text(f"{self.redis.port}\n")
-        LOG.info("starting redis-server on port %d (AOF everysec, files in %s)", self.redis.port, redis_dir)
+        LOG.info(
+            "starting redis-server on port %d (AOF everysec, files in %s, ACL users from %s)",
+            self.redis.port,
+            redis_dir,
+            self.data_dir / SECRET_FILE,
+        )
         try:
             self.redis.start()
         except RuntimeError as exc:
@@ -243,21 +359,38 @@ class Stack:
     def _plan(self) -> list[Child]:
         cfg = self.cfg
         base = cfg.command
-        common = ["--redis-url", self.redis_url, "--log-level", cfg.log_level]
+        # Each service logs in as its own ACL user; the URL goes in the environment, not in `ps`.
+        metrics_host = cfg.metrics_host or cfg.host
+        common = [
+            "--log-level",
+            cfg.log_level,
+            "--log-format",
+            cfg.log_format,
+            "--metrics-host",
+            metrics_host,
+        ]
         if cfg.instruments:
             common += ["--instruments", cfg.instruments]
-        metrics = iter(self.ports[f"metrics{i}"] for i in range(1 + cfg.gateways + cfg.feeds))
+        metrics = iter(self.ports[f"metrics{i}"] for i in range(self._processes()))
 
         def child(name: str, service: str, flags: list[str]) -> Child:
             port = next(metrics)
             argv = [*base, service, *common, "--metrics-port", str(port), "--instance", name, *flags]
-            return Child(name, service, [*argv, *cfg.extra.get(service, [])], port)
+            url = self.redis.url_for(service) if self.redis is not None else self.redis_url
+            return Child(name, service, [*argv, *cfg.extra.get(service, [])], port, {URL_ENV: url})
 
         keys = ["--api-keys", cfg.api_keys] if cfg.api_keys else []
-        out = [child("matcher", "matcher", ["--data-dir", str(self.data_dir)])]
+        seed_flags = ["--seed-symbol", cfg.seed_symbol]
+        matcher_flags = ["--data-dir", str(self.data_dir)]
+        if cfg.matchers <= 1:
+            out = [child("matcher", "matcher", matcher_flags)]
+        else:  # whichever gets the leases first is active; a restarted one stands by
+            out = [child(f"matcher-{i}", "matcher", matcher_flags) for i in range(1, cfg.matchers + 1)]
         out += [
             child(
-                f"gateway-{i}", "gateway", ["--host", cfg.host, "--port", str(self.ports["gateway"]), *keys]
+                f"gateway-{i}",
+                "gateway",
+                ["--host", cfg.host, "--port", str(self.ports["gateway"]), *keys, *seed_flags],
             )
             for i in range(1, cfg.gateways + 1)
         ]
@@ -272,11 +405,26 @@ class Stack:
                     str(self.ports["md"]),
                     "--trades-port",
                     str(self.ports["trades"]),
+                    *seed_flags,
                 ],
             )
             for i in range(1, cfg.feeds + 1)
         ]
+        if cfg.web_port is not None:  # last: it reads the others' /metrics for the page's latency panel
+            ep, port = self.endpoints(), next(metrics)
+            scrape = "127.0.0.1" if metrics_host in ("0.0.0.0", "", "::") else metrics_host
+            web = [*base, "web", *common, "--metrics-port", str(port), "--instance", "web"]
+            web += [f"--{name}-url={ep[name]}" for name in ("gateway", "md", "trades")]
+            web += [f"--metrics-url=http://{scrape}:{c.metrics_port}/metrics" for c in out]
+            web += ["--host", cfg.host, "--port", str(self.ports["web"])]
+            web += ["--auth", "api_key" if cfg.api_keys else "open"]
+            out.append(Child("web", "web", web, port))  # it never talks to Redis: no credentials
         return out
+
+    def _processes(self) -> int:
+        """Service processes, each with its own /metrics port."""
+        cfg = self.cfg
+        return cfg.matchers + cfg.gateways + cfg.feeds + (cfg.web_port is not None)
 
     def _spawn(self, child: Child) -> None:
         out: IO[bytes] | None = None
@@ -284,25 +432,106 @@ class Stack:
             self.cfg.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.cfg.log_dir / f"{child.name}.log", "ab")  # noqa: SIM115 - lives as long as the stack
             self._logs.append(out)
-        child.proc = _popen(child.argv, out)
+        elif self._log_file is not None:
+            out = self._log_file
+        child.proc = _popen(child.argv, out, child.env)
         child.started = time.monotonic()
         child.restart_at = None
 
     def wait_ready(self, timeout: float = READY_TIMEOUT, stop: Stopper | None = None) -> bool:
-        """Until every listening port accepts connections (children are restarted meanwhile)."""
+        """Until every listening port accepts connections and every child's /readyz answers 200 (the
+        gateways' and feeds' say whether Redis, the matcher and its books are there); children are
+        restarted meanwhile. `not_ready` keeps the reasons of what is still pending."""
         host = self.cfg.client_host
         deadline = time.monotonic() + timeout
-        pending = [self.ports["gateway"], self.ports["md"], self.ports["trades"]]
-        pending += [c.metrics_port for c in self.children]
-        while pending and time.monotonic() < deadline and not (stop and stop.requested):
+        ports = [
+            (name, self.ports[name]) for name in ("gateway", "md", "trades", "web") if name in self.ports
+        ]
+        opened: set[int] = set()  # a port is probed until it accepts once: each probe is a log line
+        while True:
             self.poll()
-            pending = [p for p in pending if not port_open(host, p, timeout=0.2)]
-            if pending:
-                time.sleep(POLL)
+            opened.update(
+                port for _, port in ports if port not in opened and port_open(host, port, timeout=0.2)
+            )
+            pending = {
+                f"{name} port {port}": "not accepting connections"
+                for name, port in ports
+                if port not in opened
+            }
+            for child in self.children:
+                reason = readiness(host, child.metrics_port)
+                if reason is not None:
+                    pending[child.name] = reason
+            self.not_ready = pending
+            if not pending or time.monotonic() >= deadline or (stop and stop.requested):
+                break
+            time.sleep(POLL)
         if self.ready != (not pending):
             self.ready = not pending
             self.write_state()
         return self.ready
+
+    # --- Prometheus -------------------------------------------------------------------------------
+    def write_targets(self) -> Path:
+        """Prometheus file-based service discovery of this stack's /metrics ports (they follow
+        --metrics-port and the process counts, so a fixed list in a config cannot)."""
+        h = self.cfg.client_host
+        targets = [
+            {"targets": [f"{h}:{c.metrics_port}"], "labels": {"process": c.name}} for c in self.children
+        ]
+        path = self.data_dir / "prometheus" / "targets.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_bytes(orjson.dumps(targets, option=orjson.OPT_INDENT_2))
+        os.replace(tmp, path)  # Prometheus rereads the file on change: never a half-written one
+        return path
+
+    def prometheus_config(self) -> Path:
+        """A config that scrapes the targets file, with the project's rules (JSON is YAML)."""
+        config = {
+            "global": {
+                "scrape_interval": "5s",
+                "scrape_timeout": "4s",
+                "evaluation_interval": "5s",
+                "external_labels": {"venue": "cme-local"},
+            },
+            "rule_files": [str(RULES)] if RULES.exists() else [],
+            "scrape_configs": [
+                {
+                    "job_name": "cme",
+                    "file_sd_configs": [
+                        {
+                            "files": [str(self.data_dir / "prometheus" / "targets.json")],
+                            "refresh_interval": "5s",
+                        }
+                    ],
+                }
+            ],
+        }
+        path = self.data_dir / "prometheus" / "prometheus.yml"
+        path.write_bytes(orjson.dumps(config, option=orjson.OPT_INDENT_2))
+        return path
+
+    def _start_prometheus(self) -> None:
+        binary = shutil.which("prometheus")
+        if binary is None:
+            raise StackError(
+                "--prometheus: no `prometheus` on PATH (Debian: apt-get install prometheus, "
+                "or bash deploy/install-prometheus.sh)"
+            )
+        if not RULES.exists():
+            LOG.warning("no %s here: the local Prometheus runs without the rules", RULES)
+        base = self.data_dir / "prometheus"
+        argv = [
+            binary,
+            f"--config.file={self.prometheus_config()}",
+            f"--storage.tsdb.path={base / 'data'}",
+            f"--web.listen-address={self.cfg.client_host}:{self.ports['prometheus']}",
+        ]
+        out = open(base / "prometheus.log", "ab")  # noqa: SIM115 - lives as long as the stack
+        self._logs.append(out)
+        self.prometheus = _popen(argv, out)
+        LOG.info("starting prometheus (pid %d), its log in %s", self.prometheus.pid, base / "prometheus.log")
 
     # --- monitor ----------------------------------------------------------------------------------
     def poll(self) -> None:
@@ -355,7 +584,16 @@ class Stack:
     def stop(self, stop: Stopper | None = None) -> None:
         """Gateways, then feeds, then the matcher, then Redis; a second signal skips the waiting."""
         self.stopping = True
+        if self.prometheus is not None and self.prometheus.poll() is None:
+            LOG.info("stopping prometheus (pid %d)", self.prometheus.pid)
+            self.prometheus.terminate()
+            try:
+                self.prometheus.wait(SERVICE_GRACE)
+            except subprocess.TimeoutExpired:
+                self.prometheus.kill()
+                self.prometheus.wait()
         for service, grace in (
+            ("web", SERVICE_GRACE),
             ("gateway", SERVICE_GRACE),
             ("feeds", SERVICE_GRACE),
             ("matcher", MATCHER_GRACE),
@@ -367,6 +605,9 @@ class Stack:
             self.redis.stop()  # SIGTERM: Redis flushes the AOF before it exits
         for f in self._logs:
             f.close()
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
         if self._lock_fd is not None:  # only the owner of the data dir may remove its stack.json
             (self.data_dir / "stack.json").unlink(missing_ok=True)
             os.close(self._lock_fd)
@@ -399,6 +640,7 @@ class Stack:
             "gateway": f"ws://{h}:{self.ports['gateway']}",
             "md": f"ws://{h}:{self.ports['md']}",
             "trades": f"ws://{h}:{self.ports['trades']}",
+            **({"web": f"http://{h}:{self.ports['web']}/"} if "web" in self.ports else {}),
         }
 
     def state(self) -> dict[str, Any]:
@@ -409,10 +651,14 @@ class Stack:
             "host": self.cfg.host,
             **self.endpoints(),
             "ports": self.ports,
-            "redis_url": self.redis_url,
+            "redis_url": redact(self.redis_url),
             "redis_pid": self.redis.proc.pid if self.redis and self.redis.proc else None,
             "embedded_redis": self.redis is not None,
+            "redis_secret": str(self.data_dir / SECRET_FILE) if self.redis is not None else None,
             "data_dir": str(self.data_dir),
+            "not_ready": self.not_ready,
+            "prometheus": self.prometheus_url(),
+            "prometheus_targets": str(self.data_dir / "prometheus" / "targets.json"),
             "processes": [
                 {
                     "name": c.name,
@@ -433,15 +679,24 @@ class Stack:
         tmp.write_bytes(orjson.dumps(self.state(), option=orjson.OPT_INDENT_2))
         os.replace(tmp, path)  # readers never see a half-written file
 
+    def prometheus_url(self) -> str | None:
+        if self.prometheus is None:
+            return None
+        return f"http://{self.cfg.client_host}:{self.ports['prometheus']}/"
+
     def table(self) -> str:
         ep = self.endpoints()
         rows = [("gateway", ep["gateway"], "orders (ws)"), ("md", ep["md"], "l2 / depth (ws)")]
         rows.append(("trades", ep["trades"], "trades (ws)"))
+        if "web" in ep:
+            rows.insert(0, ("page", ep["web"], "trading page: open it in a browser"))
         h = self.cfg.client_host
         rows += [(c.name, f"http://{h}:{c.metrics_port}/metrics", f"pid {c.pid}") for c in self.children]
         kind = "embedded, AOF everysec" if self.redis else "external"
-        rows.append(("redis", self.redis_url, kind))
-        rows.append(("data dir", str(self.data_dir), "stack.json"))
+        rows.append(("redis", redact(self.redis_url), kind))
+        rows.append(("data dir", str(self.data_dir), "stack.json, prometheus/targets.json"))
+        if self.prometheus_url() is not None:
+            rows.append(("prometheus", str(self.prometheus_url()), "scrapes the stack, with the rules"))
         width = max(len(r[1]) for r in rows)
         lines = [f"  {name:<10} {where:<{width}}  {note}" for name, where, note in rows]
         return "\n".join(["cme up: the stack is running (Ctrl-C stops it)", *lines])
@@ -467,35 +722,50 @@ class Stopper:
             LOG.info("%s: stopping the stack", signal.Signals(signum).name)
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s.%(msecs)03d cme-up %(levelname)s %(message)s",
-        datefmt="%Y-%m-%d %H:%M:%S",
-        stream=sys.stderr,
-    )
+def readiness(host: str, port: int) -> str | None:
+    """None when the /readyz of the process on this metrics port answers 200, else why not."""
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/readyz", timeout=1.0) as reply:
+            return None if reply.status == 200 else f"/readyz: {reply.status}"
+    except urllib.error.HTTPError as exc:
+        return exc.read().decode(errors="replace").strip() or f"/readyz: {exc.code}"
+    except OSError as exc:
+        return f"/metrics port {port} not answering ({exc})"
 
 
 def run(args: argparse.Namespace) -> int:
-    setup_logging(args.log_level)
+    cfg = StackConfig.from_args(args)
+    log_stream = open(cfg.log_file, "a") if cfg.log_file else None  # noqa: SIM115 - until exit
+    logs.setup("up", args.instance or "up", args.log_level, cfg.log_format, log_stream or sys.stderr)
     stopper = Stopper()
     stopper.install()  # before any child exists, so an early Ctrl-C still stops what was started
-    stack = Stack(StackConfig.from_args(args))
+    stack = Stack(cfg)
     try:
-        stack.start()
+        stack.start(stopper)
     except (StackError, OSError) as exc:
         LOG.error("cannot start the stack: %s", exc)
+        if log_stream is not None:  # the terminal hears of it too
+            print(f"cme up: cannot start the stack: {exc}", file=sys.stderr)
         stack.stop()
         return 1
-    if stack.wait_ready(stop=stopper):
-        print(stack.table(), flush=True)
-    elif not stopper.requested:
-        LOG.warning("not every port accepts connections after %.0f s; still monitoring", READY_TIMEOUT)
-        print(stack.table(), flush=True)
+    timeout = getattr(args, "ready_timeout", READY_TIMEOUT)
+    announced = False
+    if not stopper.requested and not stack.wait_ready(timeout, stop=stopper) and not stopper.requested:
+        reasons = "; ".join(f"{name}: {why}" for name, why in stack.not_ready.items())
+        LOG.warning("not ready after %.0f s (%s); still waiting", timeout, reasons)
+    last_reasons = dict(stack.not_ready)
     while not stopper.requested:
+        if stack.ready and not announced:
+            print(stack.table(), flush=True)
+            announced = True
         stack.poll()
         if not stack.ready:
             stack.wait_ready(timeout=POLL, stop=stopper)
+            if stack.not_ready.keys() != last_reasons.keys() and stack.not_ready:
+                LOG.info("waiting for: %s", "; ".join(f"{n}: {w}" for n, w in stack.not_ready.items()))
+            last_reasons = dict(stack.not_ready)
         time.sleep(POLL)
     stack.stop(stopper)
+    if log_stream is not None:
+        log_stream.close()
     return 0

@@ -8,10 +8,13 @@ observation, as much as matching an order, so the matcher must not use it per co
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
+import time
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info, start_http_server
 from prometheus_client.core import HistogramMetricFamily
@@ -179,8 +182,95 @@ def instance_name(service: str) -> str:
     return f"{service}-{socket.gethostname()}-{os.getpid()}"
 
 
-def serve(service: str, port: int, instance: str | None = None, addr: str = "0.0.0.0") -> int:
-    """Expose /metrics on `port` (0: any free port); returns the bound port."""
+def serve(service: str, port: int, instance: str | None = None, host: str = "127.0.0.1") -> int:
+    """Expose /metrics on host:port (port 0: any free port); returns the bound port. The host is the
+    service's own --host unless --metrics-host says otherwise: never every interface by default."""
     SERVICE_INFO.info({"service": service, "instance": instance or instance_name(service)})
-    server, _thread = start_http_server(port, addr=addr, registry=REGISTRY)
+    server, _thread = start_http_server(port, addr=host, registry=REGISTRY)
+    metrics_app = server.get_app()
+    assert metrics_app is not None
+    server.set_app(_with_health(metrics_app))
     return int(server.server_port)
+
+
+class Heartbeat:
+    """The event loop's pulse, for /healthz on the metrics port.
+
+    That port is served by prometheus_client's thread, which a flood of the WebSocket ports cannot
+    starve (the connection caps keep descriptors for it); but a thread answering proves nothing about
+    the loop, so /healthz answers 503 once the loop has not beaten for `stale_after` seconds.
+    """
+
+    def __init__(self, stale_after: float = 5.0) -> None:
+        self.stale_after = stale_after
+        self.last: float | None = None  # None: no loop beats here (yet): healthy
+
+    def healthy(self) -> bool:
+        return self.last is None or time.monotonic() - self.last < self.stale_after
+
+    async def run(self, every: float = 1.0) -> None:
+        while True:
+            self.last = time.monotonic()
+            await asyncio.sleep(every)
+
+
+HEARTBEAT = Heartbeat()
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+class HealthSource(Protocol):
+    """What a service reports through /healthz and /readyz: a reason, or None when all is well."""
+
+    def problem(self) -> str | None:
+        """Why the service cannot do its work now (Redis or the matcher unreachable, lag too high)."""
+
+    def unready(self) -> str | None:
+        """Why a load balancer should not send it clients yet (the problems, or still starting)."""
+
+
+class AlwaysHealthy:
+    """The source of a process whose service registered none (the matcher: its heartbeat is all)."""
+
+    def problem(self) -> str | None:
+        return None
+
+    def unready(self) -> str | None:
+        return None
+
+
+class Health:
+    """/healthz and /readyz of a process: the event loop's heartbeat, then its service's source.
+
+    Read from prometheus_client's thread and from the WebSocket servers' request hook; a source only
+    reads attributes its event loop maintains, so no lock is needed."""
+
+    def __init__(self, heartbeat: Heartbeat) -> None:
+        self.heartbeat = heartbeat
+        self.source: HealthSource = AlwaysHealthy()
+
+    def answer(self, path: str, source: HealthSource | None = None) -> tuple[int, str] | None:
+        """(HTTP status, body) for /healthz or /readyz, None for any other path."""
+        if path not in ("/healthz", "/readyz"):
+            return None
+        src = source or self.source
+        if not self.heartbeat.healthy():
+            reason: str | None = "event loop stalled"
+        else:
+            reason = src.problem() if path == "/healthz" else src.unready()
+        return (200, "OK\n") if reason is None else (503, reason + "\n")
+
+
+HEALTH = Health(HEARTBEAT)
+
+
+def _with_health(app: WsgiApp) -> WsgiApp:
+    def serve_health(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        answer = HEALTH.answer(str(environ.get("PATH_INFO")))
+        if answer is None:
+            return app(environ, start_response)
+        status, body = answer
+        line = "200 OK" if status == 200 else "503 Service Unavailable"
+        start_response(line, [("Content-Type", "text/plain; charset=utf-8")])
+        return [body.encode()]
+
+    return serve_health

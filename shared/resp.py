@@ -173,3 +173,29 @@ def _keepalive(transport: asyncio.Transport | None) -> None:
         option = getattr(socket, name, None)  # not every platform has them all (macOS: no TCP_KEEPIDLE)
         if option is not None:
             sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
+def keepalive_options() -> dict[int, int]:
+    """The same keepalive probes for redis-py's socket_keepalive_options (where the platform has them)."""
+    names = (
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE),
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+        ("TCP_KEEPCNT", KEEPALIVE_COUNT),
+    )
+    return {getattr(socket, n): v for n, v in names if hasattr(socket, n)}
+
+
+def client_options(timeout: float, *, blocking: bool = False) -> dict[str, Any]:
+    """redis-py client settings for every service: a silent partition ends in an error and a reconnect,
+    never a hang. A blocking connection (pub/sub) waits for messages by design, so it gets no read
+    timeout but a PING when idle, which finds a dead link."""
+    options: dict[str, Any] = {
+        "socket_connect_timeout": timeout,
+        "socket_keepalive": True,
+        "socket_keepalive_options": keepalive_options(),
+    }
+    if blocking:
+        options["health_check_interval"] = max(1, int(timeout))
+    else:
+        options["socket_timeout"] = timeout
+    return options

@@ -187,6 +187,7 @@ class Sampler:
         self.samples = 0
         self._by_file: dict[str, str] = {}
         self._last = 0.0
+        self._running = False
 
     def _category(self, filename: str) -> str:
         cat = self._by_file.get(filename)
@@ -211,11 +212,15 @@ class Sampler:
 
     def start(self) -> None:
         self._last = time.thread_time()
+        self._running = True
         signal.signal(signal.SIGPROF, self._handle)
         signal.setitimer(signal.ITIMER_PROF, SAMPLE_SECONDS, SAMPLE_SECONDS)
 
     def stop(self) -> None:
-        if signal.getsignal(signal.SIGPROF) is self._handle:
+        # A flag, not `getsignal(...) is self._handle`: each access makes a new bound method, and an
+        # armed timer left behind kills the process (SIGPROF's default action) once the handler is gone.
+        if self._running:
+            self._running = False
             signal.setitimer(signal.ITIMER_PROF, 0, 0)
             signal.signal(signal.SIGPROF, signal.SIG_DFL)
             self._charge(None)  # the tail since the last sample: the bench's own wake-up

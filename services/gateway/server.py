@@ -23,45 +23,56 @@ from typing import Any, Final
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoPermissionError, RedisError
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from services.gateway import validation
+from services.gateway import executions, seed, validation
 from services.gateway.appender import Appender
-from services.gateway.sessions import MAX_BAD_MESSAGES, Authenticator, Session, load_api_keys
+from services.gateway.sessions import (
+    MAX_BAD_MESSAGES,
+    Authenticator,
+    LoginThrottle,
+    Session,
+    load_api_keys,
+)
+from services.gateway.validation import ExecutionsQuery
 from services.matcher.commands import Command, NewOrder
-from shared import aio, codes, keys, metrics, stream
+from shared import aio, codes, keys, logs, metrics, stream, wsguard
 from shared.gcpolicy import quiet_gc
 from shared.ids import seq_to_entry
 from shared.instruments import Instrument, load_instruments
 from shared.metrics import (
     CONNECTIONS,
-    FEED_SEND_SECONDS,
     GATEWAY_ACK_SECONDS,
     ORDERS,
     REDIS_ERRORS,
     REDIS_ROUNDTRIPS,
     REJECTS,
 )
+from shared.resp import client_options
 from shared.wire import split_exec_line, unframe
 
 log = logging.getLogger("gateway")
+_HANDLING_FAILED = wsguard.Throttled(log)
 
 LAG_POLL_SECONDS: Final = 0.05
+LEASE_POLL_EVERY: Final = 20  # lag polls per read of the matcher leases (about once a second)
 REDIS_TIMEOUT: Final = 5.0
 CLOSE_TIMEOUT: Final = 3.0  # seconds a peer has to answer our close frame before the TCP connection is cut
 MAX_BACKLOG: Final = 100_000  # orders waiting for Redis in this process before OVERLOADED
 MAX_WRITE_BUFFER: Final = 8 << 20  # bytes a client may leave unread before it is dropped
 SLOW_CLIENT_REASON: Final = "client too slow: send buffer full"
 SHUTDOWN_REASON: Final = "server shutting down"
+AUTH_TIMEOUT: Final = 10.0  # seconds from connect to a successful auth
+AUTH_TIMEOUT_REASON: Final = "authentication timeout"
 _ORDER_TYPES: Final = {"limit": "limit", "market": "market", "ioc": "limit", "fok": "limit"}
 
 
-class GatewayConnection(ServerConnection):
+class GatewayConnection(wsguard.GuardedConnection):
     """Handles each complete text frame right where it is parsed, in data_received.
 
     The default path queues every frame, wakes the handler task and reassembles the message in
@@ -131,17 +142,53 @@ class PendingOrder:
         self.client.wake()
 
 
+class SeedPendingOrder(PendingOrder):
+    """A seed order (services.gateway.seed) on its way: the same append and metrics, the seed's answers.
+
+    The answer replaces the normal one before the outbox is flushed (wake() only schedules it): the
+    seed path is not the hot path, and this keeps the normal one free of a branch."""
+
+    __slots__ = ()
+
+    def appended(self, entry_id: str, now_ns: int) -> None:
+        if self.data is None:
+            super().appended(entry_id, now_ns)
+            self.data = seed.accepted(entry_id)
+
+    def failed(self, reason: str) -> None:
+        if self.data is None:
+            super().failed(reason)
+            self.data = seed.rejected(validation.reject(codes.INTERNAL_ERROR, validation.NEW, None, reason))
+
+
+class PendingReply:
+    """An outbox cell for a reply that needs a Redis read: later messages wait behind it, in order."""
+
+    __slots__ = ("client", "data")
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.data: bytes | None = None
+
+    def done(self, data: bytes) -> None:
+        self.data = data
+        self.client.wake()
+
+
 class Client:
     """One WebSocket connection: its session and its ordered outbox."""
 
-    __slots__ = ("account", "cells", "closing", "dirty", "gateway", "session", "ws")
+    __slots__ = ("account", "cells", "closing", "dirty", "gateway", "seed", "session", "ws")
 
     def __init__(self, gateway: Gateway, ws: ServerConnection, session: Session) -> None:
         self.gateway, self.ws, self.session = gateway, ws, session
         self.account: str | None = None  # the account it is registered under for execution reports
-        self.cells: deque[bytes | PendingOrder] = deque()
+        self.cells: deque[bytes | PendingOrder | PendingReply] = deque()
         self.dirty = False
         self.closing = False
+        # It sent a valid seed order: the seed's dialect has no auth message (each order names its
+        # account), so such a connection is exempt from the auth deadline, as an authenticated one is.
+        self.seed = False
 
     def on_text(self, data: str) -> None:
         """One text frame of this connection (called synchronously, from data_received or recv)."""
@@ -149,13 +196,19 @@ class Client:
             return  # not answered, not queued: a close frame is on its way
         try:
             self.gateway.on_text(self, data)
-        except Exception:  # a bug must not kill the transport callback; the client learns it is closed
-            log.exception("message handling failed")
-            self.close(CloseCode.INTERNAL_ERROR, "internal error")
-            return
+        except Exception as exc:
+            # Input that makes handling fail (a lone surrogate orjson cannot re-encode, say) is invalid
+            # input like any other: a reject, counted as a bad message, never a 1011 or a traceback.
+            _HANDLING_FAILED.warning("a message could not be handled: %s: %.200s", type(exc).__name__, exc)
+            log.debug("message handling failed", exc_info=True)
+            self.push(orjson.dumps(self.session.handle(None, time.monotonic())))
         reason = self.session.close_reason
         if reason is not None:
             self.close(CloseCode.POLICY_VIOLATION, reason)
+
+    def auth_expired(self) -> None:
+        if self.account is None and not self.seed:
+            self.close(CloseCode.POLICY_VIOLATION, AUTH_TIMEOUT_REASON)
 
     def close(self, code: int, reason: str) -> None:
         """Send what is ready, then close with a reason; later messages are ignored."""
@@ -184,13 +237,13 @@ class Client:
         sent = 0
         while cells:
             item = cells[0]
-            if type(item) is PendingOrder:
+            if isinstance(item, bytes):
+                data = item
+            else:  # a PendingOrder or PendingReply
                 pending = item.data
                 if pending is None:
                     break  # Redis has not answered yet: later messages wait behind this ack
                 data = pending
-            else:
-                data = item  # type: ignore[assignment]
             cells.popleft()
             protocol.send_text(data)  # already UTF-8 JSON: no re-encoding
             sent += 1
@@ -219,29 +272,43 @@ class Gateway:
         max_frame: int = 16_384,
         max_backlog: int = MAX_BACKLOG,
         max_bad: int = MAX_BAD_MESSAGES,
+        policy: wsguard.Policy | None = None,
+        auth_timeout: float = AUTH_TIMEOUT,
+        seed_symbol: str = seed.DEFAULT_SYMBOL,
     ) -> None:
         self.instruments = dict(instruments)
+        self.seed_symbol = seed_symbol  # what the seed's orders trade (they name no symbol)
         self.redis_url = redis_url
         self.auth = auth or Authenticator()
+        self.login_throttle = LoginThrottle()
         self.max_lag = max_lag
         self.rate_limit = rate_limit
         self.max_frame = max_frame
         self.max_backlog = max_backlog
         self.max_bad = max_bad
+        self.policy = policy or wsguard.Policy()
+        self.guard = wsguard.Guard(self.policy, "gateway")
+        self.auth_timeout = auth_timeout  # 0: no deadline
         self.appender = Appender(redis_url)
         # Polls and registration time out; the subscriber blocks by design, so it has its own client.
-        self.redis: aioredis.Redis = aioredis.Redis.from_url(
-            redis_url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT
-        )
+        self.redis: aioredis.Redis = aioredis.Redis.from_url(redis_url, **client_options(REDIS_TIMEOUT))
         self._subscriber: aioredis.Redis = aioredis.Redis.from_url(
-            redis_url, socket_connect_timeout=REDIS_TIMEOUT, health_check_interval=30
+            redis_url, **client_options(REDIS_TIMEOUT, blocking=True)
         )
         self.clients: set[Client] = set()
         self.by_account: dict[str, set[Client]] = {}
         self.lag: dict[str, int] = dict.fromkeys(self.instruments, 0)  # polled, plus our own appends since
         self.overloaded: set[str] = set()
         self.stopping = False
-        self.exec_subscribed = asyncio.Event()
+        # Health (/healthz, /readyz): kept by the lag watcher, read by the HTTP hooks.
+        self.redis_problem: str | None = None  # the lag watcher's last Redis error, while it lasts
+        self.lag_read = False  # the lag has been read from Redis at least once
+        self.no_matcher: list[str] = list(self.instruments)  # symbols no matcher holds the lease of
+        # Reports reach the account's connections exactly once, through pub/sub or the exec log.
+        self.exec_router = executions.ExecRouter(
+            self.redis, self._subscriber, self.instruments, self.push_exec
+        )
+        self.exec_subscribed = self.exec_router.subscribed
         self._dirty: list[Client] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._closers: set[asyncio.Task[None]] = set()
@@ -255,7 +322,9 @@ class Gateway:
         """Listen (SO_REUSEPORT: several gateway processes may share the port); returns the port."""
         self.appender.start()
         self._tasks.append(self._loop.create_task(self._watch_lag(), name="lag-watcher"))
-        self._tasks.append(self._loop.create_task(self._route_executions(), name="exec-router"))
+        self._tasks.append(self._loop.create_task(metrics.HEARTBEAT.run(), name="heartbeat"))
+        metrics.HEALTH.source = self
+        self._tasks.append(self._loop.create_task(self.exec_router.run(), name="exec-router"))
         self._server = await serve(
             self._handle,
             host,
@@ -264,10 +333,13 @@ class Gateway:
             max_size=self.max_frame,
             max_queue=128,
             compression=None,  # deflate costs more CPU than these small messages save in bytes
-            process_request=_health,
+            process_request=self._health_request,
             server_header=None,
-            create_connection=GatewayConnection,
+            create_connection=wsguard.guarded(GatewayConnection, self.guard),
+            subprotocols=[seed.SUBPROTOCOL],
+            select_subprotocol=seed.select_subprotocol,  # offering none still connects
             close_timeout=CLOSE_TIMEOUT,
+            open_timeout=self.policy.handshake_timeout,
         )
         bound = int(self._server.sockets[0].getsockname()[1])
         log.info(
@@ -313,17 +385,31 @@ class Gateway:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._closers, return_exceptions=True)
         self.publish_counts()
+        if metrics.HEALTH.source is self:
+            metrics.HEALTH.source = metrics.AlwaysHealthy()
         await self.redis.aclose()
         await self._subscriber.aclose()
         log.debug("stopped after %.3f s", self._loop.time() - started)
 
     # Connections ------------------------------------------------------------------------------
     async def _handle(self, ws: ServerConnection) -> None:
+        peer = ws.remote_address[0] if ws.remote_address else None
+        where = _address(ws)
+        log.info("connection from %s", where)
         session = Session(
-            self.auth, self.instruments, self.rate_limit, time.monotonic(), max_bad=self.max_bad
+            self.auth,
+            self.instruments,
+            self.rate_limit,
+            time.monotonic(),
+            max_bad=self.max_bad,
+            throttle=self.login_throttle,  # failed logins count per IP across connections
+            peer=peer,
         )
         client = Client(self, ws, session)
         self.clients.add(client)
+        deadline = None
+        if self.auth_timeout > 0 and isinstance(ws, GatewayConnection):
+            deadline = self._loop.call_at(ws.accepted_at + self.auth_timeout, client.auth_expired)
         CONNECTIONS.labels("gateway").inc()
         try:
             if isinstance(ws, GatewayConnection):
@@ -340,7 +426,16 @@ class Gateway:
         finally:
             if isinstance(ws, GatewayConnection):
                 ws.on_text = None
+            if deadline is not None:
+                deadline.cancel()
             self.clients.discard(client)
+            log.info(
+                "connection from %s closed (account %s): %s %s",
+                where,
+                client.account or "-",
+                ws.close_code,
+                ws.close_reason or "",
+            )
             self._register(client, None)
             CONNECTIONS.labels("gateway").dec()
 
@@ -348,6 +443,9 @@ class Gateway:
         """One text frame: answer it, or submit its command to the appender. Never blocks."""
         recv_ns = time.time_ns()
         msg = validation.decode(data)
+        if msg is not None and seed.is_seed(msg):
+            self._on_seed(client, msg, recv_ns)
+            return
         result = client.session.handle(msg, time.monotonic())
         if type(result) is dict:
             kind = result["type"]
@@ -357,22 +455,57 @@ class Gateway:
                 self._register(client, result["account"])
             client.push(orjson.dumps(result))
             return
+        if type(result) is ExecutionsQuery:
+            cell = PendingReply(client)
+            client.cells.append(cell)
+            task = self._loop.create_task(self._answer_executions(cell, result))
+            self._closers.add(task)
+            task.add_done_callback(self._closers.discard)
+            return
         cmd: Command = result  # type: ignore[assignment]
         symbol = cmd[0]
         if type(cmd) is NewOrder:
             op, label = validation.NEW, cmd.type
             # Cancels pass even when overloaded: they relieve the book, and the matcher needs them.
-            lag = self.lag.get(symbol, 0)
-            if lag > self.max_lag or self.appender.backlog >= self.max_backlog:
+            if not self._admit(symbol):
                 reply = validation.reject(codes.OVERLOADED, op, cmd.client_order_id)
                 self.count_reject(reply, symbol, label)
                 client.push(orjson.dumps(reply))
                 return
-            # Counted when admitted, not when appended: a burst meets the bound where single orders do.
-            self._set_lag(symbol, lag + 1)
         else:
             op = label = msg["op"]  # type: ignore[index]  # a command comes from a decoded message
         pending = PendingOrder(client, cmd, op, label, recv_ns)
+        client.cells.append(pending)
+        self.appender.submit(symbol, stream.encode(cmd, recv_ns), pending)
+
+    def _admit(self, symbol: str) -> bool:
+        """Room for one more new order of the symbol (else OVERLOADED); if so it counts in the lag."""
+        lag = self.lag.get(symbol, 0)
+        if lag > self.max_lag or self.appender.backlog >= self.max_backlog:
+            return False
+        # Counted when admitted, not when appended: a burst meets the bound where single orders do.
+        self._set_lag(symbol, lag + 1)
+        return True
+
+    def _on_seed(self, client: Client, msg: validation.Message, recv_ns: int) -> None:
+        """A seed order (services.gateway.seed): the normal new order's path, answered in the seed's
+        words. The connection is never registered under the order's account: a seed client reads
+        only its order's answer, so the protocol's execution reports are not sent to it."""
+        result = seed.handle(client.session, msg, self.seed_symbol, time.monotonic())
+        symbol = self.seed_symbol if self.seed_symbol in self.instruments else "unknown"
+        if type(result) is dict:
+            self.count_reject(result, symbol, seed.label(msg))
+            client.push(seed.rejected(result))
+            return
+        cmd: NewOrder = result  # type: ignore[assignment]
+        client.seed = True
+        symbol = cmd.symbol
+        if not self._admit(symbol):
+            reply = validation.reject(codes.OVERLOADED, validation.NEW)
+            self.count_reject(reply, symbol, cmd.type)
+            client.push(seed.rejected(reply))
+            return
+        pending = SeedPendingOrder(client, cmd, validation.NEW, cmd.type, recv_ns)
         client.cells.append(pending)
         self.appender.submit(symbol, stream.encode(cmd, recv_ns), pending)
 
@@ -389,6 +522,7 @@ class Gateway:
         client.account = account
         if account is not None:
             self.by_account.setdefault(account, set()).add(client)
+            log.info("connection from %s authenticated as %s", _address(client.ws), account)
 
     # Output -----------------------------------------------------------------------------------
     def schedule_flush(self, client: Client) -> None:
@@ -410,51 +544,36 @@ class Gateway:
         task.add_done_callback(self._closers.discard)
 
     # Execution reports ------------------------------------------------------------------------
-    async def _route_executions(self) -> None:
-        """Every exec channel -> the connections of each line's account on this instance."""
-        channels = [keys.exec_channel(s) for s in self.instruments]
-        sent = FEED_SEND_SECONDS.labels("exec")
-        while True:
-            pubsub = self._subscriber.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(*channels)
-                self.exec_subscribed.set()
-                while True:
-                    message = await pubsub.get_message(timeout=None)
-                    if message is not None and message["type"] == "message":
-                        published_ns = self.deliver(message["data"])
-                        if published_ns:
-                            sent.observe(max(0, time.time_ns() - published_ns) / 1e9)
-            except (RedisError, OSError) as exc:
-                self.exec_subscribed.clear()
-                REDIS_ERRORS.labels("subscribe").inc()
-                log.warning(
-                    "execution report subscription lost (%s); reports published meanwhile are lost", exc
-                )
-                await asyncio.sleep(0.5)
-            finally:
-                with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-
     def deliver(self, payload: bytes) -> int:
-        """Route one exec payload; returns its publish time (ns, 0 if unknown)."""
+        """Route one exec payload that carries no exec ids; returns its publish time (ns, 0 if unknown)."""
         published_ns, lines = unframe(payload)
-        by_account = self.by_account
         for line in lines:
-            if not line:
-                continue
-            account, body = split_exec_line(line)
-            clients = by_account.get(account)
-            if clients:
-                for client in clients:
-                    client.push(body)
+            if line:
+                self.push_exec(line)
         return published_ns
+
+    def push_exec(self, line: bytes) -> None:
+        """One exec line `<account> <json>` to every connection of that account on this instance."""
+        account, body = split_exec_line(line)
+        clients = self.by_account.get(account)
+        if clients:
+            for client in clients:
+                client.push(body)
+
+    async def _answer_executions(self, cell: PendingReply, query: ExecutionsQuery) -> None:
+        try:
+            cell.done(await executions.answer(self.exec_router.log, query))
+        except (RedisError, OSError) as exc:
+            REDIS_ERRORS.labels("execlog").inc()
+            reply = validation.reject(codes.INTERNAL_ERROR, validation.EXECUTIONS, None, f"Redis: {exc}")
+            cell.done(orjson.dumps(reply))
 
     # Backpressure -----------------------------------------------------------------------------
     async def _watch_lag(self) -> None:
         """Matcher lag per symbol = appended counter - applied (progress hash), every 50 ms."""
         symbols = list(self.instruments)
         failing = False
+        polls = 0
         while True:
             try:
                 pipe = self.redis.pipeline(transaction=False)
@@ -465,14 +584,64 @@ class Gateway:
                 REDIS_ROUNDTRIPS.labels("lag").inc()
                 for i, s in enumerate(symbols):
                     self._set_lag(s, int(values[2 * i] or 0) - int(values[2 * i + 1] or 0))
+                if failing:
+                    log.info("matcher lag readable again")
                 failing = False
+                self.redis_problem = None
+                self.lag_read = True
+                if polls % LEASE_POLL_EVERY == 0:
+                    await self._read_leases(symbols)
+                polls += 1
             except (RedisError, OSError, ValueError) as exc:
                 REDIS_ERRORS.labels("lag").inc()
                 if not failing:  # log the first failure of a streak only
                     log.warning("cannot read the matcher lag: %s", exc)
                 failing = True
+                self.redis_problem = f"{type(exc).__name__}: {exc}"
+                polls = 0  # read the leases again as soon as Redis answers
             self.publish_counts()
             await asyncio.sleep(LAG_POLL_SECONDS)
+
+    async def _read_leases(self, symbols: list[str]) -> None:
+        """Which symbols a matcher holds the lease of (it renews it while alive), for health."""
+        try:
+            pipe = self.redis.pipeline(transaction=False)  # one GET per key: each symbol has its slot
+            for s in symbols:
+                pipe.get(keys.matcher_lease(s))
+            held = await pipe.execute()
+        except NoPermissionError:  # an ACL file from before this check: no matcher check, say so once
+            if self.no_matcher:
+                log.warning("the gateway's Redis user may not read matcher leases: health ignores them")
+            self.no_matcher = []
+            return
+        self.no_matcher = [s for s, value in zip(symbols, held, strict=True) if value is None]
+
+    # Health -----------------------------------------------------------------------------------
+    def problem(self) -> str | None:
+        """Why orders cannot flow now: the reason /healthz gives with its 503."""
+        if self.redis_problem is not None:
+            return f"Redis unreachable: {self.redis_problem}"
+        if self.no_matcher:  # never started, or died and no standby took over: orders would not be matched
+            return f"matcher unreachable: no matcher holds the lease of {', '.join(self.no_matcher)}"
+        behind = sorted(self.overloaded)
+        if behind:
+            lags = ", ".join(f"{s} {self.lag.get(s, 0)}" for s in behind)
+            return f"matcher behind by more than {self.max_lag} entries: {lags}"
+        return None
+
+    def unready(self) -> str | None:
+        """/readyz: the problems, or what the gateway still waits for before it is worth a client."""
+        problem = self.problem()
+        if problem is not None:
+            return problem
+        if not self.lag_read:
+            return "starting: the matcher lag has not been read from Redis yet"
+        if not self.exec_subscribed.is_set():
+            return "execution reports not subscribed yet"
+        return None
+
+    def _health_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        return _health(connection, request, self)
 
     def _set_lag(self, symbol: str, lag: int) -> None:
         self.lag[symbol] = lag
@@ -522,11 +691,21 @@ def _labels(
     return (symbol if type(symbol) is str and symbol in instruments else "unknown"), label
 
 
-def _health(connection: ServerConnection, request: Request) -> Response | None:
-    """Plain HTTP GET /healthz answers 200 (load balancers, compose health checks)."""
-    if request.path == "/healthz" and "Upgrade" not in request.headers:
-        return connection.respond(HTTPStatus.OK, "OK\n")
-    return None
+def _health(connection: ServerConnection, request: Request, source: metrics.HealthSource) -> Response | None:
+    """Plain HTTP GET /healthz and /readyz: 200, or 503 with the reason (load balancers, compose)."""
+    if "Upgrade" in request.headers:
+        return None
+    answer = metrics.HEALTH.answer(request.path, source)
+    if answer is None:
+        return None
+    status, body = answer
+    return connection.respond(HTTPStatus(status), body)
+
+
+def _address(ws: ServerConnection) -> str:
+    """host:port of the peer, for log lines."""
+    peer = ws.remote_address
+    return f"{peer[0]}:{peer[1]}" if peer else "?"
 
 
 # Entry point ------------------------------------------------------------------------------------
@@ -540,6 +719,9 @@ async def _serve(
         max_lag=args.max_lag,
         rate_limit=args.rate_limit,
         max_frame=args.max_frame,
+        policy=wsguard.Policy.from_args(args),
+        auth_timeout=args.auth_timeout,
+        seed_symbol=args.seed_symbol,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -563,16 +745,13 @@ async def _serve(
 
 def run(args: argparse.Namespace) -> int:
     """`cme gateway`: serve until SIGTERM / SIGINT, then exit 0."""
-    logging.basicConfig(
-        level=str(args.log_level).upper(),
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s",
-    )
+    logs.from_args("gateway", args)
     try:
         instruments = load_instruments(args.instruments)
         auth = Authenticator(load_api_keys(args.api_keys) if args.api_keys else None)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.error("bad configuration: %s", exc)
         return 2
-    metrics_port = metrics.serve("gateway", args.metrics_port, args.instance)
+    metrics_port = metrics.serve("gateway", args.metrics_port, args.instance, args.metrics_host)
     aio.run(_serve(args, instruments, auth, metrics_port))
     return 0

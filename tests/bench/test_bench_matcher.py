@@ -34,3 +34,17 @@ def test_bench_matcher_commits_the_whole_flow_with_the_cores_outcome(tmp_path: P
     cpu = report["cpu_us_per_command"]
     assert cpu["matcher"] > 0 and cpu["redis"] >= 0
     assert {"decode", "core", "render", "redis client"} <= set(cpu["matcher_split"])
+
+
+def test_the_sampler_disarms_its_timer() -> None:
+    """An armed ITIMER_PROF left behind kills the process once SIGPROF's handler is gone."""
+    import signal
+
+    from services.bench.matcher import Sampler
+
+    sampler = Sampler()
+    sampler.start()
+    assert signal.getitimer(signal.ITIMER_PROF)[0] > 0
+    sampler.stop()
+    assert signal.getitimer(signal.ITIMER_PROF) == (0.0, 0.0)
+    assert signal.getsignal(signal.SIGPROF) == signal.SIG_DFL

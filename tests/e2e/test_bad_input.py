@@ -16,8 +16,9 @@ from typing import Any
 
 import orjson
 import pytest
+from cme_client import Connection, Message, gateway_session, is_type, subscribe
 
-from tests.e2e.client import Message, WsClient, gateway_session, is_type, place, subscribe
+from tests.e2e.client import place
 from tests.e2e.conftest import Stack, SymbolPool, current_book
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
@@ -57,7 +58,7 @@ def book(shared_stack: SymbolPool) -> Iterator[Book]:
     yield asyncio.run(setup())
 
 
-async def probe(conn: WsClient, symbol: str, **numbers: Any) -> None:
+async def probe(conn: Connection, symbol: str, **numbers: Any) -> None:
     """A valid order on this connection is acked and answered by the matcher: an IOC below the ask,
     so it cancels unfilled and leaves the book as it was. Numbers may be JSON numbers (exact ones)."""
     msg = {"op": "new", "symbol": symbol, "side": "buy", "type": "limit", "tif": "ioc", "price": "30000.00",
@@ -264,7 +265,7 @@ async def test_all_bad_messages_in_a_row_on_one_connection(book: Book) -> None:
 
 
 async def test_unauthenticated_orders_are_refused_until_auth(book: Book) -> None:
-    conn = await WsClient.connect(book.stack.gateway_url)
+    conn = await Connection.open(book.stack.gateway_url)
     try:
         appended = await asyncio.to_thread(book.appended)
         for msg in (
@@ -371,7 +372,7 @@ async def test_twenty_bad_messages_in_a_row_close_with_1008(book: Book) -> None:
 
 async def test_bad_subscriptions_on_the_feeds_keep_the_connection(book: Book) -> None:
     for url, good in ((book.stack.md_url, "l2_snapshot"), (book.stack.trades_url, None)):
-        conn = await WsClient.connect(url)
+        conn = await Connection.open(url)
         try:
             for text, code in (
                 ("{oops", "INVALID_MESSAGE"),
@@ -431,7 +432,7 @@ async def test_feeds_close_oversized_binary_and_persistently_bad_clients(book: B
             ("{", 1008, 21),  # 21 bad messages: each rejected, then the close
         ]
         for frame, code, rejects in cases:
-            conn = await WsClient.connect(url)
+            conn = await Connection.open(url)
             try:
                 for _ in range(max(1, rejects)):
                     await conn.send_raw(frame)

@@ -18,21 +18,11 @@ from collections.abc import Callable
 from decimal import Decimal
 
 import pytest
-from websockets.exceptions import ConnectionClosed, WebSocketException
+from cme_client import Connection, L2Book, Message, Rejected, gateway_session, is_type, subscribe
 
 from services.matcher.checkpoint import directory
 from services.matcher.commands import NewOrder
-from tests.e2e.client import (
-    FlowClient,
-    L2Book,
-    Message,
-    WireFlow,
-    WsClient,
-    gateway_session,
-    is_type,
-    place,
-    subscribe,
-)
+from tests.e2e.client import FlowClient, WireFlow, place
 from tests.e2e.conftest import Replay, Stack, current_book, reports, without_latency
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
@@ -47,7 +37,7 @@ class Watcher:
 
     def __init__(self, url: str, symbol: str, channel: str | None = None) -> None:
         self.url, self.symbol, self.channel = url, symbol, channel
-        self.conns: list[WsClient] = []
+        self.conns: list[Connection] = []
         self.ready = asyncio.Event()
         self._task = asyncio.create_task(self._run())
 
@@ -55,7 +45,7 @@ class Watcher:
         while True:
             try:
                 conn = await subscribe(self.url, self.symbol, channel=self.channel, retry_for=60)
-            except (OSError, AssertionError, TimeoutError, WebSocketException):  # not up yet, or dying
+            except (OSError, TimeoutError, Rejected):  # not up yet, or dying
                 await asyncio.sleep(0.1)
                 continue
             self.conns.append(conn)
@@ -100,7 +90,7 @@ async def send_paced(client: FlowClient, msgs: list[Message], seconds: float) ->
             return k
         try:
             await client.send(msg)
-        except ConnectionClosed:
+        except ConnectionError:
             client.sent.pop()
             return k
     return len(msgs)
@@ -200,7 +190,7 @@ async def check_exec_reports(clients: list[FlowClient], replays: dict[str, Repla
         for client in clients:
             want = [m for m in rep.execs.get(client.account, []) if m.get("symbol") == symbol]
 
-            def arrived(conn: WsClient = client.conn, s: str = symbol, n: int = len(want)) -> bool:
+            def arrived(conn: Connection = client.conn, s: str = symbol, n: int = len(want)) -> bool:
                 return len(reports(conn, s)) >= n
 
             await wait_for(arrived, 15, f"{client.account}'s {symbol} reports")
@@ -420,7 +410,7 @@ async def test_kill_9_of_the_gateway_mid_flow(stack: Stack) -> None:
         for t in c.traders:
             acks = t.conn.since(0, is_type("ack", op="new"))
 
-            def all_reported(conn: WsClient = t.conn, n: int = len(acks)) -> bool:
+            def all_reported(conn: Connection = t.conn, n: int = len(acks)) -> bool:
                 return len(conn.since(0, first_report)) >= n
 
             await wait_for(all_reported, 15, f"{t.account}'s reports")

@@ -7,10 +7,14 @@ last one stops it, checks that nothing is left running, and starts it again on t
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
+import stat
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,8 +22,16 @@ from typing import Any
 
 import orjson
 import pytest
+import redis
+from cme_client import gateway_session, is_type, l2_snapshot
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
-from services.wsclient import gateway_session, is_type, l2_snapshot, port_open
+from services.stats import STAGES
+from shared.logs import TEXT_LINE
+from shared.net import port_open
+from shared.redis_acl import SERVICES, URL_ENV, load_or_create
+from shared.redis_server import RedisServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
@@ -44,30 +56,48 @@ def wait_until(cond: Any, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def listening(port: int) -> set[str]:
+    """Local addresses with a TCP socket listening on `port` (from /proc/net/tcp and tcp6)."""
+    found = set()
+    for table, size in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, port_hex = local.split(":")
+            if state == "0A" and int(port_hex, 16) == port and len(address) == size:
+                raw = bytes.fromhex(address)
+                # /proc prints each 32-bit word in host (little-endian) order
+                words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                found.add(socket.inet_ntop(socket.AF_INET if size == 8 else socket.AF_INET6, words))
+    return found
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
 class Up:
     """A `cme up` subprocess with every port chosen free, its log in a file."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, flags: tuple[str, ...] = ("--feeds", "2")) -> None:
         self.root = root
         self.data_dir = root / "var"  # `./var` for a command run in root: what `cme demo` defaults to
-        self.log = root / "up.log"
+        self.log = root / "up.log"  # every process's log (stderr)
+        self.out = root / "up.out"  # what `cme up` prints: the table once the stack is ready
+        self.flags = flags
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> dict[str, Any]:
+    def launch(self) -> None:
         ports = ["--gateway-port", "0", "--md-port", "0", "--trades-port", "0", "--metrics-port", "0"]
-        argv = [
-            sys.executable,
-            "-m",
-            "services.cli",
-            "up",
-            "--data-dir",
-            str(self.data_dir),
-            *ports,
-            "--feeds",
-            "2",
-        ]
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=log, start_new_session=True)
+        ports += ["--web-port", "0"]
+        argv = [sys.executable, "-m", "services.cli", "up", "--data-dir", str(self.data_dir), *ports]
+        with open(self.log, "ab") as log, open(self.out, "ab") as out:
+            self.proc = subprocess.Popen(
+                [*argv, *self.flags], cwd=ROOT, stdout=out, stderr=log, start_new_session=True
+            )
+
+    def start(self) -> dict[str, Any]:
+        self.launch()
+        assert self.proc is not None
         wait_until(
             lambda: self._ready() or self.proc is None or self.proc.poll() is not None,
             START_TIMEOUT,
@@ -122,7 +152,7 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
 def test_every_child_runs_and_listens(up: Up) -> None:
     state = up.state()
     names = [p["name"] for p in state["processes"]]
-    assert names == ["matcher", "gateway-1", "feeds-1", "feeds-2"]
+    assert names == ["matcher", "gateway-1", "feeds-1", "feeds-2", "web"]
     assert all(alive(p["pid"]) for p in state["processes"]) and alive(state["redis_pid"])
     assert state["embedded_redis"] and (up.data_dir / "redis" / "appendonly.aof").exists()
     for port in (state["ports"]["gateway"], state["ports"]["md"], state["ports"]["trades"]):
@@ -130,6 +160,59 @@ def test_every_child_runs_and_listens(up: Up) -> None:
     for proc in state["processes"]:  # one /metrics per process, each answering for itself
         body = urllib.request.urlopen(proc["metrics"], timeout=5).read().decode()
         assert "cme_service_info" in body
+
+
+def test_every_process_logs_in_one_format(up: Up) -> None:
+    """The merged log of `cme up`: each line parses with one pattern and names its service."""
+    lines = up.log_text().splitlines()
+    parsed = [TEXT_LINE.match(line) for line in lines]
+    assert all(parsed), [line for line, m in zip(lines, parsed, strict=True) if m is None][:5]
+    services = {m["service"] for m in parsed if m}
+    assert services >= {"up", "matcher", "gateway", "feeds", "web"}
+    instances = {m["instance"] for m in parsed if m}
+    assert instances >= {"up", "matcher", "gateway-1", "feeds-1", "feeds-2"}
+    assert "the stack is running" in up.out.read_text()
+
+
+def test_metrics_listen_on_the_stacks_host_only(up: Up) -> None:
+    """`cme up` defaults to --host 127.0.0.1: no /metrics may listen on every interface."""
+    for proc in up.state()["processes"]:
+        assert listening(proc["metrics_port"]) == {"127.0.0.1"}, proc["name"]
+
+
+def test_redis_has_a_password_and_each_service_its_own_acl_user(up: Up) -> None:
+    state = up.state()
+    secret = Path(state["redis_secret"])
+    assert secret.parent == up.data_dir and mode(secret) == 0o600 and mode(up.data_dir) == 0o700
+    redis_dir = up.data_dir / "redis"
+    assert mode(redis_dir) == 0o700
+    assert [p.name for p in redis_dir.iterdir() if p.is_file() and mode(p) & 0o077] == []
+    once = Retry(NoBackoff(), 0)
+    anonymous = redis.Redis.from_url(state["redis_url"], socket_timeout=5, retry=once)
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        anonymous.xadd("cme:{ETH-USDT}:orders", {"d": "forged"})
+    creds = load_or_create(secret)
+    port = int(state["redis_url"].rsplit(":", 1)[1].split("/")[0])
+    admin = redis.Redis.from_url(creds.url("admin", "127.0.0.1", port), socket_timeout=5)
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        admin.config_set("dir", "/tmp")
+    # Every service is connected as its own user (a child may still be connecting right after start).
+    wait_until(lambda: {c["user"] for c in admin.client_list()} >= set(SERVICES), 15, "every ACL user")
+    for proc in state["processes"]:  # the password is in the child's environment, never in `ps`
+        pid, service = proc["pid"], proc["service"]
+        if service == "web":  # the page's server never talks to Redis: it gets no credentials
+            assert f"{URL_ENV}=".encode() not in Path(f"/proc/{pid}/environ").read_bytes()
+            continue
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert creds.password(service).encode() not in cmdline and b"@127.0.0.1" not in cmdline
+        env = dict(
+            item.split(b"=", 1)
+            for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            if b"=" in item
+        )
+        assert env[URL_ENV.encode()].decode() == creds.url(service, "127.0.0.1", port)
+    admin.close()
+    anonymous.close()
 
 
 @pytest.mark.parametrize("name", ["feeds-1", "matcher"])
@@ -172,12 +255,31 @@ async def test_bench_e2e_against_the_stack_loses_nothing_and_cleans_up(up: Up) -
     assert book["bids"] == [] and book["asks"] == []
 
 
+def test_stats_once_shows_every_stage(up: Up) -> None:
+    """After the bench's traffic every stage has observations: `cme stats --once` prints numbers."""
+    argv = [sys.executable, "-m", "services.cli", "stats", "--once", "--interval", "0.2"]
+    done = subprocess.run(argv, cwd=up.root, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stdout + done.stderr
+    processes = len(up.state()["processes"])
+    assert f"{processes} of {processes} processes answered" in done.stdout
+    for stage, _ in STAGES:
+        row = next(line for line in done.stdout.splitlines() if line.startswith(stage))
+        count, p50, p99, p999, _over = re.split(r"\s{2,}", row[len(stage) :].strip())
+        assert int(count) > 0 and "-" not in (p50, p99, p999), row
+
+
 def test_demo_passes_against_the_stack(up: Up) -> None:
     state = up.state()
     argv = [sys.executable, "-m", "services.cli", "demo"]
     argv += ["--gateway", state["gateway"], "--md", state["md"], "--trades", state["trades"]]
     matcher = up.pid_of("matcher")
-    # cwd = the stack's root, so the demo's default ./var is this stack's data dir: it runs the restart check.
+    # cwd = the stack's root, so the demo's default ./var is this stack's data dir: it could kill the
+    # matcher, and does so only with --restart-check.
+    done = subprocess.run(argv, cwd=up.root, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "demo OK" in done.stdout and "no --restart-check" in done.stdout
+    assert up.pid_of("matcher") == matcher
+    argv.append("--restart-check")
     done = subprocess.run(argv, cwd=up.root, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "demo OK" in done.stdout and "restart check: SIGKILL the matcher" in done.stdout
@@ -186,18 +288,20 @@ def test_demo_passes_against_the_stack(up: Up) -> None:
 
 def test_a_second_up_on_the_same_data_dir_or_a_taken_port_is_refused(up: Up, tmp_path: Path) -> None:
     ports = ["--gateway-port", "0", "--md-port", "0", "--trades-port", "0", "--metrics-port", "0"]
+    ports += ["--web-port", "0"]
     base = [sys.executable, "-m", "services.cli", "up", *ports]
     same_dir = subprocess.run(
         [*base, "--data-dir", str(up.data_dir)], capture_output=True, text=True, timeout=30
     )
-    assert same_dir.returncode == 1 and "another `cme up` is running" in same_dir.stderr
+    pid = up.state()["supervisor_pid"]
+    assert same_dir.returncode == 1 and f"another `cme up` (pid {pid}) is running" in same_dir.stderr
     assert (up.data_dir / "stack.json").exists(), (
         "the refused instance must not touch the running one's state"
     )
     taken = up.state()["ports"]["gateway"]
     argv = [*base, "--gateway-port", str(taken), "--data-dir", str(tmp_path / "other")]
     busy = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-    assert busy.returncode == 1 and f"gateway {taken}" in busy.stderr
+    assert busy.returncode == 1 and f"gateway {taken} (move it with --gateway-port" in busy.stderr
 
 
 async def test_sigterm_stops_everything_and_a_restart_keeps_the_book(up: Up) -> None:
@@ -214,6 +318,8 @@ async def test_sigterm_stops_everything_and_a_restart_keeps_the_book(up: Up) -> 
     before = await l2_snapshot(state["md"], "ETH-USDT")
     assert ["4321.09", "0.25000"] in before["asks"]
 
+    # Everything the module did (orders, restarts, the bench, the demo) ran within the ACL users' rights.
+    assert "NOPERM" not in up.log_text() and "no permissions" not in up.log_text()
     pids = [p["pid"] for p in state["processes"]] + [state["redis_pid"], state["supervisor_pid"]]
     assert up.stop() == 0
     assert not [pid for pid in pids if alive(pid)], "cme up left processes running"
@@ -237,3 +343,50 @@ async def test_sigterm_stops_everything_and_a_restart_keeps_the_book(up: Up) -> 
     finally:
         await conn.close()
     assert up.stop() == 0
+
+
+def health(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_up_waits_for_redis_and_health_follows_it(tmp_path: Path) -> None:
+    """An external Redis that starts late, stops and comes back: `cme up` waits and says so, reports
+    running only once everything is ready, and the gateway's and feeds' /healthz and /readyz (on their
+    WebSocket ports and their metrics ports) go 200 -> 503 with the reason -> 200. In JSON logs."""
+    server = RedisServer(tmp_path / "redis")  # its port is chosen now; it starts later
+    stack = Up(tmp_path, ("--redis-url", server.url, "--log-format", "json", "--matchers", "1"))
+    stack.launch()
+    try:
+        wait_until(lambda: "waiting for Redis at" in stack.log_text(), 20, "the waiting line")
+        assert not (stack.data_dir / "stack.json").exists() and "running" not in stack.out.read_text()
+        server.start()
+        wait_until(stack._ready, START_TIMEOUT, "stack ready")
+        assert "the stack is running" in stack.out.read_text()
+        state = stack.state()
+        metrics = {p["name"]: p["metrics_port"] for p in state["processes"]}
+        ports = [state["ports"]["gateway"], state["ports"]["md"], state["ports"]["trades"]]
+        ports += [metrics["gateway-1"], metrics["feeds-1"]]
+
+        def answers(path: str) -> list[tuple[int, str]]:
+            return [health(port, path) for port in ports]
+
+        assert answers("/healthz") == [(200, "OK\n")] * 5 and answers("/readyz") == [(200, "OK\n")] * 5
+        server.stop()
+        wait_until(lambda: all(code == 503 for code, _ in answers("/healthz")), 20, "503 everywhere")
+        for code, body in [*answers("/healthz"), *answers("/readyz")]:
+            assert code == 503 and "Redis unreachable" in body, body
+        server.start()
+        wait_until(lambda: answers("/readyz") == [(200, "OK\n")] * 5, 30, "ready again")
+        assert answers("/healthz") == [(200, "OK\n")] * 5
+    finally:
+        assert stack.stop() == 0
+        server.kill()
+    records = [orjson.loads(line) for line in stack.log_text().splitlines()]
+    assert all(r["service"] and r["instance"] for r in records)
+    assert {r["service"] for r in records} >= {"up", "matcher", "gateway", "feeds"}
+    waits = [r for r in records if r["msg"].startswith("waiting for Redis at")]
+    assert 1 <= len(waits) <= 5, "the waiting line backs off"

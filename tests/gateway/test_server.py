@@ -351,7 +351,7 @@ async def test_invalid_utf8_text_frame_closes_with_1007(start_gateway: Start) ->
     assert code == 1007 and reason
 
 
-async def test_metrics_and_health(start_gateway: Start) -> None:
+async def test_metrics_and_health(start_gateway: Start, rds: aioredis.Redis) -> None:
     gateway, url = await start_gateway()
 
     def sample(name: str, **labels: str) -> float:
@@ -374,11 +374,23 @@ async def test_metrics_and_health(start_gateway: Start) -> None:
     assert sample("cme_gateway_ack_latency_seconds_count", op="new") >= 1
     await ws.close()
 
-    reader, writer = await asyncio.open_connection("127.0.0.1", int(url.rsplit(":", 1)[1]))
-    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-    status = await asyncio.wait_for(reader.readline(), 5)
-    assert status.startswith(b"HTTP/1.1 200")
-    writer.close()
+    port = int(url.rsplit(":", 1)[1])
+
+    async def healthz() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        return answer
+
+    answer = await healthz()  # no matcher runs in this test: orders would never be matched
+    assert answer.startswith(b"HTTP/1.1 503") and b"matcher unreachable" in answer, answer
+    for symbol in gateway.instruments:  # a matcher takes every symbol's lease
+        await rds.set(keys.matcher_lease(symbol), b"test-matcher")
+    deadline = time.monotonic() + 10
+    while not (answer := await healthz()).startswith(b"HTTP/1.1 200"):
+        assert time.monotonic() < deadline, answer
+        await asyncio.sleep(0.05)
 
 
 # Backpressure -------------------------------------------------------------------------------------
@@ -471,7 +483,7 @@ async def test_exec_reports_reach_every_connection_of_the_account_only(
 
 # Modes and failures ---------------------------------------------------------------------------------
 async def test_api_keys_mode(start_gateway: Start, rds: aioredis.Redis) -> None:
-    _, url = await start_gateway(auth=Authenticator({"s3cret": "alice"}))
+    _, url = await start_gateway(auth=Authenticator({"s3cret-0123456789abcdefghij": "alice"}))
     async with connect(url, compression=None) as ws:
         await send(ws, {"op": "auth", "account": "alice"})
         assert (await recv(ws))["code"] == codes.UNAUTHENTICATED
@@ -479,7 +491,7 @@ async def test_api_keys_mode(start_gateway: Start, rds: aioredis.Redis) -> None:
         assert (await recv(ws))["code"] == codes.UNAUTHENTICATED
         await send(ws, order("k1"))
         assert (await recv(ws))["code"] == codes.UNAUTHENTICATED
-        await send(ws, {"op": "auth", "api_key": "s3cret"})
+        await send(ws, {"op": "auth", "api_key": "s3cret-0123456789abcdefghij"})
         assert await recv(ws) == {"type": "authenticated", "account": "alice"}
         await send(ws, order("k1"))
         ack = await recv(ws)
@@ -523,7 +535,7 @@ async def test_redis_down_rejects_with_internal_error(start_gateway: Start, own_
 def test_cli_process_serves_and_exits_0_on_sigterm(redis_url: str, tmp_path: Path) -> None:
     port = free_port()
     keys_file = tmp_path / "keys.json"
-    keys_file.write_text('{"k-1": "alice"}')
+    keys_file.write_text('{"k-1-0123456789abcdefghijk": "alice"}')
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -553,7 +565,7 @@ def test_cli_process_serves_and_exits_0_on_sigterm(redis_url: str, tmp_path: Pat
                 except OSError:
                     await asyncio.sleep(0.1)
             async with ws:
-                await send(ws, {"op": "auth", "api_key": "k-1"})
+                await send(ws, {"op": "auth", "api_key": "k-1-0123456789abcdefghijk"})
                 assert (await recv(ws))["account"] == "alice"
                 await send(ws, order("p1"))
                 return await recv(ws)

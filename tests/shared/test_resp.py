@@ -85,3 +85,14 @@ async def test_tcp_keepalive_is_on(redis_url: str) -> None:
         assert off.transport.get_extra_info("socket").getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
     finally:
         off.close()
+
+
+def test_client_options_time_out_commands_and_probe_idle_links() -> None:
+    from shared.resp import client_options
+
+    plain = client_options(5.0)
+    assert plain["socket_timeout"] == 5.0 and plain["socket_connect_timeout"] == 5.0
+    assert plain["socket_keepalive"] is True and plain["socket_keepalive_options"]
+    blocking = client_options(5.0, blocking=True)
+    assert "socket_timeout" not in blocking, "pub/sub waits for messages by design"
+    assert blocking["health_check_interval"] == 5 and blocking["socket_keepalive"] is True
