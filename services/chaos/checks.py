@@ -17,7 +17,7 @@ import contextlib
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -57,7 +57,7 @@ class OrdersTap(threading.Thread):
     """Reads every symbol's orders stream from the start as it grows and keeps each entry; it
     reconnects when Redis goes away and goes on after the last entry it has."""
 
-    def __init__(self, url: str, symbols: list[str]) -> None:
+    def __init__(self, url: str, symbols: Sequence[str]) -> None:
         super().__init__(daemon=True, name="orders-tap")
         self.url = url
         self.by_key = {keys.orders(s).encode(): s for s in symbols}
@@ -86,6 +86,10 @@ class OrdersTap(threading.Thread):
             finally:
                 with contextlib.suppress(redis.RedisError, OSError):
                     client.close()
+
+    def count(self, symbol: str) -> int:
+        with self.lock:
+            return len(self.entries[symbol])
 
     def last_id(self, symbol: str) -> str | None:
         with self.lock:

@@ -28,7 +28,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -41,6 +40,7 @@ import pytest
 import redis
 from cme_client import Connection, L2Book, Message, is_type, l2_snapshot
 
+from services.chaos.checks import OrdersTap
 from services.matcher.commands import Command
 from services.matcher.engine import Engine
 from services.matcher.events import ACCEPTED, REJECTED, TRADE, Event
@@ -141,54 +141,6 @@ class Service:
             except subprocess.TimeoutExpired:
                 self.kill()
         return self.proc.returncode
-
-
-class OrdersTap(threading.Thread):
-    """Reads every symbol's orders stream from the start as it grows and keeps every entry.
-
-    It reconnects when Redis goes away (a test kills it) and goes on after the last entry it has."""
-
-    def __init__(self, url: str, symbols: Sequence[str]) -> None:
-        super().__init__(daemon=True, name="orders-tap")
-        self.url = url
-        self.by_key = {keys.orders(s).encode(): s for s in symbols}
-        self.entries: dict[str, list[tuple[str, bytes]]] = {s: [] for s in symbols}
-        self.last: dict[bytes, bytes] = dict.fromkeys(self.by_key, b"0-0")
-        self.lock = threading.Lock()
-        self._closing = threading.Event()
-
-    def run(self) -> None:
-        while not self._closing.is_set():
-            client = redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=1)
-            try:
-                while not self._closing.is_set():
-                    resp = cast(
-                        list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None,
-                        client.xread(cast(Any, dict(self.last)), count=10_000, block=100),
-                    )
-                    for key, entries in resp or []:
-                        symbol = self.by_key[key]
-                        with self.lock:
-                            for entry_id, fields in entries:
-                                self.entries[symbol].append((entry_id.decode(), fields.get(b"d", b"")))
-                            self.last[key] = entries[-1][0]
-            except (redis.RedisError, OSError):
-                time.sleep(0.1)
-            finally:
-                with contextlib.suppress(redis.RedisError, OSError):
-                    client.close()
-
-    def count(self, symbol: str) -> int:
-        with self.lock:
-            return len(self.entries[symbol])
-
-    def snapshot(self, symbol: str) -> list[tuple[str, bytes]]:
-        with self.lock:
-            return list(self.entries[symbol])
-
-    def close(self) -> None:
-        self._closing.set()
-        self.join(5)
 
 
 @dataclass
