@@ -71,3 +71,19 @@ def test_removing_a_missing_level_or_a_wrong_bbo_is_a_protocol_error() -> None:
     with pytest.raises(ProtocolError, match="bbo"):
         book.apply(update(6, [["buy", "100.60", "1.00000"]], ["100.50", "2.00000"], ["101.00", "0.50000"]))
     assert not book.synced
+
+
+def test_the_book_checksum_is_krakens_and_a_wrong_one_unsyncs_the_book() -> None:
+    import zlib
+
+    # Asks then bids, each price then quantity without the point and leading zeros.
+    expected = zlib.crc32(b"10100" + b"50000" + b"10050" + b"200000" + b"10000" + b"100000")
+    book = L2Book({**SNAP, "checksum": expected})
+    assert book.synced and book.checksum() == expected
+    after = update(6, [["buy", "100.00", "0.00000"]], ["100.50", "2.00000"], ["101.00", "0.50000"])
+    good = zlib.crc32(b"10100" + b"50000" + b"10050" + b"200000")
+    assert book.apply({**after, "checksum": good})
+    with pytest.raises(ProtocolError, match="checksum"):
+        book.apply({**update(7, [["buy", "99.00", "1.00000"]], ["100.50", "2.00000"], ["101.00", "0.50000"]),
+                    "checksum": good})  # fmt: skip
+    assert not book.synced, "the caller resubscribes"

@@ -252,3 +252,49 @@ async def test_resume_from_saved_exec_ids_after_the_clients_own_restart(shared_s
         await again.place(symbol, "sell", "1", price="400.00", client_order_id="live")
         [live] = await take(reports, 1)  # next comes the live report: nothing missed twice
         assert (live["client_order_id"], live["status"]) == ("live", "new")
+
+
+async def test_candles_stream_the_snapshot_then_the_bar_a_trade_makes(shared_stack: SymbolPool) -> None:
+    stack, symbol = shared_stack.stack, shared_stack.take()
+    async with Client(stack.gateway_url, account="maker", md_url=stack.md_url) as maker:
+        candles = await maker.candles(symbol, "1m").start()
+        await maker.place(symbol, "sell", "0.5", price="30000.00")
+        async with Client(stack.gateway_url, account="taker") as taker:
+            await taker.place(symbol, "buy", "0.2", type="market")
+            bar = await asyncio.wait_for(anext(candles), 15)
+            while bar["trades"] < 1:  # an empty snapshot gives nothing; the trade's bar comes live
+                bar = await asyncio.wait_for(anext(candles), 15)
+        assert (bar["type"], bar["interval"], bar["symbol"]) == ("candle", "1m", symbol)
+        assert (bar["open"], bar["close"], bar["volume"], bar["trades"]) == (
+            "30000.00",
+            "30000.00",
+            "0.20000",
+            1,
+        )
+        assert bar["close_time"] == bar["open_time"] + 60_000 - 1
+        await candles.aclose()
+
+
+async def test_the_newer_order_types_through_place(shared_stack: SymbolPool) -> None:
+    stack, symbol = shared_stack.stack, shared_stack.take()
+    async with Client(stack.gateway_url, account="carol") as carol:
+        stop = await carol.place(symbol, "buy", "0.1", "31010.00", type="stop_limit", stop_price="31000.00")
+        iceberg = await carol.place(symbol, "sell", "1", "30500.00", display_quantity="0.2")
+        seen = {}
+        async for report in carol.execution_reports():
+            seen[report["order_id"]] = report
+            if len(seen) == 2:
+                break
+        assert seen[stop["order_id"]]["status"] == "new" and seen[iceberg["order_id"]]["status"] == "new"
+        book = await current_book(stack, symbol)
+        assert book["asks"] == [["30500.00", "0.20000"]] and book["bids"] == [], "stop waits, reserve hidden"
+        async with Client(stack.gateway_url, account="dave") as dave:
+            ack = await dave.place(symbol, "buy", None, type="market", quote_quantity="3060.00")
+            async for report in dave.execution_reports():
+                if report["order_id"] == ack["order_id"] and report["status"] in ("filled", "cancelled"):
+                    break
+        # Whole lots (0.00001) while notional plus the 0.2 % taker fee stays within 3060.00.
+        filled = Decimal(report["filled_quantity"])
+        assert filled * Decimal("30500.00") * Decimal("1.002") <= Decimal("3060.00"), report
+        assert (filled + Decimal("0.00001")) * Decimal("30500.00") * Decimal("1.002") > Decimal("3060.00")
+        assert report["filled_quantity"] == "0.10012"

@@ -13,7 +13,7 @@
 """
 
 from .book import L2Book
-from .client import Client, L2Stream, TradeStream, decimal_text
+from .client import CandleStream, Client, L2Stream, TradeStream, decimal_text
 from .connection import (
     Connection,
     Message,
@@ -28,6 +28,7 @@ from .errors import ClientError, Disconnected, ProtocolError, Rejected, Sequence
 from .transport import HandshakeError, WebSocket
 
 __all__ = [
+    "CandleStream",
     "Client",
     "ClientError",
     "Connection",

@@ -3,12 +3,14 @@
 Prices and quantities stay the exact strings the feed sent; levels are keyed by their Decimal price
 so that sorting is numeric. Every update must carry the next seq (the feed's promise: seq rises by
 exactly one per update per symbol, continuing from the snapshot's), must not remove a level that is
-not there, and must end at the BBO it announces; anything else raises, and the book refuses more
-updates until a new snapshot arrives (`synced` is False): the caller resubscribes.
+not there, must end at the BBO it announces, and must match the book checksum it carries (Kraken's
+v2 CRC32 over the top 10 asks then bids); anything else raises, and the book refuses more updates
+until a new snapshot arrives (`synced` is False): the caller resubscribes.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterable
 from decimal import Decimal
 from typing import Any
@@ -41,6 +43,7 @@ class L2Book:
         self.bids = {Decimal(p): [p, q] for p, q in snapshot["bids"]}
         self.asks = {Decimal(p): [p, q] for p, q in snapshot["asks"]}
         self.synced = True
+        self._check(snapshot)
 
     def apply(self, msg: Message) -> bool:
         """Apply an l2_snapshot or l2_update of this symbol; True if the book changed. Raises
@@ -73,7 +76,23 @@ class L2Book:
         if bbo is not None and (bbo.get("bid") != self.best("buy") or bbo.get("ask") != self.best("sell")):
             self.synced = False
             raise ProtocolError(f"{self.symbol} seq {seq}: bbo {bbo} but the book has {self.bbo()}")
+        self._check(msg)
         return True
+
+    def checksum(self) -> int:
+        """Kraken's WebSocket v2 book checksum of this book: CRC32 over the top 10 asks then the top 10
+        bids, each level as its price then its quantity, decimal point and leading zeros removed."""
+        bids, asks = self.levels(10)
+        text = "".join(_digits(p) + _digits(q) for p, q in (*asks, *bids))
+        return zlib.crc32(text.encode())
+
+    def _check(self, msg: Message) -> None:
+        expected = msg.get("checksum")
+        if expected is not None and expected != self.checksum():
+            self.synced = False
+            raise ProtocolError(
+                f"{self.symbol} seq {msg.get('seq')}: checksum {expected}, book {self.checksum()}"
+            )
 
     def apply_all(self, messages: Iterable[Message]) -> None:
         for m in messages:
@@ -98,3 +117,7 @@ class L2Book:
     def __repr__(self) -> str:
         bids, asks = self.levels(3)
         return f"L2Book({self.symbol} seq {self.seq}: bids {bids} asks {asks})"
+
+
+def _digits(value: str) -> str:
+    return value.replace(".", "").lstrip("0")

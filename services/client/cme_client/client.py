@@ -40,8 +40,8 @@ from .transport import WebSocket
 Message = dict[str, Any]
 Number = str | int | Decimal  # never float: money is exact
 Side = Literal["buy", "sell"]
-OrderType = Literal["limit", "market", "ioc", "fok"]
-TimeInForce = Literal["gtc", "ioc", "fok"]
+OrderType = Literal["limit", "market", "ioc", "fok", "stop_limit", "stop_market"]
+TimeInForce = Literal["gtc", "ioc", "fok", "gtd"]
 SelfTradePrevention = Literal["cancel_taker", "cancel_maker", "cancel_both"]
 
 _ANSWERS = frozenset(("authenticated", "ack", "reject", "pong", "executions"))
@@ -176,7 +176,7 @@ class Client:
         self,
         symbol: str,
         side: Side,
-        quantity: Number,
+        quantity: Number | None,
         price: Number | None = None,
         *,
         type: OrderType | None = None,
@@ -184,12 +184,19 @@ class Client:
         post_only: bool | None = None,
         stp: SelfTradePrevention | None = None,
         client_order_id: str | None = None,
+        stop_price: Number | None = None,
+        expire_time: int | None = None,
+        display_quantity: Number | None = None,
+        quote_quantity: Number | None = None,
     ) -> Message:
         """Place an order; returns the ack once the order is durably queued, or raises Rejected.
 
         `type` defaults to limit when a price is given, else market; `tif` to the venue's default
         (gtc for limit, ioc for market). Without `client_order_id` one is generated (the ack and
-        every report carry it). What happens next arrives in `execution_reports()`."""
+        every report carry it). What happens next arrives in `execution_reports()`. The other order
+        types: `type="stop_limit"` / `"stop_market"` with `stop_price`; `tif="gtd"` with `expire_time`
+        (ms since the epoch); an iceberg with `display_quantity`; a market order by `quote_quantity`
+        (pass quantity=None)."""
         cid = client_order_id if client_order_id is not None else self._next_cid()
         msg: Message = {"op": "new", "symbol": symbol, "side": side}
         msg["type"] = type or ("limit" if price is not None else "market")
@@ -197,7 +204,16 @@ class Client:
             msg["tif"] = tif
         if price is not None:
             msg["price"] = decimal_text(price)
-        msg["quantity"] = decimal_text(quantity)
+        if quantity is not None:
+            msg["quantity"] = decimal_text(quantity)
+        if stop_price is not None:
+            msg["stop_price"] = decimal_text(stop_price)
+        if expire_time is not None:
+            msg["expire_time"] = expire_time
+        if display_quantity is not None:
+            msg["display_quantity"] = decimal_text(display_quantity)
+        if quote_quantity is not None:
+            msg["quote_quantity"] = decimal_text(quote_quantity)
         if post_only is not None:
             msg["post_only"] = post_only
         if stp is not None:
@@ -267,6 +283,14 @@ class Client:
     def trades(self, symbol: str) -> TradeStream:
         """An async iterator of `symbol`'s trades from now on, each once (by trade_id)."""
         stream = TradeStream(self._feed_url(self.trades_url, "trades_url"), symbol, self)
+        self._streams.add(stream)
+        return stream
+
+    def candles(self, symbol: str, interval: str = "1m") -> CandleStream:
+        """An async iterator of `symbol`'s candles of `interval` (1m, 5m, 15m, 1h, 1d): first every bar
+        of the feed's candles_snapshot, oldest first, then each update of the current bar (and its
+        final "closed": true). After a reconnect the new snapshot's bars come again: use open_time."""
+        stream = CandleStream(self._feed_url(self.md_url, "md_url"), symbol, self, interval)
         self._streams.add(stream)
         return stream
 
@@ -518,10 +542,15 @@ class _FeedStream(ABC, Generic[T]):
     def _on_lost(self) -> None:
         """Called in the consumer when the connection dropped, before the reconnect's messages."""
 
+    def _subscribe_extra(self) -> Message:
+        """More fields of the subscribe message (the candles' interval)."""
+        return {}
+
     def _subscribe(self) -> None:
         msg: Message = {"op": "subscribe", "symbol": self.symbol}
         if self.channel is not None:
             msg["channel"] = self.channel
+        msg.update(self._subscribe_extra())
         if self._ws is not None and self._ws.is_open:
             self._ws.send_text(orjson.dumps(msg))
 
@@ -629,3 +658,33 @@ class TradeStream(_FeedStream[Message]):
                 return None
             self.last_trade_id = trade_id
         return msg
+
+
+class CandleStream(_FeedStream[Message]):
+    """Yields candle messages: the snapshot's bars, then live updates."""
+
+    channel = "candles"
+
+    def __init__(self, url: str, symbol: str, client: Client, interval: str) -> None:
+        super().__init__(url, symbol, client)
+        self.interval = interval
+        self._pending: list[Message] = []
+
+    def _subscribe_extra(self) -> Message:
+        return {"interval": self.interval}
+
+    async def __anext__(self) -> Message:
+        if self._pending:  # the rest of a snapshot's bars, one per step
+            return self._pending.pop(0)
+        return await super().__anext__()
+
+    def _handle(self, msg: Message) -> Message | None:
+        if msg.get("interval") != self.interval:
+            return None
+        if msg.get("type") == "candles_snapshot":
+            bars: list[Message] = list(msg.get("candles", []))
+            if not bars:
+                return None
+            self._pending = bars[1:]
+            return bars[0]
+        return msg if msg.get("type") == "candle" else None
