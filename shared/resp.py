@@ -165,18 +165,13 @@ def _keepalive(transport: asyncio.Transport | None) -> None:
     if sock is None:
         return
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for name, value in (
-        ("TCP_KEEPIDLE", KEEPALIVE_IDLE),
-        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
-        ("TCP_KEEPCNT", KEEPALIVE_COUNT),
-    ):
-        option = getattr(socket, name, None)  # not every platform has them all (macOS: no TCP_KEEPIDLE)
-        if option is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+    for option, value in keepalive_options().items():
+        sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 def keepalive_options() -> dict[int, int]:
-    """The same keepalive probes for redis-py's socket_keepalive_options (where the platform has them)."""
+    """The keepalive probes as TCP socket options, for the bare connection and redis-py's
+    socket_keepalive_options alike (not every platform has them all: macOS has no TCP_KEEPIDLE)."""
     names = (
         ("TCP_KEEPIDLE", KEEPALIVE_IDLE),
         ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),

@@ -55,7 +55,7 @@ from shared import aio, keys, logs, metrics
 from shared.ids import SEQ_BITS, entry_to_seq, seq_to_entry
 from shared.instruments import Instrument, load_instruments
 from shared.redis_acl import redact
-from shared.resp import RespConnection, pack
+from shared.resp import RespConnection, client_options, pack
 from shared.stream import FIELD, decode, encode, encode_events
 from shared.wire import Rendered, count_execs, frame, l2_snapshot, render
 
@@ -226,18 +226,13 @@ class Matcher:
         self._ckpt_task: asyncio.Task[None] | None = None
         self.ckpt_key = ck.load_key(cfg.checkpoint_key_file or ck.default_key_file(cfg.data_dir))
         self._listener: asyncio.Task[None] | None = None
-        common: dict[str, Any] = {
-            "decode_responses": False,
-            "retry": Retry(NoBackoff(), 0),
-            "socket_connect_timeout": cfg.redis_timeout,
-            "socket_keepalive": True,
-        }
+        # Never retried by the client: a retried commit could publish a batch twice (crash-only).
+        common: dict[str, Any] = {"decode_responses": False, "retry": Retry(NoBackoff(), 0)}
         self.r: aioredis.Redis = aioredis.Redis.from_url(
-            cfg.redis_url, socket_timeout=cfg.redis_timeout, **common
+            cfg.redis_url, **client_options(cfg.redis_timeout), **common
         )
-        # Pub/sub waits for messages by design: no read timeout; a PING when idle finds a dead link.
         self.r_sub: aioredis.Redis = aioredis.Redis.from_url(
-            cfg.redis_url, health_check_interval=max(1, int(cfg.redis_timeout)), **common
+            cfg.redis_url, **client_options(cfg.redis_timeout, blocking=True), **common
         )
         self.leases = Leases(self.r, list(self.states), cfg.instance)
         self.sha: dict[str, bytes] = {}  # script name -> SHA1 (SCRIPT LOAD at start)
