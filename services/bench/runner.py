@@ -1,4 +1,4 @@
-"""`cme bench core|matcher|e2e` dispatch."""
+"""`cme bench core|matcher|e2e|feeds|peers` dispatch."""
 
 from __future__ import annotations
 
@@ -16,6 +16,14 @@ def run(args: argparse.Namespace) -> int:
         from services.bench.matcher import run_from_args as run_matcher
 
         return run_matcher(args)
+    if args.what == "feeds":
+        from services.bench.feeds import run_from_args as run_feeds
+
+        return run_feeds(args)
+    if args.what == "peers":
+        from services.bench.peers import run_from_args as run_peers
+
+        return run_peers(args)
     from services.bench.e2e import run_from_args as run_e2e
 
     return run_e2e(args)
