@@ -69,6 +69,8 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+AOF_REWRITE_MIN_SIZE = "512mb"  # the AOF size below which Redis never rewrites it (see start())
+
 Spawn = Callable[[list[str]], "subprocess.Popen[bytes]"]
 
 
@@ -78,7 +80,8 @@ def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:
 
 
 class RedisServer:
-    """A redis-server child with AOF on (appendfsync everysec) and its files in data_dir.
+    """A redis-server child with AOF on (appendfsync everysec, rewritten from AOF_REWRITE_MIN_SIZE on)
+    and its files in data_dir.
 
     `spawn` starts the process from its argv; `cme up` passes one that puts Redis in a session of its
     own, so a Ctrl-C at the terminal reaches only the supervisor, which stops Redis last (it should
@@ -144,6 +147,13 @@ class RedisServer:
             "yes",
             "--appendfsync",
             "everysec",
+            # Each AOF rewrite forks (Redis stands still meanwhile: 2.5-8 ms at 80-100 MB, growing with
+            # the dataset), then the child takes a core for 0.25 s per 70 MB and the parent blocks again
+            # writing the rewrite's diff (7-12 ms). The stack's streams and exec log grow about 12 MB/s
+            # at 10,000 commands/s, so Redis's default 64mb rewrote 5.5 s into every `cme bench e2e`
+            # and every few seconds after, and the worst half second of 11 of 12 runs held a rewrite.
+            "--auto-aof-rewrite-min-size",
+            AOF_REWRITE_MIN_SIZE,
             "--save",
             "",
             "--protected-mode",
