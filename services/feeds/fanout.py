@@ -61,6 +61,19 @@ def text_frame(data: bytes) -> bytes:
     return struct.pack("!BBQ", 0x81, 127, n) + data
 
 
+def text_frame_ending(data: bytes, end: bytes) -> bytes:
+    """text_frame(data[:-1] + end) with one copy fewer: a JSON object line whose closing brace `end`
+    replaces (the feed's l2_update lines with their checksum)."""
+    n = len(data) - 1 + len(end)
+    if n < 126:
+        head = bytes((0x81, n))
+    elif n < 65536:
+        head = struct.pack("!BBH", 0x81, 126, n)
+    else:
+        head = struct.pack("!BBQ", 0x81, 127, n)
+    return b"%b%b%b" % (head, data[:-1], end)
+
+
 def frames(messages: Iterable[bytes]) -> bytes:
     """Several messages as one blob of consecutive text frames."""
     return b"".join([text_frame(m) for m in messages])

@@ -54,6 +54,7 @@ from services.feeds.fanout import (
     close,
     frames,
     text_frame,
+    text_frame_ending,
 )
 from services.feeds.market import MarketData, catch_up
 from services.feeds.seed import DEFAULT_SYMBOL, SeedFeed
@@ -99,8 +100,10 @@ class FeedServer:
         policy: wsguard.Policy | None = None,
         idle_timeout: float = IDLE_TIMEOUT,
         seed_symbol: str | None = DEFAULT_SYMBOL,  # None: no seed dialect (silent clients get nothing)
+        checksums: bool = True,  # False only for `cme bench feeds`'s baseline: l2 lines as received
     ) -> None:
         self.redis_url = redis_url
+        self.checksums = checksums
         self.policy = policy or wsguard.Policy()
         # One guard for both ports: the descriptors and the per-address budget are the process's.
         self.guard = wsguard.Guard(self.policy, "feeds")
@@ -260,8 +263,9 @@ class FeedServer:
         """One matcher md payload: apply each line to the view, forward what clients may see."""
         pub_ns, lines = unframe(payload)
         view = self.views[symbol]
-        out: list[bytes] = []  # protocol lines for l2 subscribers, in order
+        out: list[bytes] = []  # framed protocol lines for l2 subscribers, in order
         wanted = bool(self.fanout.subscribers(L2, symbol))  # no subscriber: no checksum to compute
+        checksums = self.checksums
         changed = False
         for line in lines:
             if not line:
@@ -276,8 +280,10 @@ class FeedServer:
                 before = view.seq
                 result = view.apply_update(msg)
                 if result is Applied.OK:
-                    if wanted:  # the matcher's bytes plus the checksum of the book after them
-                        out.append(b'%b,"checksum":%d}' % (line[:-1], view.checksum()))
+                    if wanted:  # the matcher's bytes plus the checksum of the book after them, framed
+                        out.append(
+                            text_frame_ending(line, view.checksum_end()) if checksums else text_frame(line)
+                        )
                     changed = True
                 elif result is Applied.GAP:
                     changed = True
@@ -307,13 +313,13 @@ class FeedServer:
                         before if was_synced else "unsynced",
                     )
                     self._snapshots.pop(symbol, None)
-                    out.append(self._snapshot_line(symbol))
+                    out.append(text_frame(self._snapshot_line(symbol)))
         if changed:
             self._snapshots.pop(symbol, None)
             self._md_pub_ns[symbol] = pub_ns
             self.seed.book_changed(symbol, pub_ns)
         if out and self.fanout.subscribers(L2, symbol):
-            self.fanout.publish(L2, symbol, frames(out), len(out), pub_ns)
+            self.fanout.publish(L2, symbol, b"".join(out), len(out), pub_ns)
             self._l2_sent[symbol] = time.monotonic()
 
     def _on_trades(self, symbol: str, payload: bytes) -> None:

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import enum
 import zlib
-from bisect import bisect_left, insort
+from bisect import bisect_left
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from services.feeds.checksum import DEPTH as CHECKSUM_DEPTH
-from services.feeds.checksum import level_part
+from services.feeds.checksum import digits
 from shared.instruments import Instrument, OffGrid
 
 Message = dict[str, Any]
@@ -45,56 +45,93 @@ _TICKS_CACHE_MAX = 100_000  # price strings remembered per view; prices near the
 class _Side:
     """One side: ticks -> [price, qty] strings, plus the ticks in ascending order for exact ordering.
 
-    For the checksum it keeps its best CHECKSUM_DEPTH levels' parts joined (`top_bytes`, None once a change
-    reached those levels: a change deeper in the book leaves it as it is), and each level's part."""
+    For the checksum, once one was asked for, it keeps the checksum parts (services.feeds.checksum) of
+    its best CHECKSUM_DEPTH levels, best first, in `parts`, edited in place as changes reach those
+    levels, and their bytes joined (`joined`, None after such a change). A change deeper in the book
+    costs one comparison, and one in the top 10 a part and a list edit; the checksum then needs one join
+    of at most 10 strings and a CRC. Until a checksum is asked for (a feed without l2 subscribers)
+    `parts` is None and a change pays one `is not None` test."""
 
-    __slots__ = ("descending", "keys", "levels", "parts", "top_bytes")
+    __slots__ = ("descending", "joined", "keys", "levels", "parts", "prices")
 
     def __init__(self, descending: bool) -> None:
         self.descending = descending  # bids: the best is the highest price
         self.levels: dict[int, Level] = {}
         self.keys: list[int] = []  # ascending; bids read it from the end
-        self.parts: dict[int, bytes] = {}  # ticks -> level_part
-        self.top_bytes: bytes | None = None
+        self.parts: list[str] | None = None  # the best levels' checksum parts, best first
+        self.joined: bytes | None = None  # "".join(parts), encoded; None while stale
+        self.prices: dict[str, str] = {}  # price string -> its digits part (prices repeat constantly)
 
     def set(self, ticks: int, level: Level) -> None:
-        keys = self.keys
-        if ticks not in self.levels:
-            insort(keys, ticks)
-        self.levels[ticks] = level
-        self.parts[ticks] = level_part(level[0], level[1])
-        if self.top_bytes is not None and self._in_top(ticks):
-            self.top_bytes = None
+        levels, keys, parts = self.levels, self.keys, self.parts
+        if ticks in levels:
+            levels[ticks] = level
+            if parts is None:
+                return
+            n = len(keys)
+            if n > CHECKSUM_DEPTH and (
+                ticks < keys[-CHECKSUM_DEPTH] if self.descending else ticks > keys[CHECKSUM_DEPTH - 1]
+            ):
+                return  # below the top 10: the checksum stays
+            i = bisect_left(keys, ticks)
+            parts[n - 1 - i if self.descending else i] = self._part(level)
+        else:
+            i = bisect_left(keys, ticks)
+            keys.insert(i, ticks)
+            levels[ticks] = level
+            if parts is None:
+                return
+            rank = len(keys) - 1 - i if self.descending else i
+            if rank >= CHECKSUM_DEPTH:
+                return
+            parts.insert(rank, self._part(level))
+            if len(parts) > CHECKSUM_DEPTH:
+                del parts[CHECKSUM_DEPTH]  # the old tenth is now the eleventh
+        self.joined = None
 
     def remove(self, ticks: int) -> None:
-        if self.levels.pop(ticks, None) is not None:
-            keys = self.keys
-            del keys[bisect_left(keys, ticks)]
-            self.parts.pop(ticks, None)
-            # A removed top level has the new tenth (the old eleventh) beyond it: the same test holds.
-            if self.top_bytes is not None and self._in_top(ticks):
-                self.top_bytes = None
-
-    def _in_top(self, ticks: int) -> bool:
-        """Whether a level at ticks is (or, just removed, was) among the best CHECKSUM_DEPTH."""
+        if self.levels.pop(ticks, None) is None:
+            return
         keys = self.keys
-        if len(keys) <= CHECKSUM_DEPTH:
-            return True
-        return ticks >= keys[-CHECKSUM_DEPTH] if self.descending else ticks <= keys[CHECKSUM_DEPTH - 1]
+        i = bisect_left(keys, ticks)
+        del keys[i]
+        parts = self.parts
+        if parts is None:
+            return
+        rank = len(keys) - i if self.descending else i
+        if rank >= CHECKSUM_DEPTH:
+            return
+        del parts[rank]
+        if len(keys) >= CHECKSUM_DEPTH:  # the old eleventh is the new tenth
+            tenth = keys[-CHECKSUM_DEPTH] if self.descending else keys[CHECKSUM_DEPTH - 1]
+            parts.append(self._part(self.levels[tenth]))
+        self.joined = None
+
+    def _part(self, level: Level) -> str:
+        """checksum.level_part as a string, the price's half remembered."""
+        price, prices = level[0], self.prices
+        head = prices.get(price)
+        if head is None:
+            if len(prices) >= _TICKS_CACHE_MAX:
+                prices.clear()
+            head = prices[price] = digits(price)
+        return head + level[1].replace(".", "").lstrip("0")
 
     def clear(self) -> None:
         self.levels.clear()
         self.keys.clear()
-        self.parts.clear()
-        self.top_bytes = None
+        self.parts = self.joined = None
 
     def top_joined(self) -> bytes:
         """The checksum parts of the best CHECKSUM_DEPTH levels, best first, joined."""
-        joined = self.top_bytes
+        joined = self.joined
         if joined is None:
-            keys = self.keys
-            picked = keys[: -CHECKSUM_DEPTH - 1 : -1] if self.descending else keys[:CHECKSUM_DEPTH]
-            joined = self.top_bytes = b"".join(map(self.parts.__getitem__, picked))
+            parts = self.parts
+            if parts is None:  # the first checksum: from now on the parts are kept as the side changes
+                keys, levels, part = self.keys, self.levels, self._part
+                picked = keys[: -CHECKSUM_DEPTH - 1 : -1] if self.descending else keys[:CHECKSUM_DEPTH]
+                parts = self.parts = [part(levels[ticks]) for ticks in picked]
+            joined = self.joined = "".join(parts).encode()
         return joined
 
     def top(self, n: int | None, descending: bool) -> list[Level]:
@@ -124,10 +161,10 @@ class BookView:
         self.seq = 0
         self.bids = _Side(descending=True)
         self.asks = _Side(descending=False)
-        # The last checksum and what it was made of (the sides' top bytes, compared by identity).
-        self._checksum = self._asks_crc = 0
-        self._asks_top: bytes | None = None
-        self._bids_top: bytes | None = None
+        # The last checksum, valid while both sides keep their joined top (a change there drops it, a
+        # new or cleared side has none), and the end of an l2_update line that carries it.
+        self._checksum = 0
+        self._end = b""
         # Set whenever what a depth subscriber would see may have changed; the server's depth timer
         # clears it after sending, which is what conflates many updates into one depth message.
         self.changed = False
@@ -204,17 +241,21 @@ class BookView:
 
     def checksum(self) -> int:
         """Kraken's v2 book checksum of the book as it is now (services.feeds.checksum)."""
-        # CRC32 runs on from the asks' to the bids' bytes, so only a side whose top changed is joined
-        # again: zlib.crc32(asks + bids) == zlib.crc32(bids, zlib.crc32(asks)).
-        asks, bids = self.asks, self.bids
-        if asks.top_bytes is None or self._asks_top is not asks.top_bytes:
-            self._asks_crc = zlib.crc32(asks.top_joined())
-            self._asks_top = asks.top_bytes
-            self._bids_top = None
-        if bids.top_bytes is None or self._bids_top is not bids.top_bytes:
-            self._checksum = zlib.crc32(bids.top_joined(), self._asks_crc)
-            self._bids_top = bids.top_bytes
+        if self.asks.joined is None or self.bids.joined is None:
+            self._checksum_again()
         return self._checksum
+
+    def checksum_end(self) -> bytes:
+        """b',"checksum":N}' for the book as it is now: what ends an l2_update line in place of its
+        closing brace. Formatted once per checksum, not once per line: most lines leave it as it is."""
+        if self.asks.joined is None or self.bids.joined is None:
+            self._checksum_again()
+        return self._end
+
+    def _checksum_again(self) -> None:
+        # One CRC over both sides' bytes: zlib.crc32 costs more per call than per byte at these sizes.
+        checksum = self._checksum = zlib.crc32(self.asks.top_joined() + self.bids.top_joined())
+        self._end = b',"checksum":%d}' % checksum
 
     def depth(self, n: int) -> Message:
         """The top n levels per side and the BBO: one conflated depth-channel message."""
