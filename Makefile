@@ -26,7 +26,7 @@ $(TEST_STAMP): pyproject.toml | $(STAMP)
 # The compiled core (setup.py: mypyc, next to the sources). Rebuilt when its sources change; a build
 # that cannot compile leaves the pure modules in use (services/matcher/__init__.py picks).
 CORE_STAMP := $(VENV)/.core-built
-$(CORE_STAMP): services/matcher/book.py services/matcher/engine.py setup.py | $(STAMP)
+$(CORE_STAMP): services/matcher/book.py services/matcher/balances.py services/matcher/engine.py setup.py | $(STAMP)
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(CORE_STAMP)
 

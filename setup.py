@@ -1,4 +1,4 @@
-"""Builds the compiled core: services/matcher/book.py and engine.py through mypyc, when it can.
+"""Builds the compiled core: services/matcher/book.py, balances.py and engine.py through mypyc, when it can.
 
 Everything else is declared in pyproject.toml. The compiled modules are an optional speed-up of the
 same source, never a requirement: with CME_PURE_PYTHON=1 at build time, without mypyc, or when the
@@ -14,7 +14,7 @@ from typing import Any
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-CORE = ["services/matcher/book.py", "services/matcher/engine.py"]
+CORE = ["services/matcher/book.py", "services/matcher/balances.py", "services/matcher/engine.py"]
 
 
 class OptionalBuildExt(build_ext):

@@ -30,7 +30,11 @@ INVALID_STOP_PRICE: Final = "INVALID_STOP_PRICE"
 INVALID_EXPIRE_TIME: Final = "INVALID_EXPIRE_TIME"
 INVALID_DISPLAY_QUANTITY: Final = "INVALID_DISPLAY_QUANTITY"
 NOT_AMENDABLE: Final = "NOT_AMENDABLE"
-INSUFFICIENT_FUNDS: Final = "INSUFFICIENT_FUNDS"  # used once balances exist
+# Balances (docs/protocol.md "Accounts, balances and pre-trade risk").
+INSUFFICIENT_FUNDS: Final = "INSUFFICIENT_FUNDS"
+UNKNOWN_ASSET: Final = "UNKNOWN_ASSET"
+INVALID_AMOUNT: Final = "INVALID_AMOUNT"
+BALANCES_DISABLED: Final = "BALANCES_DISABLED"
 
 REASONS: Final[dict[str, str]] = {
     INVALID_MESSAGE: "message is not a valid JSON object with the required fields",
@@ -73,7 +77,10 @@ REASONS: Final[dict[str, str]] = {
         "only on a gtc or gtd limit"
     ),
     NOT_AMENDABLE: "an untriggered stop or an iceberg cannot be amended; cancel it and place a new one",
-    INSUFFICIENT_FUNDS: "the account's available balance does not cover the order",
+    INSUFFICIENT_FUNDS: "the account's available balance does not cover the order or withdrawal",
+    UNKNOWN_ASSET: "asset is not the base or quote of any instrument",
+    INVALID_AMOUNT: "amount must be a positive decimal on the asset's grid",
+    BALANCES_DISABLED: "this venue runs without balances (risk off)",
 }
 
 # Why an order ended in "cancelled".
@@ -83,6 +90,10 @@ REASON_MARKET: Final = "unfilled_market"
 REASON_FOK: Final = "fok_unfillable"
 REASON_STP: Final = "self_trade_prevention"
 REASON_EXPIRED: Final = "expired"
+REASON_FUNDS: Final = "insufficient_funds"  # a stop_market whose account cannot pay when it triggers
+REASON_DISCONNECT: Final = "disconnect"  # cancel on disconnect
+REASON_DEAD_MAN: Final = "dead_man_switch"
+MASS_CANCEL_REASONS: Final = frozenset((REASON_USER, REASON_DISCONNECT, REASON_DEAD_MAN))
 
 
 def reason_for(code: str) -> str:

@@ -8,6 +8,7 @@ Fee rates become integers over FEE_DENOM, so a fee is exactly price_ticks * qty_
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation, localcontext
 from typing import Any, Final
@@ -151,8 +152,8 @@ def fmt_trimmed(n: int, places: int, min_places: int) -> str:
         return fmt_fixed(n, places)
     head, tail = divmod(n, 10**extra)
     text = fmt_fixed(head, min_places)
-    if tail:
-        text += str(tail).rjust(extra, "0").rstrip("0")
+    if tail:  # fmt_fixed(head, 0) has no decimal point yet
+        text += ("" if min_places else ".") + str(tail).rjust(extra, "0").rstrip("0")
     return text
 
 
@@ -301,6 +302,16 @@ class Instrument:
         m, k = self._quote_fmt
         return fmt_trimmed(price_ticks * qty_lots * m, k, self._price_fmt[1])
 
+    @property
+    def base_asset(self) -> str:
+        """BTC of BTC-USDT: what the quantity counts."""
+        return self.symbol.split("-", 1)[0]
+
+    @property
+    def quote_asset(self) -> str:
+        """USDT of BTC-USDT: what prices, notionals and fees are in."""
+        return self.symbol.split("-", 1)[-1]
+
     def spec(self) -> dict[str, str]:
         return {
             "symbol": self.symbol,
@@ -320,6 +331,51 @@ class Instrument:
         if unknown:
             raise ValueError(f"unknown instrument fields: {sorted(unknown)}")
         return cls(symbol=str(spec["symbol"]), **{k: v for k, v in spec.items() if k != "symbol"})
+
+
+MAX_AMOUNT_UNITS: Final = 1 << 96  # a deposit or withdrawal below 2^96 units: far beyond any real sum
+
+
+def asset_scales(instruments: Iterable[Instrument]) -> dict[str, int]:
+    """Decimal places of each asset's balance unit: fine enough for every instrument that trades it.
+
+    A base asset counts lots; a quote asset pays notional plus fees exactly, so its unit is at most one
+    fee unit (tick x lot / FEE_DENOM). Balances are integers of 10^-places of the asset.
+    """
+    fee_places = len(str(FEE_DENOM)) - 1
+    scales: dict[str, int] = {}
+    for inst in instruments:
+        lot_places, tick_places = inst._qty_fmt[1], inst._price_fmt[1]
+        base, quote = inst.base_asset, inst.quote_asset
+        scales[base] = max(scales.get(base, 0), lot_places)
+        scales[quote] = max(scales.get(quote, 0), tick_places + lot_places + fee_places)
+    return scales
+
+
+def funding_symbol(instruments: Iterable[Instrument], asset: str) -> str | None:
+    """Whose orders stream carries the deposits and withdrawals of `asset`: the first instrument (in
+    configuration order) that trades it; None for an asset no instrument trades. The matcher applies
+    every stream in one order, so which one it is changes nothing but the exec channel."""
+    for inst in instruments:
+        if asset in (inst.base_asset, inst.quote_asset):
+            return inst.symbol
+    return None
+
+
+def amount_to_units(value: Any, places: int) -> int:
+    """A deposit or withdrawal amount as asset units; ValueError if it is not positive or off grid."""
+    d = to_decimal(value)
+    with localcontext() as ctx:
+        ctx.prec = _EXACT_PREC
+        units = d.scaleb(places)
+        if units != units.to_integral_value() or not 0 < units < MAX_AMOUNT_UNITS:
+            raise OffGrid("amount off the asset's grid")
+    return int(units)
+
+
+def units_to_amount(units: int, places: int) -> str:
+    """Asset units as a trimmed decimal string ("1000", "0.5")."""
+    return fmt_trimmed(units, places, 0)
 
 
 def default_instruments() -> dict[str, Instrument]:

@@ -15,11 +15,11 @@ import resource
 import sys
 import time
 import tracemalloc
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
-from services.bench.flow import ORDER_TYPES, SYMBOL, FlowConfig, Step, generate
+from services.bench.flow import ACCOUNTS, ORDER_TYPES, SYMBOL, FlowConfig, Step, generate
 from services.matcher.commands import BUY, GTC, LIMIT, SELL, NewOrder
 from services.matcher.engine import Engine
 from shared.instruments import Instrument
@@ -32,16 +32,25 @@ def _progress(label: str, done: int, total: int, quiet: bool) -> None:
         print(f"\r  {label}: {done * 100 // max(total, 1):3d}%", end="", file=sys.stderr, flush=True)
 
 
-def _fresh(pre: list[Step]) -> Engine:
-    engine = Engine([Instrument(SYMBOL)])
+RICH: Final = 10**30  # asset units every account starts with when balances are on: no order is refused
+
+
+def _fresh(pre: list[Step], risk: bool = False) -> Engine:
+    """An engine with the preload applied. With balances on, every account of the flow starts funded
+    far beyond what it trades, so the flow's outcomes are the same with and without (set directly, as a
+    snapshot would: deposits on the stream would need seqs before the flow's first)."""
+    engine = Engine([Instrument(SYMBOL)], risk=risk)
+    if engine.ledger is not None:
+        for account in ACCOUNTS:
+            engine.ledger.accounts[account] = {asset: [RICH, 0] for asset in engine.ledger.scales}
     for cmd, seq in pre:
         engine.apply(cmd, seq, TS0 + seq)
     return engine
 
 
-def _throughput(pre: list[Step], steps: list[Step], quiet: bool) -> tuple[float, int, int]:
+def _throughput(pre: list[Step], steps: list[Step], quiet: bool, risk: bool) -> tuple[float, int, int]:
     """Commands per second over the whole flow, plus counts of events and trades."""
-    engine = _fresh(pre)
+    engine = _fresh(pre, risk)
     apply = engine.apply
     chunk = max(1, len(steps) // 20)
     events = 0
@@ -94,8 +103,8 @@ def metrics_overhead(pre: list[Step], steps: list[Step], rounds: int, quiet: boo
     }
 
 
-def _latency(pre: list[Step], steps: list[Step], quiet: bool) -> dict[str, float]:
-    engine = _fresh(pre)
+def _latency(pre: list[Step], steps: list[Step], quiet: bool, risk: bool) -> dict[str, float]:
+    engine = _fresh(pre, risk)
     apply = engine.apply
     clock = time.perf_counter_ns
     samples = [0] * len(steps)
@@ -151,12 +160,14 @@ def bytes_per_resting_order(n: int, quiet: bool) -> dict[str, float]:
     return {"resting_orders": n, "bytes_per_resting_order": used / n}
 
 
-def run_variant(name: str, cfg: FlowConfig, quiet: bool, with_metrics: bool = False) -> dict[str, Any]:
+def run_variant(
+    name: str, cfg: FlowConfig, quiet: bool, with_metrics: bool = False, risk: bool = False
+) -> dict[str, Any]:
     if not quiet:
         print(f"[{name}] {cfg.commands:,} commands, seed {cfg.seed}", file=sys.stderr)
     pre, steps = generate(cfg, progress=not quiet)
-    rate, events, trades = _throughput(pre, steps, quiet)
-    lat = _latency(pre, steps, quiet)
+    rate, events, trades = _throughput(pre, steps, quiet, risk)
+    lat = _latency(pre, steps, quiet, risk)
     extra = {"metrics": metrics_overhead(pre, steps, 3, quiet)} if with_metrics else {}
     return {
         **extra,
@@ -179,8 +190,12 @@ def run_from_args(args: argparse.Namespace) -> int:
     order_types = getattr(args, "order_types", "plain")
     if order_types not in ORDER_TYPES:
         raise SystemExit(f"--order-types must be one of {', '.join(ORDER_TYPES)}")
+    risk = getattr(args, "risk", "both")
     if not args.deep:
-        results.append(run_variant("default", FlowConfig(args.commands, args.seed), quiet, args.metrics))
+        if risk != "on":
+            results.append(run_variant("default", FlowConfig(args.commands, args.seed), quiet, args.metrics))
+        if risk != "off":  # balances on: every order holds, every fill settles (services.matcher.balances)
+            results.append(run_variant("risk on", FlowConfig(args.commands, args.seed), quiet, risk=True))
         if order_types == "all":
             cfg = FlowConfig(args.commands, args.seed, order_types="all")
             results.append(run_variant("all types", cfg, quiet))
@@ -214,7 +229,8 @@ def _print_table(report: dict[str, Any]) -> None:
     if len(variants) >= 2 and variants[0]["variant"] == "default":
         for other in variants[1:]:
             ratio = other["commands_per_s"] / variants[0]["commands_per_s"]
-            print(f"{other['variant']} / default throughput: {ratio:.3f}")
+            target = "  (target >= 0.85: balances cost at most 15 %)" if other["variant"] == "risk on" else ""
+            print(f"{other['variant']} / default throughput: {ratio:.3f}{target}")
     for r in variants:
         if "metrics" in r:
             m = r["metrics"]

@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Final
 
-_COMPILED_CORE: Final = ("book", "engine")  # in dependency order
+_COMPILED_CORE: Final = ("book", "balances", "engine")  # in dependency order
 
 
 def _compiled_is_current(here: str) -> bool:

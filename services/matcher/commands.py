@@ -77,7 +77,45 @@ class Tick(NamedTuple):
     symbol: str
 
 
-Command = NewOrder | Cancel | Amend  # what clients send (through the gateway)
+class CancelAll(NamedTuple):
+    """Cancel every open order (untriggered stops included) of `account` on `symbol`, or on every
+    symbol when it is None, oldest first. reason: user, disconnect or dead_man_switch (shared.codes)."""
+
+    symbol: str | None
+    account: str
+    reason: str = "user"
+
+
+class Deposit(NamedTuple):
+    """Credit `amount` asset units (shared.instruments.asset_scales) to the account's available
+    balance. Faucet grants are deposits too. request_id is echoed in the `funded` event."""
+
+    account: str
+    asset: str
+    amount: int
+    request_id: str | None = None
+
+
+class Withdraw(NamedTuple):
+    """Debit `amount` asset units from the account's available balance, or reject (INSUFFICIENT_FUNDS)."""
+
+    account: str
+    asset: str
+    amount: int
+    request_id: str | None = None
+
+
+class Grant(NamedTuple):
+    """The faucet: credit each (asset, units) of `amounts` to the account, once per account ever (a
+    repeated grant does nothing), so a gateway may send it at every login of an open-mode account."""
+
+    account: str
+    amounts: tuple[tuple[str, int], ...] | list[list[Any]]
+
+
+Command = (
+    NewOrder | Cancel | Amend | CancelAll | Deposit | Withdraw | Grant
+)  # what clients send (via a gateway)
 CoreCommand = Command | Tick  # what Engine.apply takes: a Tick comes from the matcher, never a client
 
 
@@ -92,5 +130,10 @@ def command_to_list(cmd: CoreCommand) -> list[Any]:
 
 def command_from_list(data: list[Any]) -> CoreCommand:
     kind, *fields = data
-    cls: type[CoreCommand] = {"NewOrder": NewOrder, "Cancel": Cancel, "Amend": Amend, "Tick": Tick}[kind]
+    cls: type[CoreCommand] = _KINDS[kind]
     return cls(*fields)
+
+
+_KINDS: dict[str, type[CoreCommand]] = {
+    cls.__name__: cls for cls in (NewOrder, Cancel, Amend, Tick, CancelAll, Deposit, Withdraw, Grant)
+}

@@ -35,6 +35,7 @@ from collections.abc import Iterable
 from heapq import heappop, heappush
 from typing import Any, Final
 
+from services.matcher.balances import Ledger, Market
 from services.matcher.book import (
     MAX_KEY,
     O_ACCOUNT,
@@ -70,9 +71,13 @@ from services.matcher.commands import (
     STP_MODES,
     Amend,
     Cancel,
+    CancelAll,
     Command,
+    Deposit,
+    Grant,
     NewOrder,
     Tick,
+    Withdraw,
 )
 from services.matcher.events import ACCEPTED, AMENDED, BOOK, CANCELLED, REJECTED, TRADE, TRIGGERED, Event
 from shared import codes
@@ -80,7 +85,7 @@ from shared.instruments import FEE_DENOM, Instrument
 
 # The public core API (docs/core.md): Engine, the commands and the events. The major number changes
 # when a name, a field or an event shape changes incompatibly; the minor one when something is added.
-CORE_API_VERSION: Final = "1.1"
+CORE_API_VERSION: Final = "1.2"
 
 _MAX_CID = 36
 _MAX_ACCOUNT = 64
@@ -106,11 +111,21 @@ _SHAPES: dict[tuple[str, str, str, str], tuple[bool, bool]] = {
 }
 
 
-class Engine:
-    """All books of one matcher. Feed it commands in stream order with strictly increasing seq."""
+# The commands whose first field is a symbol.
+_SYMBOLED: Final = (NewOrder, Cancel, Amend, Tick, CancelAll)
 
-    def __init__(self, instruments: Iterable[Instrument]) -> None:
-        self.books: dict[str, OrderBook] = {i.symbol: OrderBook(i) for i in instruments}
+
+class Engine:
+    """All books of one matcher. Feed it commands in stream order with strictly increasing seq.
+
+    With ``risk=True`` the engine also keeps every account's balances (``ledger``, see balances.py):
+    orders hold funds and are rejected INSUFFICIENT_FUNDS when they cannot, fills settle at once, and
+    each command ends with a `balance` event per (account, asset) it touched."""
+
+    def __init__(self, instruments: Iterable[Instrument], risk: bool = False) -> None:
+        insts = list(instruments)
+        self.books: dict[str, OrderBook] = {i.symbol: OrderBook(i) for i in insts}
+        self.ledger: Ledger | None = Ledger(insts) if risk else None
         self.last_seq = 0
         # Kept so that a plain command checks two ints instead of its book's extra state.
         self.n_stops = 0  # untriggered stops, all books
@@ -126,23 +141,50 @@ class Engine:
             raise ValueError(f"seq {seq} is not after {self.last_seq}")  # caller bug, not user input
         self.last_seq = seq
         if ts >= self.soonest or self.n_stops:
-            return self._apply_slow(cmd, seq, ts)
+            events = self._apply_slow(cmd, seq, ts)
+        else:
+            kind = type(cmd)
+            if kind is NewOrder:
+                events = self._new(cmd, seq, ts)  # type: ignore[arg-type]
+            elif kind is Cancel:
+                events = self._cancel(cmd)  # type: ignore[arg-type]
+            elif kind is Amend:
+                events = self._amend(cmd)  # type: ignore[arg-type]
+            elif kind is Tick:
+                events = []
+            else:
+                events = self._other(cmd)
+        ledger = self.ledger
+        if ledger is not None and ledger.touched:
+            symbol = cmd[0] if type(cmd) in _SYMBOLED else None  # type: ignore[index]
+            ledger.flush(symbol, events)
+        return events
+
+    def _other(self, cmd: object) -> list[Event]:
+        """The rare commands: mass cancel and funding; anything else is rejected UNKNOWN_OP."""
         kind = type(cmd)
-        if kind is NewOrder:
-            return self._new(cmd, seq, ts)  # type: ignore[arg-type]
-        if kind is Cancel:
-            return self._cancel(cmd)  # type: ignore[arg-type]
-        if kind is Amend:
-            return self._amend(cmd)  # type: ignore[arg-type]
-        if kind is Tick:
-            return []
+        if kind is CancelAll:
+            return self._cancel_all(cmd)  # type: ignore[arg-type]
+        if kind is Deposit or kind is Withdraw:
+            fields: tuple[Any, ...] = cmd  # type: ignore[assignment]
+            account, asset, amount, request_id = fields
+            op = "deposit" if kind is Deposit else "withdraw"
+            if self.ledger is None:
+                return [_rejected(None, op, None, account, request_id, codes.BALANCES_DISABLED)]
+            return [self.ledger.fund(op, account, asset, amount, request_id)]
+        if kind is Grant:
+            grant: tuple[Any, ...] = cmd  # type: ignore[assignment]
+            account, amounts = grant
+            if self.ledger is None:
+                return [_rejected(None, "faucet", None, account, None, codes.BALANCES_DISABLED)]
+            return self.ledger.grant(account, amounts)
         return [_rejected(None, "new", None, None, None, codes.UNKNOWN_OP)]
 
     def _apply_slow(self, cmd: object, seq: int, ts: int) -> list[Event]:
         """apply() when an expiry may be due or stops wait: expiries first, then the command, then
         the stops its trades trigger (see the module docstring)."""
         kind = type(cmd)
-        fields: tuple[Any, ...] = cmd if kind in (NewOrder, Cancel, Amend, Tick) else ()  # type: ignore[assignment]
+        fields: tuple[Any, ...] = cmd if kind in _SYMBOLED else ()  # type: ignore[assignment]
         symbol = fields[0] if fields else None
         book = self.books.get(symbol) if type(symbol) is str else None
         out: list[Event] = []
@@ -162,7 +204,7 @@ class Engine:
         elif kind is Tick:
             events = []
         else:
-            events = [_rejected(None, "new", None, None, None, codes.UNKNOWN_OP)]
+            events = self._other(cmd)
         if not out:
             return events
         out += events
@@ -189,6 +231,8 @@ class Engine:
             level = book.side_of(side).remove(order)
             book.unindex(order)
             changes[side, price] = level.total
+            if self.ledger is not None:
+                self._release(book, order[O_ACCOUNT], side, price, rest)
             out.append((CANCELLED, symbol, oid, order[O_ACCOUNT], order[O_CID], side, price, order[O_QTY],
                         rest, codes.REASON_EXPIRED))  # fmt: skip
         if changes:
@@ -256,10 +300,21 @@ class Engine:
             own, opp = book.asks, book.bids
             limit_key = MAX_KEY if price is None else -price
         heap = opp.heap
+        ledger = self.ledger
+        if ledger is not None and account.startswith("_"):  # the venue's own accounts never trade
+            return [_rejected(symbol, "new", seq, account, cid, codes.INVALID_ACCOUNT)]
+        if post_only and heap and heap[0] <= limit_key:
+            return [_rejected(symbol, "new", seq, account, cid, codes.WOULD_TAKE)]
+        if ledger is not None:
+            code = self._hold_new(book, account, buy, price, qty, stp)
+            if code is not None:
+                return [_rejected(symbol, "new", seq, account, cid, code)]
         accepted = (ACCEPTED, symbol, seq, account, cid, side, otype, tif, price, qty)
 
         if not heap or heap[0] > limit_key:  # nothing to trade against
             if tif != GTC:
+                if self.ledger is not None:
+                    self._release(book, account, side, price, qty)
                 reason = codes.REASON_FOK if tif == FOK else _unfilled(otype)
                 return [accepted, (CANCELLED, symbol, seq, account, cid, side, price, qty, qty, reason)]
             # The common case, a passive limit order joining the book: BookSide.add, OrderBook.index
@@ -286,10 +341,10 @@ class Engine:
                 )
             return [accepted, (BOOK, symbol, book.book_seq, [(side, level.price, total)], bbo)]
 
-        if post_only:
-            return [_rejected(symbol, "new", seq, account, cid, codes.WOULD_TAKE)]
         out: list[Event] = [accepted]
         if tif == FOK and not _fillable(opp, limit_key, account, stp, qty, book.icebergs):
+            if self.ledger is not None:
+                self._release(book, account, side, price, qty)
             out.append((CANCELLED, symbol, seq, account, cid, side, price, qty, qty, codes.REASON_FOK))
             return out
 
@@ -308,6 +363,8 @@ class Engine:
             else:
                 reason = _unfilled(otype)
             if reason:
+                if self.ledger is not None:
+                    self._release(book, account, side, price, leaves)
                 out.append((CANCELLED, symbol, seq, account, cid, side, price, qty, leaves, reason))
         if changes:
             book.book_seq += 1
@@ -335,6 +392,9 @@ class Engine:
         trade_seq = first_trade = book.trade_seq
         traded_at = 0
         stopped = False
+        ledger = self.ledger
+        market = ledger.markets[symbol] if ledger is not None else None
+        taker_buys = t_side == BUY
         while heap and heap[0] <= limit_key:
             key = heap[0]
             level = levels[key]
@@ -360,6 +420,8 @@ class Engine:
                     ice = icebergs.pop(m_id, None) if icebergs else None
                     if ice is not None:  # the whole order goes, its reserve too
                         m_leaves += ice[1]
+                    if ledger is not None:
+                        self._release(book, account, opp_side, price, m_leaves)
                     append((CANCELLED, symbol, m_id, account, m_cid, opp_side, price, m_qty, m_leaves,
                             codes.REASON_STP))  # fmt: skip
                     if stp == STP_CANCEL_BOTH:
@@ -395,6 +457,9 @@ class Engine:
                 notional = price * fill
                 trade_seq += 1
                 traded_at = price
+                if market is not None:
+                    ledger.trade(market, price, fill, taker_buys, m_account, account, t_price,  # type: ignore[union-attr]
+                                 notional * maker_rate, notional * taker_rate)  # fmt: skip
                 # fmt: off
                 append((TRADE, symbol, trade_seq, price, fill, t_side,
                         m_id, m_account, m_cid, m_qty, m_rest, notional * maker_rate,
@@ -439,6 +504,8 @@ class Engine:
             ice = book.icebergs.pop(order[O_ID], None)
             if ice is not None:
                 leaves += ice[1]
+        if self.ledger is not None:
+            self._release(book, account, side, price, leaves)
         own = book.bids if side == BUY else book.asks
         key = price * own.sign
         was_best = own.heap[0] == key
@@ -496,6 +563,17 @@ class Engine:
             limit_key = price if side == BUY else -price
             if opp.heap and opp.heap[0] <= limit_key:
                 code = codes.WOULD_TAKE  # an amend never takes liquidity
+        ledger = self.ledger
+        if code is None and ledger is not None:  # the hold follows the new price and quantity
+            market = ledger.markets[symbol]
+            asset = market.asset_of(side)
+            need = market.hold_for(side, price, qty - filled) - market.hold_for(
+                side, order[O_PRICE], order[O_LEAVES]
+            )
+            if need <= 0:
+                ledger.release(account, asset, -need)
+            elif not ledger.hold(account, asset, need):
+                code = codes.INSUFFICIENT_FUNDS
         if code is not None:
             return [_rejected(symbol, "amend", order[O_ID], account, order[O_CID], code)]
 
@@ -542,6 +620,14 @@ class Engine:
         fields: tuple[Any, ...] = cmd  # untrusted input, see _new
         symbol, account, side, otype, tif, price, qty, cid, post_only, stp, _, expire, display, quote = fields
         code = _check_new(self.books, cmd, ts)
+        ledger = self.ledger
+        if code is None and ledger is not None:
+            if account.startswith("_"):
+                code = codes.INVALID_ACCOUNT
+            elif quote is not None and side == BUY:  # it must be able to spend its whole budget
+                market = ledger.markets[symbol]
+                if ledger.available(account, market.quote) < quote * market.notional:
+                    code = codes.INSUFFICIENT_FUNDS
         if code is not None:
             return [_rejected(symbol, "new", seq, account, cid, code)]
         book = self.books[symbol]
@@ -591,7 +677,13 @@ class Engine:
         return self._new(NewOrder(symbol, account, side, MARKET, tif, None, lots, cid, False, stp), seq, ts)
 
     def _place_stop(self, book: OrderBook, cmd: NewOrder, seq: int, ts: int) -> list[Event]:
-        symbol, account, side, otype, tif, price, qty, cid, _, stp, stop_price, _, _, _ = cmd
+        fields: tuple[Any, ...] = cmd  # checked by _check_new
+        symbol, account, side, otype, tif, price, qty, cid, _, stp, stop_price, _, _, _ = fields
+        ledger = self.ledger
+        if ledger is not None and otype == STOP_LIMIT:  # a stop_market is checked when it triggers
+            market = ledger.markets[symbol]
+            if not ledger.hold(account, market.asset_of(side), market.hold_for(side, price, qty)):
+                return [_rejected(symbol, "new", seq, account, cid, codes.INSUFFICIENT_FUNDS)]
         book.stops[seq] = stop = [seq, account, cid, side, otype, tif, price, qty, stop_price, stp]
         self.n_stops += 1
         if cid is not None:
@@ -621,9 +713,17 @@ class Engine:
             for oid, account, cid, side, otype, tif, price, qty, stop_price, stp in wave:
                 kind = LIMIT if otype == STOP_LIMIT else MARKET
                 out.append((TRIGGERED, symbol, oid, account, cid, side, kind, tif, price, stop_price, qty))
+                if self.ledger is not None and otype == STOP_LIMIT:
+                    self._release(book, account, side, price, qty)  # the order takes the hold over
                 order = NewOrder(symbol, account, side, kind, tif, price, qty, cid, False, stp)
                 events = self._new(order, oid, ts)
-                assert events[0][0] == ACCEPTED, events  # it was checked when placed
+                if events[0][0] != ACCEPTED:
+                    # It was checked when placed; only a stop_market's funds are checked now.
+                    assert events[0][6] == codes.INSUFFICIENT_FUNDS, events
+                    out.append(
+                        (CANCELLED, symbol, oid, account, cid, side, price, qty, qty, codes.REASON_FUNDS)
+                    )
+                    continue
                 for e in events[1:]:
                     out.append(e)
                     if e[0] == TRADE:
@@ -631,14 +731,83 @@ class Engine:
             if hi < 0:
                 return
 
-    def _drop_stop(self, book: OrderBook, stop: list[Any]) -> Event:
+    def _drop_stop(self, book: OrderBook, stop: list[Any], reason: str = codes.REASON_USER) -> Event:
         """Cancel an untriggered stop (it is not in the book: no book event)."""
-        oid, account, cid, side, _, _, price, qty, _, _ = stop
+        oid, account, cid, side, otype, _, price, qty, _, _ = stop
         del book.stops[oid]
         self.n_stops -= 1
         if cid is not None:
             del book.cids[account][cid]
-        return (CANCELLED, book.symbol, oid, account, cid, side, price, qty, qty, codes.REASON_USER)
+        if self.ledger is not None and otype == STOP_LIMIT:
+            self._release(book, account, side, price, qty)
+        return (CANCELLED, book.symbol, oid, account, cid, side, price, qty, qty, reason)
+
+    # Mass cancel and the ledger ---------------------------------------------------------------
+    def _cancel_all(self, cmd: CancelAll) -> list[Event]:
+        """Every open order of the account on the symbol (None: on every symbol), oldest first; then
+        one book event per book whose levels changed."""
+        fields: tuple[Any, ...] = cmd  # untrusted input, see _new
+        symbol, account, reason = fields
+        if symbol is not None and (type(symbol) is not str or symbol not in self.books):
+            return [_rejected(symbol, "cancel_all", None, account, None, codes.UNKNOWN_SYMBOL)]
+        if type(account) is not str or not 0 < len(account) <= _MAX_ACCOUNT:
+            return [_rejected(symbol, "cancel_all", None, account, None, codes.INVALID_ACCOUNT)]
+        if type(reason) is not str or reason not in codes.MASS_CANCEL_REASONS:
+            return [_rejected(symbol, "cancel_all", None, account, None, codes.INVALID_MESSAGE)]
+        out: list[Event] = []
+        for book in self.books.values() if symbol is None else (self.books[symbol],):
+            ids = [oid for oid, order in book.orders.items() if order[O_ACCOUNT] == account]
+            ids += [oid for oid, stop in book.stops.items() if stop[S_ACCOUNT] == account]
+            changes: dict[tuple[str, int], int] = {}
+            for oid in sorted(ids):
+                stop = book.stops.get(oid)
+                if stop is not None:
+                    out.append(self._drop_stop(book, stop, reason))
+                    continue
+                order = book.orders[oid]
+                side, price, rest = order[O_SIDE], order[O_PRICE], order[O_LEAVES]
+                ice = book.icebergs.pop(oid, None) if book.icebergs else None
+                if ice is not None:
+                    rest += ice[1]
+                level = book.side_of(side).remove(order)
+                book.unindex(order)
+                changes[side, price] = level.total
+                if self.ledger is not None:
+                    self._release(book, account, side, price, rest)
+                out.append((CANCELLED, book.symbol, oid, account, order[O_CID], side, price, order[O_QTY],
+                            rest, reason))  # fmt: skip
+            if changes:
+                book.book_seq += 1
+                moved = [(side, price, total) for (side, price), total in changes.items()]
+                out.append((BOOK, book.symbol, book.book_seq, moved, book.refresh_bbo()))
+        return out
+
+    def _hold_new(
+        self, book: OrderBook, account: str, buy: bool, price: int | None, qty: int, stp: str
+    ) -> str | None:
+        """Hold what a valid new order needs, or the code it is rejected with (nothing held then)."""
+        ledger = self.ledger
+        assert ledger is not None
+        market = ledger.markets[book.symbol]
+        if not buy:
+            return None if ledger.hold(account, market.base, qty * market.bf) else codes.INSUFFICIENT_FUNDS
+        if price is not None:
+            held = ledger.hold(account, market.quote, price * qty * market.buy_rate)
+            return None if held else codes.INSUFFICIENT_FUNDS
+        # A market buy holds nothing: it must afford the fills the book offers it now.
+        cost = _market_notional(book.asks, account, stp, qty, book.icebergs) * market.taker_cost
+        return None if ledger.available(account, market.quote) >= cost else codes.INSUFFICIENT_FUNDS
+
+    def _release(self, book: OrderBook, account: str, side: str, price: int | None, lots: int) -> None:
+        """Give back what `lots` of an order that ends without filling them held."""
+        ledger = self.ledger
+        assert ledger is not None
+        market: Market = ledger.markets[book.symbol]
+        if side == BUY:
+            if price is not None:  # a market buy holds nothing
+                ledger.release(account, market.quote, price * lots * market.buy_rate)
+        else:
+            ledger.release(account, market.base, lots * market.bf)
 
     # Views ------------------------------------------------------------------------------------
     def book(self, symbol: str) -> OrderBook:
@@ -690,6 +859,37 @@ def _fillable(
         if got >= qty:
             return True
     return False
+
+
+def _market_notional(opp: BookSide, account: str, stp: str, qty: int, icebergs: dict[int, list[int]]) -> int:
+    """Sum of price x lots of the fills a market order of `qty` gets against `opp` (ticks x lots),
+    walking the book as _match would (self-trade prevention and iceberg refills, as in _fillable)."""
+    left, notional = qty, 0
+    for level in opp.iter_levels():
+        avail = hidden = 0
+        stopped = False
+        for maker in level.orders:
+            leaves = maker[O_LEAVES]
+            if not leaves:
+                continue
+            if maker[O_ACCOUNT] == account:
+                if stp == STP_CANCEL_MAKER:
+                    continue
+                stopped = True
+                break
+            avail += leaves
+            if icebergs:
+                ice = icebergs.get(maker[O_ID])
+                if ice is not None:
+                    hidden += ice[1]
+        if not stopped:
+            avail += hidden
+        take = avail if avail < left else left
+        notional += level.price * take
+        left -= take
+        if stopped or not left:
+            return notional
+    return notional
 
 
 def _quote_lots(

@@ -9,7 +9,8 @@ command's trades follow it, each as `triggered` and then its own events (its own
 So a command may carry several `book` events; book_seq still rises by one per book event.
 
 accepted   (kind, symbol, order_id, account, client_order_id, side, type, tif, price|None, quantity)
-rejected   (kind, symbol, op, order_id|None, account, client_order_id, code)      op: new|cancel|amend
+rejected   (kind, symbol, op, order_id|None, account, client_order_id, code)
+           op: new|cancel|amend|cancel_all|deposit|withdraw|faucet
 trade      (kind, symbol, trade_id, price, quantity, aggressor_side,
             maker_order_id, maker_account, maker_client_order_id, maker_quantity, maker_leaves, maker_fee,
             taker_order_id, taker_account, taker_client_order_id, taker_price|None, taker_quantity,
@@ -21,6 +22,12 @@ amended    (kind, symbol, order_id, account, client_order_id, side, price, quant
 triggered  (kind, symbol, order_id, account, client_order_id, side, type, tif, price|None, stop_price,
             quantity)  a stop order's condition was met: type is now limit or market, and the order's own
             events (trades, cancelled, book) follow at once, with no second `accepted`
+funded     (kind, None, op, account, asset, amount, request_id)      op: deposit|withdraw|faucet
+balance    (kind, symbol|None, account, asset, available, held)
+           with balances on (Engine(risk=True)), one per (account, asset) the command touched, in the
+           order first touched, after every other event of the command: the pair's state afterwards.
+           Amounts are asset units (shared.instruments.asset_scales). symbol: the command's, None
+           for funding.
 book       (kind, symbol, book_seq, changes, bbo)
            changes: list of (side, price, new level total) per level the command touched, 0 = removed;
            bbo: (bid_price|None, bid_total, ask_price|None, ask_total) after the command.
@@ -38,6 +45,8 @@ CANCELLED: Final = "cancelled"
 AMENDED: Final = "amended"
 BOOK: Final = "book"
 TRIGGERED: Final = "triggered"
+FUNDED: Final = "funded"
+BALANCE: Final = "balance"
 
 Event = tuple[Any, ...]
 
@@ -55,3 +64,4 @@ T_TAKER_OID, T_TAKER_ACCOUNT, T_TAKER_CID, T_TAKER_PRICE, T_TAKER_QTY, T_TAKER_L
 )
 T_TS = 19
 B_SEQ, B_CHANGES, B_BBO = 2, 3, 4
+BAL_ACCOUNT, BAL_ASSET, BAL_AVAILABLE, BAL_HELD = 2, 3, 4, 5

@@ -4,7 +4,8 @@ A snapshot holds what decides future events: every resting order in time priorit
 per-symbol trade and book sequence numbers, and the last applied seq; and since version 2 what the
 other order types add: the last trade price (stops trigger on it), the untriggered stops in the order
 they were placed, every iceberg's display quantity and hidden reserve, and every resting GTD order's
-expire_time. Derived structures (heaps, id and client-id indexes, dead queue entries, stale expiry
+expire_time; and since version 3, with balances on, every account's available and held amount per
+asset. Derived structures (heaps, id and client-id indexes, dead queue entries, stale expiry
 entries) are rebuilt on restore, so they are not part of it. Version 1 snapshots still restore.
 """
 
@@ -19,8 +20,8 @@ from services.matcher.book import O_ACCOUNT, O_CID, O_ID, O_LEAVES, O_QTY, BookS
 from services.matcher.commands import BUY, SELL, STOP_LIMIT, STOP_MARKET
 from services.matcher.engine import Engine
 
-FORMAT_VERSION = 2
-_READABLE = (1, 2)
+FORMAT_VERSION = 3
+_READABLE = (1, 2, 3)
 _NEVER = 1 << 62
 
 
@@ -32,6 +33,17 @@ def _dump_side(side: BookSide) -> list[Any]:
 
 
 def snapshot(engine: Engine) -> dict[str, Any]:
+    snap = _books(engine)
+    if engine.ledger is not None:
+        snap["balances"] = {
+            account: {asset: list(bal) for asset, bal in assets.items()}
+            for account, assets in engine.ledger.accounts.items()
+        }
+        snap["granted"] = sorted(engine.ledger.granted)
+    return snap
+
+
+def _books(engine: Engine) -> dict[str, Any]:
     return {
         "version": FORMAT_VERSION,
         "last_seq": engine.last_seq,
@@ -70,6 +82,7 @@ def restore(engine: Engine, snap: dict[str, Any]) -> None:
     if unknown:
         raise ValueError(f"snapshot has symbols this engine does not know: {sorted(unknown)}")
     last_seq = _count(snap["last_seq"], "last_seq")
+    _restore_balances(engine, snap)
     for symbol, old in list(engine.books.items()):
         book = OrderBook(old.inst)
         data = snap["books"].get(symbol)
@@ -101,6 +114,30 @@ def restore(engine: Engine, snap: dict[str, Any]) -> None:
     engine.last_seq = last_seq
     engine.n_stops = sum(len(b.stops) for b in engine.books.values())
     engine.soonest = min((b.expiries[0][0] for b in engine.books.values() if b.expiries), default=_NEVER)
+
+
+def _restore_balances(engine: Engine, snap: dict[str, Any]) -> None:
+    """Balances come back exactly, and only into an engine that keeps them: an engine with balances
+    restoring a snapshot without them (or the other way round) would hold the wrong amounts."""
+    ledger = engine.ledger
+    data = snap.get("balances")
+    if (ledger is None) != (data is None):
+        with_, without = ("the snapshot", "the engine") if ledger is None else ("the engine", "the snapshot")
+        raise ValueError(f"{with_} keeps balances and {without} does not (risk on vs off)")
+    if ledger is None or data is None:
+        return
+    accounts: dict[str, dict[str, list[int]]] = {}
+    for account, assets in data.items():
+        for asset, bal in assets.items():
+            if asset not in ledger.scales or len(bal) != 2 or not all(type(v) is int and v >= 0 for v in bal):
+                raise ValueError(f"snapshot has an impossible balance {account!r} {asset!r}: {bal!r}")
+            accounts.setdefault(account, {})[asset] = [bal[0], bal[1]]
+    granted = snap.get("granted", [])
+    if not all(type(a) is str for a in granted):
+        raise ValueError("snapshot has an impossible faucet record")
+    ledger.accounts = accounts
+    ledger.granted = set(granted)
+    ledger.touched.clear()
 
 
 def _restore_extras(book: OrderBook, data: dict[str, Any], last_seq: int) -> None:

@@ -17,10 +17,13 @@ def test_bench_core_writes_its_figures(tmp_path: Path) -> None:
     )
     assert code == 0
     report = orjson.loads(out.read_bytes())
-    default, deep = report["variants"]
-    assert (default["variant"], deep["variant"]) == ("default", "deep book")
+    default, risk, deep = report["variants"]
+    assert (default["variant"], risk["variant"], deep["variant"]) == ("default", "risk on", "deep book")
     assert deep["preloaded_orders"] == 20_000
-    for r in (default, deep):
+    # Balances change no outcome of the flow (its accounts are funded beyond what they trade).
+    assert (risk["trades"], risk["commands"]) == (default["trades"], default["commands"])
+    assert risk["events"] > default["events"]  # the balance events
+    for r in (default, risk, deep):
         assert r["commands"] == 3000 and r["trades"] > 0 and r["commands_per_s"] > 0
         assert 0 < r["p50_us"] <= r["p99_us"] <= r["p999_us"] <= r["max_us"]
     assert default["metrics"]["with_metrics_per_s"] > 0

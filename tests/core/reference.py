@@ -15,12 +15,21 @@ command with trades; GTD orders are found by scanning for expire_time <= ts befo
 iceberg is a resting order with a `hidden` reserve; and a quote-quantity market order finds its lot
 count by binary search over dry runs of the match on a copy of the book (the engine walks the book
 once instead).
+
+With balances (``Reference(instruments, risk=True)``, docs/protocol.md "Accounts, balances and
+pre-trade risk") the model keeps, per account and asset, only what the account OWNS (``owned``:
+deposits, withdrawals and trade settlements move it). What is held is never tracked: ``held()``
+sums, from scratch, what the account's open orders need (resting orders with their hidden reserves,
+untriggered stop_limits, and the stops of a trigger wave not applied yet), and available is owned
+minus held. So holds, releases and "a buyer gets back the difference to its limit" are written
+nowhere: they follow from the orders that are open. A market buy's cost comes from a dry run of the
+match on a copy of the book. The model emits no `balance` events; its balances are compared as state.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
@@ -40,15 +49,20 @@ from services.matcher.commands import (
     STP_CANCEL_TAKER,
     Amend,
     Cancel,
+    CancelAll,
+    Deposit,
     NewOrder,
     Tick,
+    Withdraw,
 )
-from services.matcher.events import ACCEPTED, AMENDED, BOOK, CANCELLED, REJECTED, TRADE, TRIGGERED
+from services.matcher.events import ACCEPTED, AMENDED, BOOK, CANCELLED, FUNDED, REJECTED, TRADE, TRIGGERED
 from shared import codes
-from shared.instruments import FEE_DENOM, Instrument
+from shared.instruments import FEE_DENOM, Instrument, asset_scales, scale_of
 
 MAX_CID_LEN = 36
 MAX_ACCOUNT_LEN = 64
+MAX_REQUEST_ID_LEN = 64
+FEES = "_fees"
 Event = tuple[Any, ...]
 
 
@@ -76,6 +90,7 @@ class RefBook:
     last_price: int | None = None
     stops: list[list[Any]] = field(default_factory=list)  # [oid, account, cid, side, type, tif, price,
     # qty, stop_price, stp] in the order placed, as the engine's snapshot lists them
+    pending: list[list[Any]] = field(default_factory=list)  # a trigger wave's stops not applied yet
 
     # Queries: all O(n), recomputed every time -------------------------------------------------
     def side_orders(self, side: str) -> list[RefOrder]:
@@ -164,15 +179,181 @@ def _rejected(symbol: Any, op: str, order_id: Any, account: Any, cid: Any, code:
     )
 
 
+def _valid_account(value: Any) -> TypeGuard[str]:
+    return type(value) is str and 1 <= len(value) <= MAX_ACCOUNT_LEN
+
+
 def _is_int(value: Any) -> TypeGuard[int]:
     return type(value) is int  # bool is not a quantity or a price
 
 
+@dataclass(frozen=True)
+class Units:
+    """One instrument's assets and its factors from ticks and lots to asset units (the contract's
+    formulas, written out again from the tick and lot sizes)."""
+
+    base: str
+    quote: str
+    bf: int  # base units per lot
+    qf: int  # quote units per fee unit (tick x lot / FEE_DENOM)
+    rate: int  # the higher fee rate: what a priced buy holds for
+    taker_rate: int
+
+    @staticmethod
+    def of(inst: Instrument, scales: dict[str, int]) -> Units:
+        pm, pk = scale_of(inst.tick_size)
+        qm, qk = scale_of(inst.lot_size)
+        base, quote = inst.symbol.split("-")
+        bf = qm * 10 ** (scales[base] - qk)
+        qf = pm * qm * 10 ** (scales[quote] - pk - qk - (len(str(FEE_DENOM)) - 1))
+        return Units(base, quote, bf, qf, max(inst.maker_rate, inst.taker_rate), inst.taker_rate)
+
+    def buy_hold(self, price: int, lots: int) -> int:
+        return price * lots * (FEE_DENOM + self.rate) * self.qf
+
+    def sell_hold(self, lots: int) -> int:
+        return lots * self.bf
+
+    def need(self, side: str, price: int | None, lots: int) -> tuple[str, int]:
+        """(asset, amount) an open order of `lots` needs held; a market buy (no price) needs nothing."""
+        if side == SELL:
+            return self.base, self.sell_hold(lots)
+        return self.quote, 0 if price is None else self.buy_hold(price, lots)
+
+
 class Reference:
-    def __init__(self, instruments: list[Instrument]) -> None:
+    def __init__(self, instruments: list[Instrument], risk: bool = False) -> None:
         self.books: dict[str, RefBook] = {i.symbol: RefBook(i) for i in instruments}
         self.last_seq = 0
         self.clock = 0  # time priority: rises each time an order goes to the back of a level
+        self.risk = risk
+        self.scales = asset_scales(instruments)
+        self.units = {i.symbol: Units.of(i, self.scales) for i in instruments} if risk else {}
+        self.owned: dict[tuple[str, str], int] = {}  # (account, asset) -> available + held
+
+    # Balances: owned is tracked, held is recomputed from the open orders every time ------------
+    def _needs(self) -> Iterator[tuple[str, str, int]]:
+        """(account, asset, amount) that each open order needs held."""
+        for symbol, book in self.books.items():
+            u = self.units[symbol]
+            for o in book.resting:
+                yield (o.account, *u.need(o.side, o.price, o.leaves + o.hidden))
+            for s in book.stops + book.pending:
+                if s[4] == STOP_LIMIT:  # a stop_market holds nothing until it triggers
+                    yield (s[1], *u.need(s[3], s[6], s[7]))
+
+    def held(self, account: str, asset: str) -> int:
+        return sum(amount for a, s, amount in self._needs() if (a, s) == (account, asset))
+
+    def available(self, account: str, asset: str) -> int:
+        return self.owned.get((account, asset), 0) - self.held(account, asset)
+
+    def move(self, account: str, asset: str, amount: int) -> None:
+        self.owned[account, asset] = self.owned.get((account, asset), 0) + amount
+
+    def balances(self) -> dict[str, dict[str, list[int]]]:
+        """account -> asset -> [available, held], the [0, 0] pairs left out."""
+        held: dict[tuple[str, str], int] = {}
+        for account, asset, amount in self._needs():
+            held[account, asset] = held.get((account, asset), 0) + amount
+        out: dict[str, dict[str, list[int]]] = {}
+        for pair in sorted(set(self.owned) | set(held)):
+            h = held.get(pair, 0)
+            avail = self.owned.get(pair, 0) - h
+            if avail or h:
+                out.setdefault(pair[0], {})[pair[1]] = [avail, h]
+        return out
+
+    def _settle(self, symbol: str, trades: list[Event]) -> None:
+        """Move what each trade moves: the lots from seller to buyer, notional and fees the other way."""
+        u = self.units[symbol]
+        for e in trades:
+            price, fill, aggressor = e[3], e[4], e[5]
+            maker, maker_fee, taker, taker_fee = e[7], e[11], e[13], e[18]
+            buyer, seller = (taker, maker) if aggressor == BUY else (maker, taker)
+            buyer_fee, seller_fee = (taker_fee, maker_fee) if aggressor == BUY else (maker_fee, taker_fee)
+            notional = price * fill * FEE_DENOM
+            self.move(buyer, u.base, fill * u.bf)
+            self.move(seller, u.base, -fill * u.bf)
+            self.move(buyer, u.quote, -(notional + buyer_fee) * u.qf)
+            self.move(seller, u.quote, (notional - seller_fee) * u.qf)
+            self.move(FEES, u.quote, (maker_fee + taker_fee) * u.qf)
+
+    def _funds_code(self, book: RefBook, cmd: NewOrder) -> str | None:
+        """INSUFFICIENT_FUNDS if the account cannot afford a valid order (a market order by quantity,
+        after a quote order's lots are counted), None if it can."""
+        symbol, account, side, _, _, price, qty, _, _, _ = cmd[:10]
+        assert qty is not None
+        u = self.units[symbol]
+        if side == BUY and price is None:  # a market buy: the exact cost of its fills, by a dry run
+            trades: list[Event] = []
+            _match(book.clone(), cmd, 0, 0, trades, self.prio)
+            asset = u.quote
+            need = sum(e[3] * e[4] * (FEE_DENOM + u.taker_rate) * u.qf for e in trades if e[0] == TRADE)
+        else:
+            asset, need = u.need(side, price, qty)
+        return None if self.available(account, asset) >= need else codes.INSUFFICIENT_FUNDS
+
+    def _fund(self, cmd: Deposit | Withdraw) -> list[Event]:
+        account, asset, amount, request_id = cmd
+        op = "deposit" if type(cmd) is Deposit else "withdraw"
+        if not self.risk:
+            return [_rejected(None, op, None, account, request_id, codes.BALANCES_DISABLED)]
+        code: str | None = None
+        if not _valid_account(account) or (
+            account.startswith("_") and not (op == "withdraw" and account == FEES)
+        ):
+            code = codes.INVALID_ACCOUNT
+        elif request_id is not None and (
+            type(request_id) is not str or not 1 <= len(request_id) <= MAX_REQUEST_ID_LEN
+        ):
+            return [_rejected(None, op, None, account, None, codes.INVALID_MESSAGE)]
+        elif type(asset) is not str or asset not in self.scales:
+            code = codes.UNKNOWN_ASSET
+        elif not _is_int(amount) or not 0 < amount < 2**96:
+            code = codes.INVALID_AMOUNT
+        elif op == "withdraw" and amount > self.available(account, asset):
+            code = codes.INSUFFICIENT_FUNDS
+        if code is not None:
+            return [_rejected(None, op, None, account, request_id, code)]
+        self.move(account, asset, amount if op == "deposit" else -amount)
+        return [(FUNDED, None, op, account, asset, amount, request_id)]
+
+    def _cancel_all(self, cmd: CancelAll) -> list[Event]:
+        symbol, account, reason = cmd
+        if symbol is not None and self.book_for(symbol) is None:
+            return [_rejected(symbol, "cancel_all", None, account, None, codes.UNKNOWN_SYMBOL)]
+        if type(account) is not str or not 1 <= len(account) <= MAX_ACCOUNT_LEN:
+            return [_rejected(symbol, "cancel_all", None, account, None, codes.INVALID_ACCOUNT)]
+        if type(reason) is not str or reason not in (
+            codes.REASON_USER,
+            codes.REASON_DISCONNECT,
+            codes.REASON_DEAD_MAN,
+        ):
+            return [_rejected(symbol, "cancel_all", None, account, None, codes.INVALID_MESSAGE)]
+        out: list[Event] = []
+        for sym, book in self.books.items():
+            if symbol is not None and sym != symbol:
+                continue
+            mine: list[tuple[int, Any]] = [(o.oid, o) for o in book.resting if o.account == account]
+            mine += [(s[0], s) for s in book.stops if s[1] == account]
+            touched: list[tuple[str, int]] = []
+            for _, item in sorted(mine, key=lambda pair: pair[0]):
+                if isinstance(item, RefOrder):
+                    book.remove(item)
+                    out.append((CANCELLED, sym, item.oid, account, item.cid, item.side, item.price, item.qty,
+                                item.leaves + item.hidden, reason))  # fmt: skip
+                    if (item.side, item.price) not in touched:
+                        touched.append((item.side, item.price))
+                else:
+                    book.stops = [s for s in book.stops if s is not item]
+                    oid, _, cid, side, _, _, price, qty, _, _ = item
+                    out.append((CANCELLED, sym, oid, account, cid, side, price, qty, qty, reason))
+            if touched:
+                book.book_seq += 1
+                changes = [(side, price, book.total(side, price)) for side, price in touched]
+                out.append((BOOK, sym, book.book_seq, changes, book.bbo()))
+        return out
 
     def prio(self) -> int:
         self.clock += 1
@@ -188,7 +369,7 @@ class Reference:
             raise ValueError("seq must rise")
         self.last_seq = seq
         kind = type(cmd)
-        book = self.book_for(cmd[0]) if kind in (NewOrder, Cancel, Amend, Tick) else None
+        book = self.book_for(cmd[0]) if kind in (NewOrder, Cancel, Amend, Tick, CancelAll) else None
         out = self._expire(book, ts) if book is not None else []
         if kind is NewOrder:
             events = self._new(cmd, seq, ts)
@@ -201,6 +382,10 @@ class Reference:
             events = self._amend(cmd)
         elif kind is Tick:
             events = []
+        elif kind is CancelAll:
+            events = self._cancel_all(cmd)
+        elif kind is Deposit or kind is Withdraw:
+            events = self._fund(cmd)
         else:
             events = [_rejected(None, "new", None, None, None, codes.UNKNOWN_OP)]
         return out + events
@@ -235,8 +420,11 @@ class Reference:
             if not wave:
                 return
             book.stops = [s for s in book.stops if not any(s is w for w in wave)]
+            book.pending = list(wave)  # a stop_limit holds until it is applied as an order
             prices: list[int] = []
-            for oid, account, cid, side, otype, tif, price, qty, stop_price, stp in wave:
+            for stop in wave:
+                oid, account, cid, side, otype, tif, price, qty, stop_price, stp = stop
+                book.pending.remove(stop)
                 kind = LIMIT if otype == STOP_LIMIT else MARKET
                 out.append(
                     (TRIGGERED, book.inst.symbol, oid, account, cid, side, kind, tif, price, stop_price, qty)
@@ -244,6 +432,11 @@ class Reference:
                 events = self._new(
                     NewOrder(book.inst.symbol, account, side, kind, tif, price, qty, cid, False, stp), oid, ts
                 )
+                if events[0][0] == REJECTED:  # only a stop_market's funds are checked at its trigger
+                    assert otype == STOP_MARKET and events[0][6] == codes.INSUFFICIENT_FUNDS, events
+                    out.append((CANCELLED, book.inst.symbol, oid, account, cid, side, price, qty, qty,
+                                codes.REASON_FUNDS))  # fmt: skip
+                    continue
                 assert events[0][0] == ACCEPTED
                 out += events[1:]
                 prices += [e[3] for e in events if e[0] == TRADE]
@@ -252,9 +445,11 @@ class Reference:
             lo, hi = min(prices), max(prices)
 
     def state(self) -> dict[str, Any]:
-        """The same shape as services.matcher.snapshot.snapshot()."""
-        return {
-            "version": 2,
+        """The same shape as services.matcher.snapshot.snapshot(); with balances on, "balances" leaves
+        out the [0, 0] pairs (compare it with the engine's minus those)."""
+        extra = {"balances": self.balances()} if self.risk else {}
+        return extra | {
+            "version": 3,
             "last_seq": self.last_seq,
             "books": {
                 s: {
@@ -350,15 +545,25 @@ class Reference:
         if book is None:
             return [_rejected(symbol, "new", seq, account, cid, codes.UNKNOWN_SYMBOL)]
         code = self._validate_new(book, cmd, ts)
+        if code is None and self.risk and account.startswith("_"):  # the venue's accounts never trade
+            code = codes.INVALID_ACCOUNT
         if code is not None:
             return [_rejected(symbol, "new", seq, account, cid, code)]
         if otype in (STOP_LIMIT, STOP_MARKET):
+            if self.risk and otype == STOP_LIMIT:  # a stop_market is checked when it triggers
+                code = self._funds_code(book, NewOrder(symbol, account, side, LIMIT, tif, price, qty))
+                if code is not None:
+                    return [_rejected(symbol, "new", seq, account, cid, code)]
             book.stops.append([seq, account, cid, side, otype, tif, price, qty, stop, stp])
             out: list[Event] = [(ACCEPTED, symbol, seq, account, cid, side, otype, tif, price, qty)]
             if book.last_price is not None:
                 self._run_stops(book, out, book.last_price, book.last_price, ts)
             return out
         if quote is not None:
+            if self.risk and side == BUY:  # a quote buy must be able to spend its whole budget
+                u = self.units[symbol]
+                if self.available(account, u.quote) < quote * FEE_DENOM * u.qf:
+                    return [_rejected(symbol, "new", seq, account, cid, codes.INSUFFICIENT_FUNDS)]
             lots = _quote_lots(book, cmd, self.prio)
             if lots < book.inst.min_qty_lots:
                 return [
@@ -372,6 +577,10 @@ class Reference:
         opp_side = SELL if side == BUY else BUY
         if post_only and _makers(book, side, price):
             return [_rejected(symbol, "new", seq, account, cid, codes.WOULD_TAKE)]
+        if self.risk:
+            code = self._funds_code(book, cmd)
+            if code is not None:
+                return [_rejected(symbol, "new", seq, account, cid, code)]
         out = [(ACCEPTED, symbol, seq, account, cid, side, otype, tif, price, qty)]
 
         if tif == FOK:
@@ -381,7 +590,10 @@ class Reference:
                 return out
 
         before = {p: book.total(opp_side, p) for p in {o.price for o in book.resting if o.side == opp_side}}
+        first = len(out)
         leaves, stopped, touched = _match(book, cmd, seq, ts, out, self.prio)
+        if self.risk:
+            self._settle(symbol, [e for e in out[first:] if e[0] == TRADE])
         # an iceberg's refill can leave a level's total as it was: no change to tell then
         changes = [
             (opp_side, p, book.total(opp_side, p)) for p in touched if book.total(opp_side, p) != before[p]
@@ -460,6 +672,12 @@ class Reference:
             code = codes.MIN_NOTIONAL
         elif _makers(book, order.side, price):
             code = codes.WOULD_TAKE
+        elif self.risk:  # the hold follows the new price and quantity
+            u = self.units[symbol]
+            asset, old_need = u.need(order.side, order.price, order.leaves)
+            _, new_need = u.need(order.side, price, qty - filled)
+            if new_need - old_need > self.available(account, asset):
+                code = codes.INSUFFICIENT_FUNDS
         if code is not None:
             return [_rejected(symbol, "amend", order.oid, account, order.cid, code)]
 

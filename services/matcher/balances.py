@@ -1,0 +1,246 @@
+"""Spot balances, holds and settlement, inside the pure core: the same commands give the same balances.
+
+Per account and asset there is an ``available`` and a ``held`` amount, integers of the asset's unit
+(10^-places, shared.instruments.asset_scales), so every notional and every fee is exact. The engine
+(engine.py) calls the ledger at the few points where money moves:
+
+- an order is accepted: it holds what it may need (``Market.hold_for``): a priced buy its price x
+  quantity x (1 + the higher fee rate) of quote, a sell its quantity of base; a market buy holds
+  nothing but must be able to pay the fills the book offers it (the engine walks the book);
+- a fill settles at once (``Ledger.trade``): the buyer's hold at its limit price is released and it
+  pays notional + fee, the seller's held base goes to the buyer and it receives notional - fee, and
+  the fees go to the venue's account ``_fees``;
+- whatever ends an order without a fill (cancel, expiry, IOC remainder, self-trade prevention, mass
+  cancel) releases what the rest still holds (``Ledger.release``).
+
+So, per asset, the sum over all accounts of available + held equals deposits minus withdrawals after
+every command, and each account's held is exactly what its open orders need.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Final
+
+from services.matcher.commands import BUY
+from services.matcher.events import BALANCE, FUNDED, REJECTED, Event
+from shared import codes
+from shared.instruments import FEE_DENOM, MAX_AMOUNT_UNITS, Instrument, asset_scales, scale_of
+
+FEES_ACCOUNT: Final = "_fees"  # names starting with "_" belong to the venue
+RESERVED_PREFIX: Final = "_"  # the gateway refuses such names at auth and funding (one source)
+_MAX_ACCOUNT = 64
+_MAX_REQUEST_ID = 64
+Balance = list[int]  # [available, held]
+
+
+class Market:
+    """One instrument as the ledger sees it: its two assets and the factors from ticks and lots to
+    asset units."""
+
+    __slots__ = ("base", "bf", "buy_rate", "notional", "qf", "quote", "taker_cost")
+
+    def __init__(self, inst: Instrument, scales: dict[str, int]) -> None:
+        if inst.maker_rate < 0 or inst.taker_rate < 0:
+            raise ValueError(f"{inst.symbol}: balances need fee rates of at least 0")
+        pm, pk = scale_of(inst.tick_size)
+        qm, qk = scale_of(inst.lot_size)
+        fee_places = len(str(FEE_DENOM)) - 1
+        self.base, self.quote = inst.base_asset, inst.quote_asset
+        self.bf = qm * _pow10(scales[self.base] - qk)  # base units per lot
+        self.qf = pm * qm * _pow10(scales[self.quote] - pk - qk - fee_places)  # quote units per fee unit
+        self.notional = FEE_DENOM * self.qf  # quote units per tick x lot
+        # A resting buy may fill as maker or taker: it holds at the higher rate of the two.
+        self.buy_rate = (FEE_DENOM + max(inst.maker_rate, inst.taker_rate)) * self.qf
+        self.taker_cost = (FEE_DENOM + inst.taker_rate) * self.qf  # a market buy's cost per tick x lot
+
+    def hold_for(self, side: str, price: int | None, lots: int) -> int:
+        """What an open order of `lots` needs held: in quote for a priced buy, in base for a sell,
+        nothing for a market buy (it pays as it fills)."""
+        if side == BUY:
+            return 0 if price is None else price * lots * self.buy_rate
+        return lots * self.bf
+
+    def asset_of(self, side: str) -> str:
+        return self.quote if side == BUY else self.base
+
+
+class Ledger:
+    """Every account's balances. ``touched`` collects, per command, the (account, asset) pairs that
+    changed, in first-touch order: the engine turns them into `balance` events and clears it."""
+
+    __slots__ = ("accounts", "fees_due", "granted", "markets", "scales", "touched")
+
+    def __init__(self, instruments: Iterable[Instrument]) -> None:
+        insts = list(instruments)
+        self.scales = asset_scales(insts)
+        self.markets = {inst.symbol: Market(inst, self.scales) for inst in insts}
+        self.accounts: dict[str, dict[str, Balance]] = {}
+        self.touched: dict[tuple[str, str], Balance] = {}
+        self.granted: set[str] = set()  # accounts the faucet has funded
+        self.fees_due: dict[str, int] = {}  # quote asset -> fees of this command's fills, not credited yet
+
+    def available(self, account: str, asset: str) -> int:
+        """Read only: an account that never had funds has none (and gets no record)."""
+        bal = self.accounts.get(account, {}).get(asset)
+        return 0 if bal is None else bal[0]
+
+    def _get(self, account: str, asset: str) -> Balance:
+        acct = self.accounts.get(account)
+        if acct is None:
+            acct = self.accounts[account] = {}
+        bal = acct.get(asset)
+        if bal is None:
+            bal = acct[asset] = [0, 0]
+        self.touched[account, asset] = bal
+        return bal
+
+    def hold(self, account: str, asset: str, amount: int) -> bool:
+        """Move `amount` from available to held; False (and no change) if available is short."""
+        if not amount:
+            return True
+        acct = self.accounts.get(account)
+        bal = acct.get(asset) if acct is not None else None
+        if bal is None or bal[0] < amount:
+            return False
+        bal[0] -= amount
+        bal[1] += amount
+        self.touched[account, asset] = bal
+        return True
+
+    def release(self, account: str, asset: str, amount: int) -> None:
+        if amount:
+            bal = self._get(account, asset)
+            bal[1] -= amount
+            bal[0] += amount
+
+    def trade(
+        self,
+        m: Market,
+        price: int,
+        fill: int,
+        taker_buys: bool,
+        maker: str,
+        taker: str,
+        taker_price: int | None,
+        maker_fee: int,
+        taker_fee: int,
+    ) -> None:
+        """Settle one fill (fees in fee units). The buyer's limit is its own price as taker (None:
+        a market order, which holds nothing) or the trade price as maker."""
+        notional = price * fill * FEE_DENOM
+        if taker_buys:
+            buyer, seller, buyer_fee, seller_fee, limit = taker, maker, taker_fee, maker_fee, taker_price
+        else:
+            buyer, seller, buyer_fee, seller_fee, limit = maker, taker, maker_fee, taker_fee, price
+        qf, base_units, quote, base, touched = m.qf, fill * m.bf, m.quote, m.base, self.touched
+        pay = (notional + buyer_fee) * qf
+        assets = self._account(buyer)
+        bal = assets.get(quote) or self._new(assets, quote)
+        if limit is not None:
+            freed = limit * fill * m.buy_rate
+            bal[1] -= freed
+            bal[0] += freed - pay
+        else:
+            bal[0] -= pay
+        touched[buyer, quote] = bal
+        bal = assets.get(base) or self._new(assets, base)
+        bal[0] += base_units
+        touched[buyer, base] = bal
+        assets = self._account(seller)
+        bal = assets.get(base) or self._new(assets, base)
+        bal[1] -= base_units
+        touched[seller, base] = bal
+        bal = assets.get(quote) or self._new(assets, quote)
+        bal[0] += (notional - seller_fee) * qf
+        touched[seller, quote] = bal
+        # The venue's fees are credited once per command (flush): one balance for every fill.
+        fees = self.fees_due
+        fees[quote] = fees.get(quote, 0) + (maker_fee + taker_fee) * qf
+
+    def _account(self, account: str) -> dict[str, Balance]:
+        assets = self.accounts.get(account)
+        if assets is None:
+            assets = self.accounts[account] = {}
+        return assets
+
+    @staticmethod
+    def _new(assets: dict[str, Balance], asset: str) -> Balance:
+        bal = assets[asset] = [0, 0]
+        return bal
+
+    # Funding ----------------------------------------------------------------------------------
+    def fund(self, op: str, account: Any, asset: Any, amount: Any, request_id: Any) -> Event:
+        """A deposit or withdrawal: its `funded` event, or the code it is rejected with."""
+        if type(account) is not str or not 0 < len(account) <= _MAX_ACCOUNT:
+            return _refused(op, account, request_id, codes.INVALID_ACCOUNT)
+        if account.startswith("_") and not (op == "withdraw" and account == FEES_ACCOUNT):
+            return _refused(op, account, request_id, codes.INVALID_ACCOUNT)
+        if request_id is not None and (
+            type(request_id) is not str or not 0 < len(request_id) <= _MAX_REQUEST_ID
+        ):
+            return _refused(op, account, None, codes.INVALID_MESSAGE)
+        if type(asset) is not str or asset not in self.scales:
+            return _refused(op, account, request_id, codes.UNKNOWN_ASSET)
+        if type(amount) is not int or not 0 < amount < MAX_AMOUNT_UNITS:
+            return _refused(op, account, request_id, codes.INVALID_AMOUNT)
+        if op == "withdraw":
+            if self.available(account, asset) < amount:
+                return _refused(op, account, request_id, codes.INSUFFICIENT_FUNDS)
+            self._get(account, asset)[0] -= amount
+        else:
+            self._get(account, asset)[0] += amount
+        return (FUNDED, None, op, account, asset, amount, request_id)
+
+    def grant(self, account: Any, amounts: Any) -> list[Event]:
+        """The faucet's deposits (op "faucet"), the first time an account asks; later: nothing."""
+        if type(account) is not str or not 0 < len(account) <= _MAX_ACCOUNT or account.startswith("_"):
+            return [_refused("faucet", account, None, codes.INVALID_ACCOUNT)]
+        try:
+            pairs = [(asset, amount) for asset, amount in amounts]
+        except (TypeError, ValueError):
+            return [_refused("faucet", account, None, codes.INVALID_MESSAGE)]
+        for asset, amount in pairs:
+            if type(asset) is not str or asset not in self.scales:
+                return [_refused("faucet", account, None, codes.UNKNOWN_ASSET)]
+            if type(amount) is not int or not 0 < amount < MAX_AMOUNT_UNITS:
+                return [_refused("faucet", account, None, codes.INVALID_AMOUNT)]
+        if account in self.granted:
+            return []
+        self.granted.add(account)
+        out: list[Event] = []
+        for asset, amount in pairs:
+            self._get(account, asset)[0] += amount
+            out.append((FUNDED, None, "faucet", account, asset, amount, None))
+        return out
+
+    def flush(self, symbol: str | None, out: list[Event]) -> None:
+        """Credit the command's fees, append its `balance` events and start the next command's record."""
+        if self.fees_due:
+            for asset, amount in self.fees_due.items():
+                self._get(FEES_ACCOUNT, asset)[0] += amount
+            self.fees_due.clear()
+        out += [
+            (BALANCE, symbol, account, asset, bal[0], bal[1])
+            for (account, asset), bal in self.touched.items()
+        ]
+        self.touched.clear()
+
+
+def _pow10(places: int) -> int:
+    if places < 0:  # asset_scales gives every asset at least the places its instruments need
+        raise ValueError("asset scale finer than its instruments")
+    return int(10**places)
+
+
+def _refused(op: str, account: Any, request_id: Any, code: str) -> Event:
+    """A funding command's `rejected` event; its request_id rides in the client_order_id slot."""
+    return (
+        REJECTED,
+        None,
+        op,
+        None,
+        account if type(account) is str else None,
+        request_id if type(request_id) is str else None,
+        code,
+    )
