@@ -84,3 +84,50 @@ def exec_log(symbol: str) -> str:
 def matcher_lease(symbol: str) -> str:
     """Who may consume the symbol's stream: exactly one matcher holds it, renewing it while alive."""
     return f"{PREFIX}:{{{symbol}}}:lease"
+
+
+def balances(account: str) -> str:
+    """Read model: hash asset -> "<available> <held>" (asset units, shared.instruments.asset_scales),
+    written by the matcher inside the commit that publishes the change, so a gateway reading it never
+    answers older than a balance message the connection already got."""
+    return f"{PREFIX}:balances:{account}"
+
+
+def id_clock() -> str:
+    """A one-entry stream whose XADD * ids are the venue clock: every orders-stream entry gets the next
+    id of it (services.gateway.appender's script), so entry ids, and so order ids, are unique and rise
+    across all symbols' streams and one matcher can apply them all in one order (balances)."""
+    return f"{PREFIX}:idclock"
+
+
+def disconnect_leases() -> str:
+    """Sorted set: one member per live connection that asked for cancel on disconnect, scored by the
+    ms its gateway's lease on it runs out; renewed by that gateway while it lives, swept by any."""
+    return f"{PREFIX}:cod"
+
+
+def dead_man_deadlines() -> str:
+    """Sorted set: account -> the ms its dead man's switch fires unless renewed (cancel_all_after)."""
+    return f"{PREFIX}:dms"
+
+
+# Order read model (order_status, open_orders): written by the matcher inside the commit that publishes
+# the reports, per symbol and account. An open order has two fields in open_orders: "<order id>:s", its
+# static part (a JSON object: order_id, client_order_id, symbol, side, order_type, tif, price, quantity),
+# "<order id>:d", its state (a JSON fragment: "status":..,"filled_quantity":..,"remaining_quantity":..,
+# "ts":..). A closed order is one JSON object in closed_orders, its id in closed_list (newest first,
+# capped). client_order_ids maps each client order id to the newest order id that used it.
+def open_orders(symbol: str, account: str) -> str:
+    return f"{PREFIX}:{{{symbol}}}:open:{account}"
+
+
+def closed_orders(symbol: str, account: str) -> str:
+    return f"{PREFIX}:{{{symbol}}}:closed:{account}"
+
+
+def closed_list(symbol: str, account: str) -> str:
+    return f"{PREFIX}:{{{symbol}}}:closedlist:{account}"
+
+
+def client_order_ids(symbol: str, account: str) -> str:
+    return f"{PREFIX}:{{{symbol}}}:cids:{account}"

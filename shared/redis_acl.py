@@ -57,7 +57,7 @@ ROLES: dict[str, Role] = {
     "matcher": Role(
         commands=(
             *("ping", "get", "set", "del", "exists", "incr", "incrby", "pexpire", "pttl"),
-            *("hget", "hgetall", "hset", "hdel"),
+            *("hget", "hgetall", "hset", "hdel", "lpush", "llen", "rpop"),  # lists: the closed orders
             *("xadd", "xread", "xrange", "xrevrange", "xtrim", "xlen", "xinfo"),
             *("publish", "subscribe", "unsubscribe", "multi", "exec", "discard"),
             *("eval", "evalsha", "script|load", "script|exists"),
@@ -65,20 +65,30 @@ ROLES: dict[str, Role] = {
         keys=(f"{keys.PREFIX}:*",),
         channels=(f"{keys.PREFIX}:*",),
     ),
-    # Appends orders (XADD + INCRBY appended), polls lag (GET appended, HGET progress), serves
-    # `executions` from the exec log, receives execution reports. It never publishes.
+    # Appends orders (XADD + INCRBY appended, or the id-clock script with balances on), polls lag (GET
+    # appended, HGET progress), serves `executions` from the exec log and `balances` from the read
+    # model, receives execution reports. It never publishes.
     "gateway": Role(
         commands=(
-            *("ping", "xadd", "incrby", "get", "hget", "hset", "hdel", "xrange", "xrevrange"),
-            *("subscribe", "unsubscribe"),
+            *("ping", "xadd", "incrby", "get", "hget", "hgetall", "hset", "hdel", "xrange", "xrevrange"),
+            *("subscribe", "unsubscribe", "evalsha", "script|load"),
+            *("zadd", "zrem", "zrangebyscore", "zscore"),  # the safety switches (and their scripts)
+            "hmget",  # order_status
         ),
         keys=(
             keys.orders(ANY),
+            keys.id_clock(),  # the append script (balances on)
+            keys.balances(ANY),  # the `balances` query
             keys.appended(ANY),
             keys.progress(ANY),
             keys.exec_log(ANY),
             keys.instances("gateway"),
             keys.matcher_lease(ANY),  # read for /healthz: is a matcher alive?
+            keys.disconnect_leases(),  # cancel on disconnect (services.gateway.safety)
+            keys.dead_man_deadlines(),  # the dead man's switch
+            keys.open_orders(ANY, ANY),  # order_status and open_orders (the matcher's read model)
+            keys.closed_orders(ANY, ANY),
+            keys.client_order_ids(ANY, ANY),
         ),
         channels=(keys.exec_channel(ANY),),
     ),

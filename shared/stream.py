@@ -6,18 +6,45 @@ trade message's latency_us); it never reaches the core, which takes its time fro
 
 from __future__ import annotations
 
+import hashlib
 import json
-from typing import Any
+import re
+from typing import Any, Final
 
 import orjson
 
 from services.matcher.commands import CoreCommand, command_from_list, command_to_list
 
 FIELD = b"d"
+_FUNDING: Final = frozenset(("Deposit", "Withdraw", "Grant"))  # the commands with amounts in asset units
+_LONG_NUMBER: Final = re.compile(rb"[0-9]{19}")
+
+# Append one entry under the venue clock's next id (shared.keys.id_clock): with balances on, one
+# matcher applies every symbol's stream in entry-id order, so ids must be unique and rise across all
+# streams, and every append after another must get a larger id whatever stream it goes to. The clock
+# stream keeps only its newest entry. An orders stream whose top is ahead of the clock (an entry
+# appended with XADD * directly) gets the entry under its own next id, and the clock follows.
+# KEYS: clock, orders stream. ARGV: the entry's `d` value. Returns the entry id.
+APPEND_SCRIPT: Final = """
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '1', '*', 'c', '')
+local added = redis.pcall('XADD', KEYS[2], id, 'd', ARGV[1])
+if type(added) == 'table' and added.err then
+  added = redis.call('XADD', KEYS[2], '*', 'd', ARGV[1])
+  redis.call('XADD', KEYS[1], 'MAXLEN', '1', added, 'c', '')
+end
+return added
+"""
+APPEND_SHA: Final = hashlib.sha1(APPEND_SCRIPT.encode()).hexdigest().encode()
 
 
 def encode(cmd: CoreCommand, recv_ns: int) -> bytes:
-    return orjson.dumps([command_to_list(cmd), recv_ns])
+    """Funding amounts are asset units (USDT has 15 places), often beyond the 64 bits orjson takes:
+    those rare entries fall back to the stdlib encoder (same JSON), as encode_events does."""
+    data = [command_to_list(cmd), recv_ns]
+    try:
+        return orjson.dumps(data)
+    except TypeError:
+        return json.dumps(data, separators=(",", ":")).encode()
 
 
 def decode(fields: dict[Any, Any] | list[Any]) -> tuple[CoreCommand | None, int]:
@@ -30,8 +57,10 @@ def decode(fields: dict[Any, Any] | list[Any]) -> tuple[CoreCommand | None, int]
         return None, 0
     try:
         data, recv_ns = orjson.loads(raw)
+        if data[0] in _FUNDING:  # orjson reads integers beyond 64 bits as floats: read those exactly
+            data, recv_ns = json.loads(raw)
         return command_from_list(data), int(recv_ns)
-    except (TypeError, ValueError, KeyError, orjson.JSONDecodeError):
+    except (TypeError, ValueError, KeyError):  # JSONDecodeError is a ValueError
         return None, 0
 
 
@@ -45,6 +74,10 @@ def encode_events(obj: Any) -> bytes:
 
 
 def decode_events(data: bytes) -> Any:
+    """orjson reads an integer beyond 64 bits as a float, silently: a payload with a run of 19 or more
+    digits (balances, funding, the fee units of a huge trade) is read by the stdlib instead."""
+    if _LONG_NUMBER.search(data) is not None:
+        return json.loads(data)
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:

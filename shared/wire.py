@@ -18,7 +18,7 @@ import orjson
 from services.matcher import events as ev
 from shared.codes import reason_for
 from shared.ids import seq_to_entry
-from shared.instruments import Instrument
+from shared.instruments import Instrument, units_to_amount
 
 Message = dict[str, Any]
 
@@ -78,7 +78,17 @@ def _silent(e: ev.Event) -> bool:
 
 
 # Exec lines per event kind, as render() makes them; _silent events make none.
-_EXEC_LINES = {ev.ACCEPTED: 1, ev.CANCELLED: 1, ev.AMENDED: 1, ev.REJECTED: 1, ev.TRADE: 2, ev.TRIGGERED: 1}
+_EXEC_LINES = {
+    ev.ACCEPTED: 1,
+    ev.CANCELLED: 1,
+    ev.AMENDED: 1,
+    ev.REJECTED: 1,
+    ev.TRADE: 2,
+    ev.TRIGGERED: 1,
+    ev.BALANCE: 1,
+    ev.FUNDED: 1,
+}
+_FUNDING_OPS = frozenset(("deposit", "withdraw", "faucet"))
 
 
 def count_execs(events: list[ev.Event]) -> int:
@@ -136,10 +146,17 @@ def _line(account: str, msg: Message) -> bytes:
 
 
 def render(
-    events: list[ev.Event], inst: Instrument, ts: int, out: Rendered, recv_ns: int = 0, now_ns: int = 0
+    events: list[ev.Event],
+    inst: Instrument,
+    ts: int,
+    out: Rendered,
+    recv_ns: int = 0,
+    now_ns: int = 0,
+    scales: dict[str, int] | None = None,
 ) -> None:
     """Render one command's events into `out`. ts: the command's time (ms); recv_ns/now_ns: gateway
-    receive and publish wall clocks, for the trade message's latency_us (0 when unknown)."""
+    receive and publish wall clocks, for the trade message's latency_us (0 when unknown); scales: the
+    assets' decimal places (shared.instruments.asset_scales), needed only with balances on."""
     p, q = inst.price_str, inst.qty_str
     zero_fee = inst.zero_fee
     for e in events:
@@ -179,7 +196,10 @@ def render(
             if _silent(e):
                 continue
             _, symbol, op, oid, account, cid, code = e
-            if op == "new" and oid is not None:
+            if op in _FUNDING_OPS:
+                msg = {"type": "reject", "op": op, "symbol": inst.symbol, "request_id": cid, "code": code,
+                       "reason": reason_for(code)}  # fmt: skip
+            elif op == "new" and oid is not None:
                 msg = {
                     "type": "execution", "order_id": _oid(oid), "client_order_id": cid, "symbol": inst.symbol,
                     "status": "rejected", "exec_type": "rejected", "code": code, "reason": reason_for(code),
@@ -191,6 +211,21 @@ def render(
                     "client_order_id": cid, "code": code, "reason": reason_for(code),
                 }  # fmt: skip
             out.add_exec(account, msg)
+        elif kind == ev.BALANCE:
+            assert scales is not None, "balance events need the asset scales"
+            _, _, account, asset, available, held = e
+            places = scales[asset]
+            # "symbol": the stream it travels on, so that exec ids (per symbol) stay countable
+            out.add_exec(account, {"type": "balance", "symbol": inst.symbol, "account": account,
+                                   "asset": asset, "available": units_to_amount(available, places),
+                                   "held": units_to_amount(held, places), "ts": ts})  # fmt: skip
+        elif kind == ev.FUNDED:
+            assert scales is not None, "funding events need the asset scales"
+            _, _, op, account, asset, amount, request_id = e
+            out.add_exec(account, {"type": "funded", "symbol": inst.symbol, "op": op, "account": account,
+                                   "asset": asset,
+                                   "amount": units_to_amount(amount, scales[asset]), "request_id": request_id,
+                                   "ts": ts})  # fmt: skip
 
 
 def render_trade(e: ev.Event, inst: Instrument, latency_us: int | None, out: Rendered) -> None:

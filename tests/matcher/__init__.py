@@ -24,6 +24,7 @@ from services.matcher.commands import Amend, Cancel, Command, NewOrder
 from services.matcher.engine import Engine
 from services.matcher.events import Event
 from services.matcher.service import Config, Matcher
+from services.matcher.venue import VenueMatcher
 from shared import keys
 from shared.ids import entry_to_seq, seq_ms
 from shared.instruments import Instrument, default_instruments
@@ -254,7 +255,7 @@ class InProcess:
 
 @contextlib.asynccontextmanager
 async def in_process(cfg: Config) -> AsyncIterator[InProcess]:
-    m = Matcher(cfg)
+    m = VenueMatcher(cfg) if cfg.risk else Matcher(cfg)
     run = InProcess(m, asyncio.create_task(m.run()))
     waiter = asyncio.create_task(m.ready.wait())
     await asyncio.wait({waiter, run.task}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
@@ -273,8 +274,9 @@ class Process:
 
     def __init__(self, redis_url: str, data_dir: Path, log: Path, *extra: str) -> None:
         self.log = log
+        risk = () if "--risk" in extra else ("--risk", "off")  # these tests append with XADD *
         cmd = [sys.executable, "-m", "services.cli", "matcher", "--redis-url", redis_url, "--data-dir",
-               str(data_dir), "--metrics-port", "0", *extra]  # fmt: skip
+               str(data_dir), "--metrics-port", "0", *risk, *extra]  # fmt: skip
         with open(log, "ab") as f:
             self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
                                          env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip

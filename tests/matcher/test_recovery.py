@@ -11,7 +11,6 @@ import logging
 import random
 import stat
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -44,13 +43,6 @@ from tests.matcher import (
 
 pytestmark = pytest.mark.timeout(90)
 SYMBOLS = (BTC, ETH)
-
-
-@pytest.fixture()
-def r(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
 
 
 def _applied(r: redis.Redis, symbol: str) -> int:

@@ -21,6 +21,7 @@ import redis
 from services.matcher import checkpoint as ck
 from services.matcher.batch import SAMPLE_EVERY
 from services.matcher.commands import Cancel, Command, NewOrder
+from services.matcher.service import COMMIT_ENTRIES
 from shared import keys
 from shared.ids import entry_to_seq
 from tests.matcher import (
@@ -67,6 +68,29 @@ def _applied(r: redis.Redis, symbol: str) -> int:
 
 def _json(x: Any) -> Any:
     return orjson.loads(orjson.dumps(x))  # tuples -> lists, as the events stream has them
+
+
+async def test_a_big_read_commits_in_bounded_scripts(
+    r: redis.Redis, collector: Collector, redis_url: str, tmp_path: Path
+) -> None:
+    # One read of 2.5 commits' worth of entries: three fenced commits, each with its own exec log entry,
+    # exec ids running on across them, progress at the last entry.
+    n = 2 * COMMIT_ENTRIES + COMMIT_ENTRIES // 2
+    cmds: list[tuple[str, Command | bytes]] = [
+        (BTC, NewOrder(BTC, "alice", "buy", "limit", "gtc", 2_000_000 + i, 1, f"a{i}")) for i in range(n)
+    ]
+    ids = append(r, cmds)
+    async with in_process(config(redis_url, tmp_path, batch=10 * COMMIT_ENTRIES)) as run:
+        await await_until(lambda: _applied(r, BTC) == n, what="applied")
+        await await_until(lambda: collector.count(BTC, "exec") == 3, what="exec payloads")
+        assert await run.stop() == 0
+    log = cast(list[tuple[bytes, dict[bytes, bytes]]], r.xrange(keys.exec_log(BTC)))
+    ends = [COMMIT_ENTRIES, 2 * COMMIT_ENTRIES, n]
+    assert [entry_id for entry_id, _ in log] == [b"%d-0" % e for e in ends]
+    assert r.xlen(keys.events(BTC)) == 3
+    exec_ids = [orjson.loads(line.split(b" ", 1)[1])["exec_id"] for line in collector.lines(BTC, "exec")]
+    assert exec_ids == list(range(1, n + 1))
+    assert progress(r, BTC)["last_id"] == ids[-1]
 
 
 async def test_one_batch_publishes_exact_messages(

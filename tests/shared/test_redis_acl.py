@@ -291,3 +291,51 @@ def test_redact_hides_only_the_password() -> None:
     assert redact(url) == "redis://gateway:***@10.0.0.5:6380/0"
     assert redact("rediss://:pw@h:1/2") == "rediss://:***@h:1/2"
     assert redact("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
+@pytest.mark.parametrize("risk", [False, True])
+async def test_the_real_matcher_and_gateway_queries_run_as_their_users(tmp_path: Path, risk: bool) -> None:
+    """The matcher's own commit scripts (events, publishes, exec log, progress, order read model and,
+    with balances, the balances read model) pass the matcher user's ACL, and the gateway user may read
+    what order_status, open_orders and balances read."""
+    import redis.asyncio as aioredis
+
+    from services.gateway import orders
+    from services.matcher.commands import Cancel, Deposit, NewOrder
+    from shared.ids import entry_to_seq
+    from shared.stream import APPEND_SCRIPT, encode
+    from tests.matcher import await_until, config, in_process
+
+    sym, account = "ETH-USDT", "acl"
+    server = RedisServer(tmp_path / "redis", credentials=generate()).start()  # its own: a fresh venue
+    admin = redis.Redis.from_url(server.url_for("admin"), socket_timeout=5)
+
+    def append(cmd: Any) -> str:
+        data = encode(cmd, 0)
+        if risk:
+            return str(admin.eval(APPEND_SCRIPT, 2, keys.id_clock(), keys.orders(sym), data).decode())
+        return str(admin.xadd(keys.orders(sym), {b"d": data}).decode())
+
+    gateway = aioredis.Redis.from_url(server.url_for("gateway"), socket_timeout=5)
+    cfg = config(server.url_for("matcher"), tmp_path / "var", risk=risk)
+    try:
+        async with in_process(cfg) as run:
+            if risk:
+                append(Deposit(account, "USDT", 10**25))
+            resting = append(NewOrder(sym, account, "buy", "limit", "gtc", 100_000, 5_000, "r1"))
+            gone = append(NewOrder(sym, account, "buy", "limit", "gtc", 100_001, 5_000, "r2"))
+            last = append(Cancel(sym, account, entry_to_seq(gone)))
+            await await_until(
+                lambda: admin.hget(keys.progress(sym), "last_id") == last.encode(), 10, "committed"
+            )
+            assert await run.stop() == 0
+        assert await orders.caught_up(gateway, sym, entry_to_seq(last))
+        listed = await orders.open_orders(gateway, (sym,), account)
+        assert resting.encode() in listed and gone.encode() not in listed
+        assert isinstance(await orders.order_status(gateway, sym, account, gone, None), bytes)
+        if risk:
+            assert await gateway.hgetall(keys.balances(account))
+    finally:
+        await gateway.aclose()
+        admin.close()
+        server.stop()

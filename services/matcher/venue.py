@@ -1,0 +1,370 @@
+"""The matcher with balances on: one Engine for every symbol, every stream applied in one order.
+
+An account's USDT pays for BTC-USDT and ETH-USDT orders alike, so the books of all symbols and the
+ledger live in one Engine (``Engine(instruments, risk=True)``), and the order in which it applies the
+symbols' streams must be the same live and on replay. Entry ids give that order: with balances on,
+every append takes the next id of the venue clock (shared.stream.APPEND_SCRIPT), so ids are unique
+and rise across all streams, and an entry appended after another has the larger id wherever it goes.
+
+Live, one XREAD returns every stream's new entries as of one moment: all entries up to the largest
+id read are then known, except in a stream whose reply was cut at the read's COUNT, beyond whose
+last entry more may follow; entries past the smallest such cut wait for the next read. The merged
+entries are applied in id order, COMMIT_ENTRIES at a time, and each such chunk is committed by ONE
+script over every symbol it touched (fencing checks of all of them first), together with the
+balances read model (shared.keys.balances). So what is committed is always every entry up to some
+id, and recovery replays all streams merged up to the largest committed id, silently.
+
+Per symbol nothing else changes: its progress, events stream, exec log, exec ids and channels are
+its own, and its entries' events (balance messages included) go out on its channels.
+
+One checkpoint holds the whole engine (group ``_venue``): the engine's snapshot and each stream's
+position, applied count and exec id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import time
+from typing import Any, Final, cast
+
+from services.matcher import checkpoint as ck
+from services.matcher import readmodel
+from services.matcher.batch import Item, apply_batch
+from services.matcher.commands import Tick
+from services.matcher.engine import Engine
+from services.matcher.events import BALANCE, Event
+from services.matcher.service import (
+    _COMMIT_WRITES,
+    COMMIT_ENTRIES,
+    EVENTS_MAXLEN,
+    EXEC_LOG_MAXLEN,
+    REPLAY_CHUNK,
+    Config,
+    Entry,
+    Matcher,
+    SymbolState,
+    _entry_seq,
+    _write_and_prune,
+)
+from services.matcher.snapshot import restore, snapshot
+from shared import keys, metrics
+from shared.ids import SEQ_BITS, entry_to_seq, seq_to_entry
+from shared.resp import pack
+from shared.stream import APPEND_SCRIPT, APPEND_SHA, decode, encode, encode_events
+from shared.wire import Rendered, count_execs, render
+
+log = logging.getLogger("cme.matcher")
+
+GROUP: Final = "_venue"  # the checkpoint's name: no symbol starts with "_"
+_BLOCK: Final = 21  # ARGV values per symbol in _COMMIT_MANY
+_PROGRESS_FIELDS: Final = 12  # the six field/value pairs of the progress hash
+assert "ARGV[9]" in _COMMIT_WRITES  # the per-symbol layout below extends the single commit's
+
+# KEYS: per symbol i (1..n) epoch, events, progress, exec log at 4i-3 .. 4i; then one balances hash per
+# changed account. ARGV[1] = n; then per symbol a block of _BLOCK values from 2 + (i-1) * _BLOCK: epoch,
+# events data, md channel, md payload, trades channel, trades payload, exec channel, exec payload, exec
+# log entry id, the progress hash's 12 fields and values; then, per balances hash, its field/value
+# pairs as "<count> f v f v ..."; then the order read model's records (services.matcher.readmodel).
+# Every epoch is checked before anything is written.
+_COMMIT_MANY: Final = f"""
+local n = tonumber(ARGV[1])
+for i = 1, n do
+  local b = 2 + (i - 1) * {_BLOCK}
+  local epoch = redis.call('GET', KEYS[4 * i - 3])
+  if epoch ~= ARGV[b] then
+    return redis.error_reply('FENCED epoch is ' .. tostring(epoch) .. ', this matcher holds ' .. ARGV[b])
+  end
+end
+for i = 1, n do
+  local b = 2 + (i - 1) * {_BLOCK}
+  local k = 4 * (i - 1)
+  if ARGV[b + 7] ~= '' then
+    redis.call('XADD', KEYS[k + 4], 'MAXLEN', '~', {EXEC_LOG_MAXLEN}, ARGV[b + 8], 'd', ARGV[b + 7])
+  end
+  redis.call('XADD', KEYS[k + 2], 'MAXLEN', '~', {EVENTS_MAXLEN}, '*', 'd', ARGV[b + 1])
+  for j = b + 2, b + 6, 2 do
+    if ARGV[j + 1] ~= '' then redis.call('PUBLISH', ARGV[j], ARGV[j + 1]) end
+  end
+  redis.call('HSET', KEYS[k + 3], unpack(ARGV, b + 9, b + 8 + {_PROGRESS_FIELDS}))
+end
+local a = 2 + n * {_BLOCK}
+for k = 4 * n + 1, #KEYS do
+  local count = tonumber(ARGV[a])
+  redis.call('HSET', KEYS[k], unpack(ARGV, a + 1, a + count))
+  a = a + count + 1
+end
+local i = a
+{readmodel.APPLY_LUA}
+return 1
+"""
+
+Merged = tuple[int, int, SymbolState, Entry]  # (seq, stream order, state, entry)
+
+
+class VenueMatcher(Matcher):
+    """Matcher over one shared Engine(risk=True); see the module docstring."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        self.engine = Engine(cfg.instruments, risk=True)
+        ledger = self.engine.ledger
+        assert ledger is not None
+        self.scales = ledger.scales
+        for st in self.states.values():
+            st.engine = self.engine
+        self.order = {st: i for i, st in enumerate(self.states.values())}
+        self.scripts["commit_many"] = _COMMIT_MANY
+        self.scripts["append"] = APPEND_SCRIPT
+        self.k_checkpoint = keys.checkpoint(GROUP)
+        self.ckpt_applied = 0  # entries of all streams applied at the last checkpoint
+        self.ckpt_mono = time.monotonic()
+
+    def _applied(self) -> int:
+        return sum(st.applied for st in self.states.values())
+
+    # Recovery ---------------------------------------------------------------------------------
+    async def _recover_all(self) -> None:
+        states = list(self.states.values())
+        self._rt("recover")
+        blob = cast(bytes | None, await self.r.get(self.k_checkpoint))
+        windows = [await self._stream_window(st) for st in states]
+        live = [w for w in windows if w.last]
+        window = ck.StreamWindow(
+            min((w.first for w in live), default=0), max((w.last for w in live), default=0)
+        )
+        folder = ck.directory(self.cfg.data_dir, GROUP)
+        loaded = await asyncio.to_thread(ck.load_newest, GROUP, blob, folder, self.ckpt_key,
+                                         restore=self._restore, window=window)  # fmt: skip
+        if loaded is not None:
+            ckpt, engine = loaded
+            self._adopt(engine)
+            for st in states:
+                last_id, applied, exec_seq = ckpt.snapshot["streams"].get(st.symbol, ["0-0", 0, 0])
+                st.last_id, st.applied, st.exec_seq = last_id.encode(), applied, exec_seq
+            log.info("venue: checkpoint at %s (%d entries applied)", ckpt.entry_id, ckpt.applied)
+        self.ckpt_applied, self.ckpt_mono = self._applied(), time.monotonic()
+        await self._renew_if_due()
+        target = 0
+        for st in states:
+            self._rt("recover")
+            progress = cast(dict[bytes, bytes], await self.r.hgetall(st.k_progress))
+            last = progress.get(b"last_id")
+            if last is not None:
+                target = max(target, entry_to_seq(last))
+        replayed = await self._replay_merged(states, target)
+        for st in states:
+            metrics.REPLAYED.labels(st.symbol).set(replayed)
+        log.info("venue: replayed %d entries up to %s", replayed, seq_to_entry(target))
+
+    def _restore(self, ckpt: ck.Checkpoint) -> Engine:
+        engine = Engine(self.cfg.instruments, risk=True)
+        restore(engine, ckpt.snapshot["engine"])
+        if engine.last_seq > ckpt.seq:
+            raise ValueError(f"the snapshot applied seq {engine.last_seq}, after its entry {ckpt.entry_id}")
+        return engine
+
+    def _adopt(self, engine: Engine) -> None:
+        self.engine = engine
+        for st in self.states.values():
+            st.engine = engine
+
+    async def _replay_merged(self, states: list[SymbolState], target: int) -> int:
+        """Apply, in id order and without publishing, every entry of every stream up to `target` (the
+        largest committed id), REPLAY_CHUNK per stream and read."""
+        end = seq_to_entry(target).encode()
+        replayed = 0
+        done = {st for st in states if entry_to_seq(st.last_id) >= target}
+        while len(done) < len(states):
+            streams = []
+            for st in states:
+                if st not in done:
+                    self._rt("replay")
+                    after = b"(" + st.last_id
+                    entries = cast(
+                        list[Entry], await self.r.xrange(st.k_orders, after, end, count=REPLAY_CHUNK)
+                    )
+                    streams.append((st, entries, len(entries) >= REPLAY_CHUNK))
+            for _, _, st, (raw_id, fields) in self._merge(streams):
+                seq = _entry_seq(raw_id)
+                cmd, _ = decode(fields)
+                engine = self.engine
+                if cmd is not None and seq is not None and seq > engine.last_seq:
+                    st.exec_seq += count_execs(engine.apply(cmd, seq, seq >> SEQ_BITS))
+                st.last_id = raw_id
+                st.applied += 1
+                replayed += 1
+            for st, entries, cut in streams:  # all of it applied, and nothing more to come
+                if not cut and (not entries or st.last_id == entries[-1][0]):
+                    done.add(st)
+            await self._renew_if_due()
+        return replayed
+
+    def _merge(self, streams: list[tuple[SymbolState, list[Entry], bool]]) -> list[Merged]:
+        """The entries of several streams in id order, up to the last one that is sure: a stream whose
+        reply was cut (truncated) may have more after its last entry, so nothing beyond the smallest
+        such last entry goes yet. Ties cannot happen with the venue clock; stream order breaks them."""
+        bound = min((entry_to_seq(entries[-1][0]) for _, entries, cut in streams if cut and entries),
+                    default=None)  # fmt: skip
+        runs = []
+        for st, entries, _ in streams:
+            order, run, prev = self.order[st], [], 0
+            for entry in entries:
+                seq = _entry_seq(entry[0])
+                prev = prev if seq is None else seq  # an id that is no seq keeps its stream's place
+                if bound is not None and prev > bound:
+                    break
+                run.append((prev, order, st, entry))
+            runs.append(run)
+        return list(heapq.merge(*runs, key=lambda m: (m[0], m[1])))
+
+    # Live -------------------------------------------------------------------------------------
+    def _apply_read(self, streams: list[tuple[bytes, list[Entry]]], read_ns: int) -> list[bytes]:
+        batch = self.cfg.batch
+        merged = self._merge([(self.by_stream[k], e, len(e) >= batch) for k, e in streams if e])
+        return [
+            self._process_merged(merged[i : i + COMMIT_ENTRIES], read_ns)
+            for i in range(0, len(merged), COMMIT_ENTRIES)
+        ]
+
+    def _due_ticks(self, states: list[SymbolState], now_ms: int) -> list[bytes]:
+        """Ticks as the base matcher appends them, but under the venue clock's ids."""
+        out = []
+        for st in states:
+            due = self.engine.next_expiry(st.symbol)
+            if due is not None and due <= now_ms and not st.tick_pending:
+                st.tick_pending = True
+                out.append(pack(b"INCR", st.k_appended.encode()))
+                entry = encode(Tick(st.symbol), 0)
+                out.append(
+                    pack(b"EVALSHA", APPEND_SHA, b"2", keys.id_clock().encode(), st.k_orders.encode(), entry)
+                )
+        return out
+
+    def _process_merged(self, chunk: list[Merged], read_ns: int) -> bytes:
+        """Apply merged entries in order, render each symbol's part, and return the one commit."""
+        engine = self.engine
+        last = engine.last_seq
+        items: list[Item] = []
+        rows: list[tuple[SymbolState, bytes, int, int]] = []  # state, entry id, item index (-1), recv
+        for seq, _, st, (raw_id, fields) in chunk:
+            cmd, recv_ns = decode(fields)
+            if type(cmd) is Tick:
+                st.tick_pending = False
+            if cmd is None or seq <= last or _entry_seq(raw_id) is None:
+                log.warning("%s: skipping entry %r: not a command", st.symbol, raw_id)
+                rows.append((st, raw_id, -1, 0))
+                continue
+            last = seq
+            rows.append((st, raw_id, len(items), recv_ns))
+            items.append((cmd, seq, seq >> SEQ_BITS))
+        durations: list[float] = []
+        results = apply_batch(engine.apply, items, durations)
+
+        now_ns = time.time_ns()
+        per: dict[SymbolState, tuple[Rendered, list[list[Any]]]] = {}
+        balances: dict[str, dict[str, bytes]] = {}
+        records = readmodel.Records()
+        for st, raw_id, index, recv_ns in rows:
+            part = per.get(st)
+            if part is None:
+                part = per[st] = (Rendered(st.exec_seq), [])
+            events: list[Event] = results[index] if index >= 0 else []
+            part[1].append([raw_id.decode(), events])
+            if index >= 0:
+                ts = items[index][2]
+                render(events, st.inst, ts, part[0], recv_ns, now_ns, self.scales)
+                records.add(events, st.inst, ts)
+                for e in events:
+                    if e[0] == BALANCE:
+                        balances.setdefault(e[2], {})[e[3]] = b"%d %d" % (e[4], e[5])
+            st.last_id = raw_id
+            st.applied += 1
+
+        keys_: list[bytes] = []
+        args: list[bytes] = [b"%d" % len(per)]
+        for st, (rendered, pairs) in per.items():
+            md, trade_payload, execs = rendered.payloads(now_ns)
+            st.exec_seq = rendered.exec_seq
+            book = engine.books[st.symbol]
+            keys_ += [st.b_epoch, st.b_events, st.b_progress, st.b_exec_log]
+            args += [
+                st.epoch, encode_events(pairs), st.b_md, md or b"", st.b_trades, trade_payload or b"",
+                st.b_exec, execs or b"", b"%d-0" % st.exec_seq,
+                b"last_id", st.last_id, b"applied", b"%d" % st.applied, b"book_seq", b"%d" % book.book_seq,
+                b"trade_seq", b"%d" % book.trade_seq, b"ts", b"%d" % (now_ns // 1_000_000),
+                keys.PROGRESS_EXEC_SEQ.encode(), b"%d" % st.exec_seq,
+            ]  # fmt: skip
+            st.m_batch.observe(len(pairs))
+            st.m_applied.inc(len(pairs))
+            metrics.PUBLISHED.labels("md").inc(len(rendered.md))
+            metrics.PUBLISHED.labels("trades").inc(len(rendered.trades))
+            metrics.PUBLISHED.labels("exec").inc(len(rendered.execs))
+            if rendered.trades:
+                st.m_trades.inc(len(rendered.trades))
+        for account, assets in balances.items():
+            keys_.append(keys.balances(account).encode())
+            flat = [v for asset, value in assets.items() for v in (asset.encode(), value)]
+            args += [b"%d" % len(flat), *flat]
+        args += records.out
+        first = next(iter(per))
+        first.m_command.observe_many(durations)
+        read_ms = read_ns // 1_000_000
+        first.m_wait.observe_many([(read_ms - ts) * 1e-3 for _, _, ts in items])
+        first.m_o2p.observe_many([(now_ns - r) * 1e-9 for _, _, _, r in rows if r])
+        return pack(b"EVALSHA", self.sha["commit_many"], b"%d" % len(keys_), *keys_, *args)
+
+    # Checkpoints ------------------------------------------------------------------------------
+    def _maybe_checkpoint(self) -> None:
+        task = self._ckpt_task
+        if task is not None:
+            if not task.done():
+                return
+            self._ckpt_task = None
+            task.result()
+        pending = self._applied() - self.ckpt_applied
+        due = (
+            pending >= self.cfg.checkpoint_every
+            or time.monotonic() - self.ckpt_mono >= self.cfg.checkpoint_seconds
+        )
+        if pending and due:
+            self._ckpt_task = asyncio.create_task(self._write_checkpoint(self._capture_venue()))
+
+    async def _shutdown_checkpoints(self) -> None:
+        if self._ckpt_task is not None:
+            await self._ckpt_task
+            self._ckpt_task = None
+        if self._applied() != self.ckpt_applied:
+            await self._write_checkpoint(self._capture_venue())
+
+    def _capture_venue(self) -> ck.Checkpoint:
+        """The whole engine and every stream's position, now (callers: everything applied is committed)."""
+        states = list(self.states.values())
+        self.ckpt_applied, self.ckpt_mono = self._applied(), time.monotonic()
+        position = max(entry_to_seq(st.last_id) for st in states)
+        streams = {st.symbol: [st.last_id.decode(), st.applied, st.exec_seq] for st in states}
+        snap = {"engine": snapshot(self.engine), "streams": streams}
+        return ck.Checkpoint(GROUP, seq_to_entry(position), self.ckpt_applied, snap, time.time_ns())
+
+    async def _write_checkpoint(self, ckpt: ck.Checkpoint) -> None:
+        t0 = time.perf_counter()
+        blob = await asyncio.to_thread(ck.encode, ckpt, self.ckpt_key)
+        first = next(iter(self.states.values()))  # one matcher holds every symbol's lease at once
+        self._rt("checkpoint")
+        await self._fenced("checkpoint", [first.k_epoch, self.k_checkpoint], [first.epoch, blob])
+        folder = ck.directory(self.cfg.data_dir, GROUP)
+        try:
+            keep = self.cfg.keep_checkpoints
+            kept = await asyncio.to_thread(_write_and_prune, folder, ckpt.entry_id, blob, keep)
+            oldest = min([seq for seq, _ in kept] + [ckpt.seq])
+        except OSError as exc:
+            log.error("venue: checkpoint file in %s failed: %s; not trimming", folder, exc)
+        else:
+            for st in self.states.values():
+                self._rt("trim")
+                await self.r.xtrim(st.k_orders, minid=seq_to_entry(oldest), approximate=False)
+        elapsed = time.perf_counter() - t0
+        metrics.CHECKPOINT_SECONDS.labels(GROUP).observe(elapsed)
+        metrics.CHECKPOINT_TIMESTAMP.labels(GROUP).set(time.time())
+        log.info("venue: checkpoint at %s (%d bytes, %.3f s)", ckpt.entry_id, len(blob), elapsed)
