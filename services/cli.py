@@ -150,6 +150,31 @@ def _add_seed_symbol(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_risk(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--risk",
+        choices=["on", "off"],
+        default="on",
+        help="on (default): balances, pre-trade risk checks and funding; off: no balances (the matchers "
+        "and gateways of one venue must agree)",
+    )
+
+
+def _add_funding(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--admin-keys",
+        metavar="FILE",
+        help="key file (the --api-keys format) of admin sessions, which fund accounts (default: none)",
+    )
+    p.add_argument(
+        "--faucet",
+        metavar="SPEC",
+        help="starting balance of each account at its first login with --risk on, e.g. "
+        '"USDT=1000000,BTC=100"; "none": off (default: USDT=1000000,BTC=100,ETH=1000 in open mode, '
+        "none with --api-keys)",
+    )
+
+
 def _add_feeds_tuning(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     p.add_argument(
         "--depth-interval", type=float, default=DEPTH_INTERVAL, help="seconds between depth messages"
@@ -183,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--gateways", type=int, default=1, help="gateway processes (they share the port)")
     up.add_argument("--matchers", type=int, default=1, help="matcher processes (one active, others standby)")
     up.add_argument("--api-keys", metavar="FILE", help="JSON object api_key -> account (default: open mode)")
+    _add_risk(up)
+    _add_funding(up)
     up.add_argument("--host", default="127.0.0.1", help="address the services listen on")
     _add_seed_symbol(up)
     up.add_argument(
@@ -212,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(matcher)
     matcher.add_argument("--symbols", help="comma-separated symbols to match (default: all instruments)")
     matcher.add_argument("--data-dir", default="./var", help="checkpoint files and their key")
+    _add_risk(matcher)
     _add_matcher_tuning(matcher)
     matcher.add_argument("--keep-checkpoints", type=int, default=3, help="checkpoint files kept per symbol")
     matcher.add_argument(
@@ -228,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument(
         "--api-keys", metavar="FILE", help="JSON object api_key -> account (default: open mode)"
     )
+    _add_risk(gateway)
+    _add_funding(gateway)
     _add_gateway_tuning(gateway)
     gateway.add_argument("--max-frame", type=int, default=16_384, help="largest accepted frame in bytes")
     gateway.add_argument(
@@ -279,6 +309,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-keys", metavar="FILE", required=True, help="key file (created 0600; required)"
     )
     keys_add.set_defaults(module="services.keys_cli")
+
+    for action, text in (
+        ("deposit", "credit an account on a running venue"),
+        ("withdraw", "debit an account on a running venue"),
+        ("balances", "an account's balances on a running venue"),
+        ("orders", "an account's open orders on a running venue"),
+    ):
+        p = _parser(sub, action, text)
+        p.add_argument("account", help="the account")
+        if action in ("deposit", "withdraw"):
+            p.add_argument("asset", help="e.g. USDT")
+            p.add_argument("amount", help="a decimal, e.g. 1000.5")
+        if action == "orders":
+            p.add_argument("--symbol", help="only this symbol (default: every symbol)")
+        p.add_argument("--gateway", default="ws://127.0.0.1:8000", help="the gateway's URL")
+        p.add_argument(
+            "--admin-key", help="admin key (or env CME_ADMIN_KEY; default: none, open mode as the account)"
+        )
+        p.set_defaults(module="services.accounts_cli", action=action)
 
     secrets = _parser(sub, "redis-secrets", "Redis ACL file and service URLs for deploy/")
     secrets.add_argument("--out", default="deploy/secrets", help="directory to write (mode 0700)")
@@ -332,11 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     fuzz.add_argument("--max-rss-mib", type=int, default=256, help="memory bound per service (own stack)")
     fuzz.set_defaults(module="services.fuzz")
 
-    bench = _parser(sub, "bench", "run a benchmark: core, matcher or e2e")
+    bench = _parser(sub, "bench", "run a benchmark: core, matcher, e2e, feeds or peers")
     bench.add_argument(
         "what",
-        choices=["core", "matcher", "e2e"],
-        help="core: pure matching; matcher: the matcher service on Redis; e2e: the whole stack",
+        choices=["core", "matcher", "e2e", "feeds", "peers"],
+        help="core: pure matching; matcher: the matcher service on Redis; e2e: the whole stack;"
+        " feeds: the book checksum's share of a feed's CPU; peers: this core against other engines",
     )
     bench.add_argument(
         "--commands", "-n", type=int, default=None, help="commands in the flow (default: per benchmark)"
@@ -356,11 +406,36 @@ def build_parser() -> argparse.ArgumentParser:
         default="plain",
         help="all: also time a flow with stops, GTD, icebergs and quote-quantity orders",
     )
+    fbench = bench.add_argument_group("feeds (also --order-types: the flow replayed)")
+    fbench.add_argument("--subscribers", type=int, default=10, help="l2 and trades subscribers of the feed")
+    fbench.add_argument("--per-payload", type=int, default=4, help="commands per matcher pub/sub payload")
+    fbench.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="feeds: timed replays with and without the checksum (default 5); peers: runs per engine (3)",
+    )
+    pbench = bench.add_argument_group("peers (also --repeats)")
+    pbench.add_argument("--prefill", type=int, default=0, help="far passive orders first: 20000 = deep book")
+    pbench.add_argument("--engines", default=None, help="comma-separated engines to run (default: all)")
+    core.add_argument(
+        "--risk",
+        choices=("off", "on", "both"),
+        default="both",
+        help="balances in the core: both times the default flow without and with them (default: both)",
+    )
     mbench = bench.add_argument_group("matcher")
     mbench.add_argument("--batch", type=int, default=BATCH, help="most stream entries per read and commit")
     e2e = bench.add_argument_group("e2e")
     e2e.add_argument("--gateway", default=None, help="ws URL of a running gateway (default: start a stack)")
     e2e.add_argument("--clients", type=int, default=8, help="client connections")
+    e2e.add_argument(
+        "--stack-risk",
+        dest="stack_risk",
+        choices=("on", "off"),
+        default="on",
+        help="balances in the stack the bench starts (default: on, as cme up)",
+    )
     e2e.add_argument(
         "--rate", type=float, default=0.0, help="offered orders/s in total (0: as fast as possible)"
     )

@@ -121,6 +121,9 @@ class StackConfig:
     gateways: int = 1
     matchers: int = 1  # one active, the others standing by to take over its leases
     api_keys: str | None = None
+    risk: str = "on"  # on: balances (matchers and gateways get --risk on); off: none
+    admin_keys: str | None = None  # the gateways' --admin-keys
+    faucet: str | None = None  # the gateways' --faucet (None: their default)
     instruments: str | None = None
     seed_symbol: str = "BTC-USDT"  # the seed dialect's symbol (gateways and feeds)
     log_level: str = "INFO"
@@ -163,6 +166,9 @@ class StackConfig:
             gateways=args.gateways,
             matchers=getattr(args, "matchers", 1),
             api_keys=absolute(args.api_keys),
+            risk=getattr(args, "risk", "on"),
+            admin_keys=absolute(getattr(args, "admin_keys", None)),
+            faucet=getattr(args, "faucet", None),
             instruments=absolute(args.instruments),
             seed_symbol=getattr(args, "seed_symbol", "BTC-USDT"),
             log_level=args.log_level,
@@ -380,8 +386,11 @@ class Stack:
             return Child(name, service, [*argv, *cfg.extra.get(service, [])], port, {URL_ENV: url})
 
         keys = ["--api-keys", cfg.api_keys] if cfg.api_keys else []
+        keys += ["--admin-keys", cfg.admin_keys] if cfg.admin_keys else []
+        keys += ["--faucet", cfg.faucet] if cfg.faucet is not None else []
         seed_flags = ["--seed-symbol", cfg.seed_symbol]
-        matcher_flags = ["--data-dir", str(self.data_dir)]
+        risk = ["--risk", cfg.risk]
+        matcher_flags = ["--data-dir", str(self.data_dir), *risk]
         if cfg.matchers <= 1:
             out = [child("matcher", "matcher", matcher_flags)]
         else:  # whichever gets the leases first is active; a restarted one stands by
@@ -390,7 +399,7 @@ class Stack:
             child(
                 f"gateway-{i}",
                 "gateway",
-                ["--host", cfg.host, "--port", str(self.ports["gateway"]), *keys, *seed_flags],
+                ["--host", cfg.host, "--port", str(self.ports["gateway"]), *keys, *seed_flags, *risk],
             )
             for i in range(1, cfg.gateways + 1)
         ]

@@ -35,7 +35,7 @@ from typing import Any
 import orjson
 from cme_client import WebSocket
 
-from services.bench.flow import SYMBOL, FlowConfig, FlowGenerator
+from services.bench.flow import ORDER_TYPES, SYMBOL, FlowConfig, FlowGenerator
 from services.bench.matcher import proc_cpu_s
 from services.matcher.commands import Cancel, NewOrder
 from shared import aio
@@ -50,6 +50,7 @@ SEND_BATCH = 256  # most messages written per socket write
 # small bursts spread evenly, and every latency is still measured from the message's real send time.
 PACE_SECONDS = 0.002
 DEFAULT_RATE_PER_S = 40_000
+EXPIRY_LEAD_MS = 5_000  # GTD flow time 0 lies this far after the plan is made (the load starts before)
 CLEANUP_TIMEOUT = 10.0
 _ENDED = frozenset(
     ("filled", "cancelled", "rejected")
@@ -81,12 +82,24 @@ class Plan:
     cancels: int = 0
 
 
-def build_plan(commands: int, seed: int, clients: int, tag: str, quiet: bool) -> Plan:
+def build_plan(
+    commands: int,
+    seed: int,
+    clients: int,
+    tag: str,
+    quiet: bool,
+    order_types: str = "plain",
+    duration: float = 10.0,
+) -> Plan:
+    """Every client's messages. With order_types "all" the flow's GTD expiries, in flow time (seqs),
+    become wall clock ms: the flow spread evenly over `duration` seconds from EXPIRY_LEAD_MS ahead of
+    now (the load starts within that), so orders expire during the run about when the flow meant."""
     inst = Instrument(SYMBOL)
     accounts = [f"bench-{tag}-{i:03d}" for i in range(clients)]
     index = {a: i for i, a in enumerate(accounts)}
     plan = Plan(accounts, [[] for _ in accounts])
-    flow = _AccountFlow(FlowConfig(commands, seed), accounts)
+    flow = _AccountFlow(FlowConfig(commands, seed, order_types=order_types), accounts)
+    expiry_base, ms_per_seq = time.time() * 1000 + EXPIRY_LEAD_MS, duration * 1000 / max(1, commands)
     every = max(1, commands // 20)
     tty = not quiet and sys.stderr.isatty()
     dumps = orjson.dumps
@@ -101,8 +114,16 @@ def build_plan(commands: int, seed: int, clients: int, tag: str, quiet: bool) ->
             }
             if cmd.price is not None:
                 msg["price"] = inst.price_str(cmd.price)
-            if cmd.quantity is not None:  # None: a quote-quantity market order (not in this flow)
+            if cmd.quantity is not None:  # None: a quote-quantity market order
                 msg["quantity"] = inst.qty_str(cmd.quantity)
+            if cmd.stop_price is not None:
+                msg["stop_price"] = inst.price_str(cmd.stop_price)
+            if cmd.expire_time is not None:
+                msg["expire_time"] = int(expiry_base + cmd.expire_time * ms_per_seq)
+            if cmd.display_quantity is not None:
+                msg["display_quantity"] = inst.qty_str(cmd.display_quantity)
+            if cmd.quote_quantity is not None:  # ticks x lots
+                msg["quote_quantity"] = inst.notional_str(cmd.quote_quantity, 1)
             msg["client_order_id"] = cmd.client_order_id  # last: Client._send_batch reads it from the bytes
             plan.new_orders += 1
         else:
@@ -466,22 +487,31 @@ def run_from_args(args: argparse.Namespace) -> int:
     commands: int = args.commands or int((rate or DEFAULT_RATE_PER_S) * duration)
     window: int = args.window or _default_window(clients)
     procs: int = min(clients, args.procs or _default_procs(clients))
-    tag = uuid.uuid4().hex[:6]
+    order_types: str = getattr(args, "order_types", "plain")
+    if order_types not in ORDER_TYPES:
+        raise SystemExit(f"--order-types must be one of {', '.join(ORDER_TYPES)}")
+    # --order-types all runs the plain flow and then the one with every order type, on one stack, so
+    # that the two sets of figures (and their ratio) come from the same machine state.
+    variants = ["plain"] if order_types == "plain" else ["plain", "all"]
 
     stack = None
     tmp: str | None = None
     url: str | None = args.gateway
+    reports: list[dict[str, Any]] = []
     try:
         if url is None:
-            stack, tmp = _start_stack(quiet)
+            stack, tmp = _start_stack(quiet, getattr(args, "stack_risk", "on"))
             url = stack.endpoints()["gateway"]
         mode = f"{rate:,.0f}/s" if rate else f"as fast as possible (window {window} per client)"
         _say(
             quiet,
             f"cme bench e2e: {clients} clients in {procs} process(es) on {url}, rate {mode}, {duration:g} s",
         )
-        plan = build_plan(commands, args.seed, clients, tag, quiet)
-        report = _drive(url, plan, procs, rate, duration, window, quiet, stack)
+        for variant in variants:
+            _say(quiet, f"[order types {variant}]")
+            tag = uuid.uuid4().hex[:6]  # fresh accounts: no client order id of an earlier run collides
+            plan = build_plan(commands, args.seed, clients, tag, quiet, variant, duration)
+            reports.append(_drive(url, plan, procs, rate, duration, window, quiet, stack))
     except (RuntimeError, OSError) as exc:
         print(f"cme bench e2e: {exc}", file=sys.stderr)
         return 2
@@ -490,28 +520,67 @@ def run_from_args(args: argparse.Namespace) -> int:
             stack.stop()
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    report.update(
-        {
-            "gateway": args.gateway or "own stack",
-            "clients": clients,
-            "processes": procs,
-            "offered_rate": rate or None,
-            "duration_s": duration,
-            "window": window if not rate else None,
-            "seed": args.seed,
-            "flow_commands": commands,
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-        }
-    )
-    report["targets"] = targets(report)
-    _print_table(report)
+    for variant, report in zip(variants, reports, strict=True):
+        report.update(
+            {
+                "gateway": args.gateway or "own stack",
+                "clients": clients,
+                "processes": procs,
+                "offered_rate": rate or None,
+                "duration_s": duration,
+                "window": window if not rate else None,
+                "seed": args.seed,
+                "flow_commands": commands,
+                "order_types": variant,
+                "python": platform.python_version(),
+                "cpus": os.cpu_count(),
+            }
+        )
+        report["targets"] = targets(report)
+        _print_table(report)
+    report = reports[0]
+    if len(reports) > 1:
+        report["all_types"] = reports[1]
+        report["all_vs_plain"] = compare(reports[0], reports[1])
+        _print_comparison(report["all_vs_plain"])
     if args.json:
         Path(args.json).write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
-    return 0 if not report["lost_reports"] and not report["errors"] else 1
+    ok = all(not r["lost_reports"] and not r["missing_acks"] and not r["errors"] for r in reports)
+    return 0 if ok else 1
 
 
-def _start_stack(quiet: bool) -> tuple[Any, str]:
+def compare(plain: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+    """The all-types run's figures over the plain run's: latency percentiles and CPU per command."""
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None or b <= 0 else round(a / b, 3)
+
+    out: dict[str, Any] = {"sustained_per_s": ratio(more["sustained_per_s"], plain["sustained_per_s"])}
+    for key in ("ack_latency", "report_latency", "trade_latency"):
+        out[key] = {p: ratio(more[key][p], plain[key][p]) for p in ("p50_ms", "p99_ms", "p999_ms")}
+    cpu_plain, cpu_more = plain.get("cpu_us_per_command", {}), more.get("cpu_us_per_command", {})
+    out["cpu_us_per_command"] = {
+        name: ratio(cpu_more[name], us) for name, us in cpu_plain.items() if name in cpu_more
+    }
+    return out
+
+
+def _print_comparison(cmp: dict[str, Any]) -> None:
+    def f(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    print("all order types / plain:")
+    print(f"  sustained/s {f(cmp['sustained_per_s'])}")
+    for key, label in (("ack_latency", "order -> ack"), ("report_latency", "order -> execution report"),
+                       ("trade_latency", "order -> taker trade report")):  # fmt: skip
+        r = cmp[key]
+        print(f"  {label:<28} p50 {f(r['p50_ms'])}  p99 {f(r['p99_ms'])}  p99.9 {f(r['p999_ms'])}")
+    cpu = cmp["cpu_us_per_command"]
+    if cpu:
+        print("  CPU per command: " + ", ".join(f"{name} {f(v)}" for name, v in cpu.items()))
+
+
+def _start_stack(quiet: bool, risk: str) -> tuple[Any, str]:
     import logging
 
     from services.supervisor import Stack, StackConfig
@@ -522,7 +591,7 @@ def _start_stack(quiet: bool) -> tuple[Any, str]:
     tmp = tempfile.mkdtemp(prefix="cme-bench-")
     cfg = StackConfig(
         gateway_port=0, md_port=0, trades_port=0, metrics_port=0, data_dir=Path(tmp) / "var",
-        log_dir=Path(tmp) / "logs", log_level="WARNING", extra={"gateway": ["--rate-limit", "0"]},
+        log_dir=Path(tmp) / "logs", log_level="WARNING", extra={"gateway": ["--rate-limit", "0"]}, risk=risk,
     )  # fmt: skip
     stack = Stack(cfg)
     _say(quiet, f"starting a stack in {tmp} (logs in {cfg.log_dir})")
@@ -722,7 +791,8 @@ def _print_table(rep: dict[str, Any]) -> None:
     rate = f"{rep['offered_rate']:,.0f}/s offered" if rep["offered_rate"] else "as fast as possible"
     print(
         f"cme bench e2e  ({rep['gateway']}, {rep['clients']} clients in {rep['processes']} process(es),"
-        f" {rate}, CPython {rep['python']}, {rep['cpus']} CPUs)"
+        f" {rate}, order types {rep.get('order_types', 'plain')}, CPython {rep['python']},"
+        f" {rep['cpus']} CPUs)"
     )
     print(
         f"commands {rep['commands_sent']:,} ({rep['new_orders_sent']:,} new, {rep['cancels_sent']:,} cancels)"

@@ -58,7 +58,10 @@ class KeyStore:
             if type(name) is not str or type(account) is not str:
                 raise ValueError("API keys: expected api key (or sha256:<hex> digest) -> account strings")
             if not validation.valid_account(account):
-                raise ValueError(f"API keys: invalid account name {account!r}")
+                raise ValueError(
+                    f"API keys: invalid account name {account!r} (1 to 64 of A-Z a-z 0-9 _ . @ -, "
+                    "not starting with _: those are the venue's)"
+                )
             if name.startswith(DIGEST_PREFIX):
                 if _DIGEST_RE.fullmatch(name) is None:
                     raise ValueError(f"API keys: malformed digest {name[:20]!r}... (sha256: + 64 hex digits)")

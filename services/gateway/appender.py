@@ -24,6 +24,7 @@ import hiredis
 from shared import keys
 from shared.metrics import APPEND_BATCH, REDIS_ERRORS, REDIS_ROUNDTRIPS
 from shared.resp import RespConnection, pack
+from shared.stream import APPEND_SCRIPT, APPEND_SHA
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +58,14 @@ class Appender:
         timeout: float = 5.0,
         retry_after: float = 0.5,
         on_batch: Callable[[dict[str, int]], None] | None = None,
+        id_clock: bool = False,
     ) -> None:
         self.url = url
         self.max_batch = max_batch
         self.timeout = timeout
         self.retry_after = retry_after  # after a failed connect, fail fast for this long
         self.on_batch = on_batch  # per-symbol counts of each successful batch (lag estimate)
+        self.id_clock = id_clock  # ids from the venue clock (balances on: see shared.stream.APPEND_SCRIPT)
         self._pending: list[tuple[str, bytes, Waiter]] = []
         self.backlog = 0  # submitted and not answered yet (read per order: a plain attribute)
         self._wake = asyncio.Event()
@@ -116,14 +119,16 @@ class Appender:
 
     # ------------------------------------------------------------------------------------------
     def _prefix(self, symbol: str) -> bytes:
-        """`XADD <key> * d` as RESP, up to the entry's bulk string."""
+        """`XADD <key> * d` (or the id-clock script's EVALSHA) as RESP, up to the entry's bulk string."""
         prefix = self._prefixes.get(symbol)
         if prefix is None:
             key = keys.orders(symbol).encode()
-            prefix = self._prefixes[symbol] = b"*5\r\n$4\r\nXADD\r\n$%d\r\n%s\r\n$1\r\n*\r\n$1\r\nd\r\n" % (
-                len(key),
-                key,
-            )
+            if self.id_clock:
+                # The entry's bulk string is the script call's last argument; cut the placeholder.
+                prefix = pack(b"EVALSHA", APPEND_SHA, b"2", keys.id_clock().encode(), key, b"")[:-6]
+            else:
+                prefix = b"*5\r\n$4\r\nXADD\r\n$%d\r\n%s\r\n$1\r\n*\r\n$1\r\nd\r\n" % (len(key), key)
+            self._prefixes[symbol] = prefix
         return prefix
 
     async def _connect(self) -> RespConnection | None:
@@ -136,6 +141,8 @@ class Appender:
         try:
             async with asyncio.timeout(self.timeout):
                 self._conn = await RespConnection.open(self.url)
+                if self.id_clock:  # after a Redis restart the script must be loaded again
+                    await self._conn.roundtrip(pack(b"SCRIPT", b"LOAD", APPEND_SCRIPT.encode()), 1)
         except (OSError, TimeoutError, ConnectionError, hiredis.ProtocolError) as exc:
             REDIS_ERRORS.labels("connect").inc()
             log.warning("cannot connect to Redis for appends: %s", exc)

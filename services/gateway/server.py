@@ -16,8 +16,8 @@ import logging
 import signal
 import socket
 import time
-from collections import deque
-from collections.abc import Callable, Mapping
+from collections import OrderedDict, deque
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from http import HTTPStatus
 from typing import Any, Final
 
@@ -30,8 +30,9 @@ from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from services.gateway import executions, seed, validation
+from services.gateway import executions, orders, seed, validation
 from services.gateway.appender import Appender
+from services.gateway.safety import SafetySwitches
 from services.gateway.sessions import (
     MAX_BAD_MESSAGES,
     Authenticator,
@@ -39,12 +40,19 @@ from services.gateway.sessions import (
     Session,
     load_api_keys,
 )
-from services.gateway.validation import ExecutionsQuery
-from services.matcher.commands import Command, NewOrder
+from services.gateway.validation import (
+    BalancesQuery,
+    ExecutionsQuery,
+    OpenOrdersQuery,
+    OrderCommand,
+    OrderStatusQuery,
+    Submission,
+)
+from services.matcher.commands import Grant, NewOrder
 from shared import aio, codes, keys, logs, metrics, stream, wsguard
 from shared.gcpolicy import quiet_gc
-from shared.ids import seq_to_entry
-from shared.instruments import Instrument, load_instruments
+from shared.ids import entry_to_seq, seq_to_entry
+from shared.instruments import Instrument, asset_scales, load_instruments
 from shared.metrics import (
     CONNECTIONS,
     GATEWAY_ACK_SECONDS,
@@ -70,6 +78,9 @@ SHUTDOWN_REASON: Final = "server shutting down"
 AUTH_TIMEOUT: Final = 10.0  # seconds from connect to a successful auth
 AUTH_TIMEOUT_REASON: Final = "authentication timeout"
 _ORDER_TYPES: Final = {"limit": "limit", "market": "market", "ioc": "limit", "fok": "limit"}
+# The session's non-order answers.
+_REQUESTS: Final = frozenset((ExecutionsQuery, BalancesQuery, Submission, OrderStatusQuery, OpenOrdersQuery))
+MAX_GRANTED_MEMO: Final = 100_000  # accounts this process remembers as granted by the faucet
 
 
 class GatewayConnection(wsguard.GuardedConnection):
@@ -109,7 +120,7 @@ class PendingOrder:
 
     __slots__ = ("client", "cmd", "data", "label", "op", "recv_ns")
 
-    def __init__(self, client: Client, cmd: Command, op: str, label: str, recv_ns: int) -> None:
+    def __init__(self, client: Client, cmd: OrderCommand, op: str, label: str, recv_ns: int) -> None:
         self.client, self.cmd, self.op, self.label, self.recv_ns = client, cmd, op, label, recv_ns
         self.data: bytes | None = None
 
@@ -127,6 +138,7 @@ class PendingOrder:
         self.data = orjson.dumps(
             {"type": "ack", "op": self.op, "client_order_id": cid, "order_id": order_id, "symbol": cmd.symbol}
         )
+        self.client.appended[cmd.symbol] = entry_id
         gateway = self.client.gateway
         gateway.count_order(cmd.symbol, self.label, "accepted")
         gateway.ack_seconds[self.op].observe((now_ns - self.recv_ns) / 1e9)
@@ -161,6 +173,55 @@ class SeedPendingOrder(PendingOrder):
             self.data = seed.rejected(validation.reject(codes.INTERNAL_ERROR, validation.NEW, None, reason))
 
 
+class PendingSubmission:
+    """A deposit / withdraw / cancel_all on its way: an outbox cell until every one of its commands is
+    appended (then its ack), or until the first failure (then a reject: the outcome is unknown)."""
+
+    __slots__ = ("client", "data", "remaining", "request")
+
+    def __init__(self, client: Client, request: Submission) -> None:
+        self.client, self.request = client, request
+        self.remaining = len(request.entries)
+        self.data: bytes | None = None if self.remaining else orjson.dumps(request.ack)
+
+    def appended(self, entry_id: str, now_ns: int) -> None:
+        # Answers come back in submission order: this one is for entries[done].
+        symbol = self.request.entries[len(self.request.entries) - self.remaining][0]
+        self.client.appended[symbol] = entry_id
+        self.remaining -= 1
+        if self.remaining == 0 and self.data is None:
+            self.data = orjson.dumps(self.request.ack)
+            self.client.wake()
+
+    def failed(self, reason: str) -> None:
+        if self.data is not None:
+            return
+        reply = validation.reject(codes.INTERNAL_ERROR, self.request.op, reason=reason)
+        if "request_id" in self.request.ack:
+            reply["request_id"] = self.request.ack["request_id"]
+        self.client.gateway.count_reject(reply, None, None)
+        self.data = orjson.dumps(reply)
+        self.client.wake()
+
+
+class FaucetGrant:
+    """The waiter of a faucet Grant: the account is remembered as granted once the grant is appended."""
+
+    __slots__ = ("account", "client", "gateway", "symbol")
+
+    def __init__(self, gateway: Gateway, account: str, client: Client, symbol: str) -> None:
+        self.gateway, self.account, self.client, self.symbol = gateway, account, client, symbol
+
+    def appended(self, entry_id: str, now_ns: int) -> None:
+        self.gateway.remember_grant(self.account)
+        self.client.appended[self.symbol] = entry_id  # a balances query waits for the grant too
+
+    def failed(self, reason: str) -> None:
+        log.warning(
+            "faucet grant of %s not appended (sent again at its next login): %s", self.account, reason
+        )
+
+
 class PendingReply:
     """An outbox cell for a reply that needs a Redis read: later messages wait behind it, in order."""
 
@@ -178,14 +239,16 @@ class PendingReply:
 class Client:
     """One WebSocket connection: its session and its ordered outbox."""
 
-    __slots__ = ("account", "cells", "closing", "dirty", "gateway", "seed", "session", "ws")
+    __slots__ = ("account", "appended", "cells", "closing", "dirty", "gateway", "seed", "session", "ws")
 
     def __init__(self, gateway: Gateway, ws: ServerConnection, session: Session) -> None:
         self.gateway, self.ws, self.session = gateway, ws, session
         self.account: str | None = None  # the account it is registered under for execution reports
-        self.cells: deque[bytes | PendingOrder | PendingReply] = deque()
+        self.cells: deque[bytes | PendingOrder | PendingReply | PendingSubmission] = deque()
         self.dirty = False
         self.closing = False
+        # symbol -> the newest entry this connection appended there (acked): what a query waits for
+        self.appended: dict[str, str] = {}
         # It sent a valid seed order: the seed's dialect has no auth message (each order names its
         # account), so such a connection is exempt from the auth deadline, as an authenticated one is.
         self.seed = False
@@ -207,7 +270,7 @@ class Client:
             self.close(CloseCode.POLICY_VIOLATION, reason)
 
     def auth_expired(self) -> None:
-        if self.account is None and not self.seed:
+        if self.account is None and not self.seed and self.session.admin is None:
             self.close(CloseCode.POLICY_VIOLATION, AUTH_TIMEOUT_REASON)
 
     def close(self, code: int, reason: str) -> None:
@@ -239,7 +302,7 @@ class Client:
             item = cells[0]
             if isinstance(item, bytes):
                 data = item
-            else:  # a PendingOrder or PendingReply
+            else:  # a PendingOrder, PendingReply or PendingSubmission
                 pending = item.data
                 if pending is None:
                     break  # Redis has not answered yet: later messages wait behind this ack
@@ -275,8 +338,17 @@ class Gateway:
         policy: wsguard.Policy | None = None,
         auth_timeout: float = AUTH_TIMEOUT,
         seed_symbol: str = seed.DEFAULT_SYMBOL,
+        risk: bool = False,
+        faucet: Sequence[tuple[str, int]] = (),
     ) -> None:
+        """risk: the venue keeps balances (the matcher runs with --risk on): funding and the
+        balances query are served, else answered BALANCES_DISABLED and no faucet is sent.
+        faucet: (asset, units) every account is granted at its first login (validation.parse_faucet)."""
         self.instruments = dict(instruments)
+        self.scales = asset_scales(self.instruments.values())
+        self.risk = risk
+        self.faucet = [[asset, units] for asset, units in faucet] if risk else []
+        self.granted: OrderedDict[str, None] = OrderedDict()  # accounts whose grant is on the stream
         self.seed_symbol = seed_symbol  # what the seed's orders trade (they name no symbol)
         self.redis_url = redis_url
         self.auth = auth or Authenticator()
@@ -289,7 +361,8 @@ class Gateway:
         self.policy = policy or wsguard.Policy()
         self.guard = wsguard.Guard(self.policy, "gateway")
         self.auth_timeout = auth_timeout  # 0: no deadline
-        self.appender = Appender(redis_url)
+        # One matcher applies every stream in entry-id order when balances are on: ids from the venue clock.
+        self.appender = Appender(redis_url, id_clock=risk)
         # Polls and registration time out; the subscriber blocks by design, so it has its own client.
         self.redis: aioredis.Redis = aioredis.Redis.from_url(redis_url, **client_options(REDIS_TIMEOUT))
         self._subscriber: aioredis.Redis = aioredis.Redis.from_url(
@@ -310,6 +383,8 @@ class Gateway:
             self.redis, self._subscriber, self.instruments, self.push_exec
         )
         self.exec_subscribed = self.exec_router.subscribed
+        # Cancel on disconnect and the dead man's switch: state in Redis, swept by every gateway.
+        self.safety = SafetySwitches(self.redis, self.appender, self.instruments)
         self._dirty: list[Client] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._closers: set[asyncio.Task[None]] = set()
@@ -322,6 +397,7 @@ class Gateway:
     async def start(self, host: str, port: int) -> int:
         """Listen (SO_REUSEPORT: several gateway processes may share the port); returns the port."""
         self.appender.start()
+        self.safety.start()
         self._tasks.append(self._loop.create_task(self._watch_lag(), name="lag-watcher"))
         self._tasks.append(self._loop.create_task(metrics.HEARTBEAT.run(), name="heartbeat"))
         metrics.HEALTH.source = self
@@ -344,11 +420,13 @@ class Gateway:
         )
         bound = int(self._server.sockets[0].getsockname()[1])
         log.info(
-            "gateway listening on %s:%d (%d symbols, %s mode)",
+            "gateway listening on %s:%d (%d symbols, %s mode, balances %s, faucet %s)",
             host,
             bound,
             len(self.instruments),
             "open" if self.auth.open_mode else "api-key",
+            "on" if self.risk else "off",
+            ",".join(f"{asset}={units}" for asset, units in self.faucet) or "none",
         )
         return bound
 
@@ -367,6 +445,7 @@ class Gateway:
             server.server.close()  # no new connections; open ones stay until their acks are out
         try:
             async with asyncio.timeout_at(deadline):
+                await self.safety.stop()  # a shutdown ends every leased connection: cancels go out now
                 await self.appender.close()
         except TimeoutError:
             log.error("pending appends did not finish within %.1f s", timeout)
@@ -405,6 +484,7 @@ class Gateway:
             max_bad=self.max_bad,
             throttle=self.login_throttle,  # failed logins count per IP across connections
             peer=peer,
+            balances=self.scales if self.risk else None,
         )
         client = Client(self, ws, session)
         self.clients.add(client)
@@ -438,6 +518,7 @@ class Gateway:
                 ws.close_reason or "",
             )
             self._register(client, None)
+            self.safety.release(client)
             CONNECTIONS.labels("gateway").dec()
 
     def on_text(self, client: Client, data: str) -> None:
@@ -453,17 +534,21 @@ class Gateway:
             if kind == "reject":
                 self.count_reject(result, *_labels(msg, self.instruments))
             elif kind == "authenticated":
-                self._register(client, result["account"])
+                account = result.get("account")  # None: an admin session
+                self._register(client, account)
+                if account is not None:
+                    self.grant(account, client)
+                if self._lease(client, result):
+                    return
             client.push(orjson.dumps(result))
             return
-        if type(result) is ExecutionsQuery:
-            cell = PendingReply(client)
-            client.cells.append(cell)
-            task = self._loop.create_task(self._answer_executions(cell, result))
-            self._closers.add(task)
-            task.add_done_callback(self._closers.discard)
+        if type(result) is validation.DeadManRequest:
+            self._arm(client, result)
             return
-        cmd: Command = result  # type: ignore[assignment]
+        if type(result) in _REQUESTS:
+            self._on_request(client, result, recv_ns)  # type: ignore[arg-type]
+            return
+        cmd: OrderCommand = result  # type: ignore[assignment]
         symbol = cmd[0]
         if type(cmd) is NewOrder:
             op, label = validation.NEW, cmd.type
@@ -478,6 +563,49 @@ class Gateway:
         pending = PendingOrder(client, cmd, op, label, recv_ns)
         client.cells.append(pending)
         self.appender.submit(symbol, stream.encode(cmd, recv_ns), pending)
+
+    def _on_request(
+        self,
+        client: Client,
+        request: ExecutionsQuery | BalancesQuery | Submission | OrderStatusQuery | OpenOrdersQuery,
+        recv_ns: int,
+    ) -> None:
+        """A query answered from Redis, or commands to append then ack, in the outbox's order."""
+        if type(request) is Submission:
+            pending = PendingSubmission(client, request)
+            client.cells.append(pending)
+            if pending.data is not None:  # nothing to append (no instruments)
+                client.wake()
+            for symbol, cmd in request.entries:
+                self.appender.submit(symbol, stream.encode(cmd, recv_ns), pending)
+            return
+        cell = PendingReply(client)
+        client.cells.append(cell)
+        if type(request) is ExecutionsQuery:
+            task = self._loop.create_task(self._answer_executions(cell, request))
+        elif type(request) is BalancesQuery:
+            task = self._loop.create_task(self._answer_balances(cell, dict(client.appended), request))
+        else:
+            assert type(request) is OrderStatusQuery or type(request) is OpenOrdersQuery
+            task = self._loop.create_task(self._answer_orders(cell, dict(client.appended), request))
+        self._closers.add(task)
+        task.add_done_callback(self._closers.discard)
+
+    def grant(self, account: str, client: Client) -> None:
+        """The faucet's Grant for an account not granted yet, on the first instrument's stream. The
+        appender keeps submission order, so the connection's later orders land after it; the core
+        grants once per account ever, so a grant this process forgot and sends again is harmless."""
+        if not self.faucet or account in self.granted:
+            return
+        entry = stream.encode(Grant(account, self.faucet), time.time_ns())
+        symbol = next(iter(self.instruments))
+        self.appender.submit(symbol, entry, FaucetGrant(self, account, client, symbol))
+
+    def remember_grant(self, account: str) -> None:
+        granted = self.granted
+        granted[account] = None
+        if len(granted) > MAX_GRANTED_MEMO:
+            granted.popitem(last=False)
 
     def _admit(self, symbol: str) -> bool:
         """Room for one more new order of the symbol (else OVERLOADED); if so it counts in the lag."""
@@ -507,6 +635,7 @@ class Gateway:
             self.count_reject(reply, symbol, cmd.type)
             client.push(seed.rejected(reply))
             return
+        self.grant(cmd.account, client)  # the seed has no login: the faucet funds its first order's account
         pending = SeedPendingOrder(client, cmd, validation.NEW, cmd.type, recv_ns)
         client.cells.append(pending)
         self.appender.submit(symbol, stream.encode(cmd, recv_ns), pending)
@@ -569,6 +698,116 @@ class Gateway:
             REDIS_ERRORS.labels("execlog").inc()
             reply = validation.reject(codes.INTERNAL_ERROR, validation.EXECUTIONS, None, f"Redis: {exc}")
             cell.done(orjson.dumps(reply))
+
+    async def _caught_up(self, appended: dict[str, str], symbols: Iterable[str]) -> str | None:
+        """Wait until the matcher committed what this connection appended on these symbols (read your
+        writes); None, or the reason it did not in time."""
+        for symbol in symbols:
+            entry = appended.get(symbol)
+            if entry is not None and not await orders.caught_up(self.redis, symbol, entry_to_seq(entry)):
+                return f"the matcher has not applied {symbol} up to {entry} yet; retry"
+        return None
+
+    async def _answer_orders(
+        self, cell: PendingReply, appended: dict[str, str], query: OrderStatusQuery | OpenOrdersQuery
+    ) -> None:
+        """From the order read model (services.gateway.orders), once it holds what this connection
+        appended."""
+        op = validation.ORDER_STATUS if type(query) is OrderStatusQuery else validation.OPEN_ORDERS
+        try:
+            symbols = (query.symbol,) if type(query) is OrderStatusQuery else query.symbols  # type: ignore[union-attr]
+            late = await self._caught_up(appended, symbols)
+            if late is not None:
+                cell.done(orjson.dumps(validation.reject(codes.OVERLOADED, op, None, late)))
+            elif type(query) is OrderStatusQuery:
+                found = await orders.order_status(
+                    self.redis, query.symbol, query.account, query.order_id, query.client_order_id
+                )
+                if isinstance(found, str):
+                    reply = validation.reject(found, op, query.client_order_id)
+                    reply["order_id"] = query.order_id
+                    cell.done(orjson.dumps(reply))
+                else:
+                    cell.done(found)
+            else:
+                cell.done(await orders.open_orders(self.redis, symbols, query.account))
+        except (RedisError, OSError) as exc:
+            REDIS_ERRORS.labels("orders").inc()
+            cell.done(orjson.dumps(validation.reject(codes.INTERNAL_ERROR, op, None, f"Redis: {exc}")))
+
+    async def _answer_balances(
+        self, cell: PendingReply, appended: dict[str, str], query: BalancesQuery
+    ) -> None:
+        """HGETALL of the matcher's read model, written in the commit that publishes each balance
+        line: the answer is never older than a balance message this connection already got, nor than
+        a deposit or order it was acked."""
+        try:
+            late = await self._caught_up(appended, list(appended))
+            if late is not None:
+                cell.done(orjson.dumps(validation.reject(codes.OVERLOADED, validation.BALANCES, None, late)))
+                return
+            stored = await self.redis.hgetall(keys.balances(query.account))
+            cell.done(orjson.dumps(validation.balances_reply(query.account, stored, self.scales)))
+        except (RedisError, OSError) as exc:
+            REDIS_ERRORS.labels("balances").inc()
+            cell.done(
+                orjson.dumps(
+                    validation.reject(codes.INTERNAL_ERROR, validation.BALANCES, None, f"Redis: {exc}")
+                )
+            )
+        except ValueError as exc:  # a value the matcher did not write
+            log.error("malformed balance of %s in Redis: %s", query.account, exc)
+            reply = validation.reject(
+                codes.INTERNAL_ERROR, validation.BALANCES, None, "malformed balance record"
+            )
+            cell.done(orjson.dumps(reply))
+
+    # Cancel on disconnect and the dead man's switch (services.gateway.safety) -------------------
+    def _lease(self, client: Client, reply: Mapping[str, Any]) -> bool:
+        """After a login: lease the connection if it asked for cancel on disconnect (then the reply
+        waits for the lease to be in Redis: True), else end the lease of an earlier login."""
+        account = reply.get("account")
+        if account is None or not reply.get(validation.CANCEL_ON_DISCONNECT):
+            self.safety.release(client)
+            return False
+        cell = PendingReply(client)
+        client.cells.append(cell)
+        self._background(self._answer_lease(client, cell, account, orjson.dumps(reply)))
+        return True
+
+    async def _answer_lease(self, client: Client, cell: PendingReply, account: str, reply: bytes) -> None:
+        try:
+            await self.safety.register(client, account)
+        except (RedisError, OSError) as exc:
+            # Fail closed: a client that asked for the guarantee must not trade without it.
+            REDIS_ERRORS.labels("safety").inc()
+            cell.done(orjson.dumps(validation.reject(codes.INTERNAL_ERROR, "auth", None, f"Redis: {exc}")))
+            self.safety.release(client)
+            client.close(CloseCode.INTERNAL_ERROR, "cancel on disconnect unavailable")
+            return
+        cell.done(reply)
+
+    def _arm(self, client: Client, request: validation.DeadManRequest) -> None:
+        cell = PendingReply(client)
+        client.cells.append(cell)
+        self._background(self._answer_arm(cell, request))
+
+    async def _answer_arm(self, cell: PendingReply, request: validation.DeadManRequest) -> None:
+        try:
+            deadline = await self.safety.arm(request.account, request.timeout_ms)
+        except (RedisError, OSError) as exc:
+            REDIS_ERRORS.labels("safety").inc()
+            reply = validation.reject(
+                codes.INTERNAL_ERROR, validation.CANCEL_ALL_AFTER, None, f"Redis: {exc}"
+            )
+            cell.done(orjson.dumps(reply))
+            return
+        cell.done(orjson.dumps({"type": validation.CANCEL_ALL_AFTER, "deadline": deadline}))
+
+    def _background(self, job: Coroutine[Any, Any, None]) -> None:
+        task = self._loop.create_task(job)
+        self._closers.add(task)
+        task.add_done_callback(self._closers.discard)
 
     # Backpressure -----------------------------------------------------------------------------
     async def _watch_lag(self) -> None:
@@ -716,7 +955,11 @@ def _address(ws: ServerConnection) -> str:
 
 # Entry point ------------------------------------------------------------------------------------
 async def _serve(
-    args: argparse.Namespace, instruments: dict[str, Instrument], auth: Authenticator, metrics_port: int
+    args: argparse.Namespace,
+    instruments: dict[str, Instrument],
+    auth: Authenticator,
+    faucet: list[tuple[str, int]],
+    metrics_port: int,
 ) -> None:
     gateway = Gateway(
         instruments,
@@ -728,6 +971,8 @@ async def _serve(
         policy=wsguard.Policy.from_args(args),
         auth_timeout=args.auth_timeout,
         seed_symbol=args.seed_symbol,
+        risk=args.risk == "on",
+        faucet=faucet,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -749,15 +994,30 @@ async def _serve(
     log.info("stopped")
 
 
+def _faucet(
+    spec: str | None, instruments: Mapping[str, Instrument], open_mode: bool
+) -> list[tuple[str, int]]:
+    """--faucet: given, it must name traded assets; not given, the default in open mode (its assets
+    that no instrument trades left out), none with API keys."""
+    scales = asset_scales(instruments.values())
+    if spec is not None:
+        return validation.parse_faucet(spec, scales)
+    return validation.parse_faucet(validation.DEFAULT_FAUCET, scales, strict=False) if open_mode else []
+
+
 def run(args: argparse.Namespace) -> int:
     """`cme gateway`: serve until SIGTERM / SIGINT, then exit 0."""
     logs.from_args("gateway", args)
     try:
         instruments = load_instruments(args.instruments)
-        auth = Authenticator(load_api_keys(args.api_keys) if args.api_keys else None)
+        auth = Authenticator(
+            load_api_keys(args.api_keys) if args.api_keys else None,
+            load_api_keys(args.admin_keys) if args.admin_keys else None,
+        )
+        faucet = _faucet(args.faucet, instruments, auth.open_mode)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.error("bad configuration: %s", exc)
         return 2
     metrics_port = metrics.serve("gateway", args.metrics_port, args.instance, args.metrics_host)
-    aio.run(_serve(args, instruments, auth, metrics_port))
+    aio.run(_serve(args, instruments, auth, faucet, metrics_port))
     return 0

@@ -1,8 +1,14 @@
 """Per-connection session logic: authentication, login throttling, rate limit, bad messages. Pure.
 
 The server decodes a frame (validation.decode) and hands the result here with the current time; the
-answer is either a Command to append, an ExecutionsQuery to answer, or a message to send back. Nothing
-here does I/O or reads a clock, so every rule is testable with injected time.
+answer is either an order's command to append, a Submission (commands to append, then an ack), an
+ExecutionsQuery or BalancesQuery to answer, or a message to send back. Nothing here does I/O or reads
+a clock, so every rule is testable with injected time.
+
+Who may do what with balances (docs/protocol.md "Balances and funding (gateway)"): in open mode an
+account funds itself and may read any account's balances; with API keys only an admin session
+(`{"op":"auth","admin_key":...}`) funds, naming the account, and an account reads only its own. An
+admin session places no orders.
 """
 
 from __future__ import annotations
@@ -14,8 +20,17 @@ from typing import Any, Final
 from services.gateway import validation
 from services.gateway.apikeys import KeyStore
 from services.gateway.apikeys import load_api_keys as load_api_keys  # the server's import
-from services.gateway.validation import ExecutionsQuery, Message, Reject
-from services.matcher.commands import Command
+from services.gateway.validation import (
+    BalancesQuery,
+    DeadManRequest,
+    ExecutionsQuery,
+    Message,
+    OpenOrdersQuery,
+    OrderCommand,
+    OrderStatusQuery,
+    Reject,
+    Submission,
+)
 from shared import codes
 from shared.instruments import Instrument
 
@@ -63,14 +78,17 @@ class TokenBucket:
 class Authenticator:
     """Open mode (self-declared accounts) without API keys; otherwise the key names the account.
 
-    api_keys: a KeyStore (load_api_keys), or a mapping plain key -> account (hashed at once).
+    api_keys, admin_keys: a KeyStore (load_api_keys), or a mapping plain key -> name (hashed at once).
+    An admin key names the admin (for logs), not an account.
     """
 
-    def __init__(self, api_keys: KeyStore | Mapping[str, str] | None = None) -> None:
-        if api_keys is None or isinstance(api_keys, KeyStore):
-            self.keys = api_keys
-        else:
-            self.keys = KeyStore(api_keys)
+    def __init__(
+        self,
+        api_keys: KeyStore | Mapping[str, str] | None = None,
+        admin_keys: KeyStore | Mapping[str, str] | None = None,
+    ) -> None:
+        self.keys = _store(api_keys)
+        self.admin_keys = _store(admin_keys)
 
     @property
     def open_mode(self) -> bool:
@@ -86,13 +104,25 @@ class Authenticator:
                 )
             if not validation.valid_account(account):
                 return validation.reject(codes.INVALID_ACCOUNT, AUTH)
-            return str(account)
+            return account
         key = msg.get("api_key")
         found = self.keys.account_for(key)
         if found is None:
             reason = "unknown api key" if key is not None else 'api key required ("api_key")'
             return validation.reject(codes.UNAUTHENTICATED, AUTH, reason=reason)
         return found
+
+    def authenticate_admin(self, key: object) -> str | Reject:
+        """The admin an admin_key names, or a reject."""
+        found = self.admin_keys.account_for(key) if self.admin_keys is not None else None
+        if found is None:
+            reason = "unknown admin key" if self.admin_keys is not None else "no admin keys are configured"
+            return validation.reject(codes.UNAUTHENTICATED, AUTH, reason=reason)
+        return found
+
+
+def _store(keys: KeyStore | Mapping[str, str] | None) -> KeyStore | None:
+    return keys if keys is None or isinstance(keys, KeyStore) else KeyStore(keys)
 
 
 class Backoff:
@@ -182,16 +212,20 @@ class LoginThrottle:
 
 
 class Session:
-    """One connection's state. `handle` turns a decoded message into a Command, a query or a reply.
+    """One connection's state. `handle` turns a decoded message into a command, a query or a reply.
 
     throttle: the process's LoginThrottle (a private one if not given: per-connection backoff only);
-    peer: the client's IP address, for the per-peer backoff (None: not counted per peer).
+    peer: the client's IP address, for the per-peer backoff (None: not counted per peer);
+    balances: each asset's decimal places (shared.instruments.asset_scales) when the venue keeps
+    balances (risk on); None: deposit, withdraw and balances are answered BALANCES_DISABLED.
     """
 
     __slots__ = (
         "account",
+        "admin",
         "auth",
         "bad",
+        "balances",
         "bucket",
         "close_reason",
         "failed_logins",
@@ -215,10 +249,13 @@ class Session:
         throttle: LoginThrottle | None = None,
         peer: str | None = None,
         max_failed_logins: int = MAX_FAILED_LOGINS,
+        balances: Mapping[str, int] | None = None,
     ) -> None:
         self.auth = auth
         self.instruments = instruments
+        self.balances = balances
         self.account: str | None = None
+        self.admin: str | None = None  # the admin's name once authenticated with an admin key
         self.bucket = TokenBucket(rate, burst, now)
         self.bad = 0  # consecutive bad messages
         self.max_bad = max_bad
@@ -229,7 +266,18 @@ class Session:
         self.max_failed_logins = max_failed_logins
         self.close_reason: str | None = None  # set when the connection must be closed (1008)
 
-    def handle(self, msg: Message | None, now: float) -> Command | ExecutionsQuery | Message:
+    def handle(
+        self, msg: Message | None, now: float
+    ) -> (
+        OrderCommand
+        | Submission
+        | ExecutionsQuery
+        | BalancesQuery
+        | OrderStatusQuery
+        | OpenOrdersQuery
+        | DeadManRequest
+        | Message
+    ):
         """msg: the decoded frame (None if it is not a JSON object)."""
         if not self.bucket.take(now):
             op, cid = (msg.get("op"), msg.get("client_order_id")) if msg is not None else (None, None)
@@ -242,7 +290,9 @@ class Session:
         if op in validation.ORDER_OPS:
             if self.account is None:
                 self.bad = 0
-                return validation.reject(codes.UNAUTHENTICATED, op, msg.get("client_order_id"))
+                return validation.reject(
+                    codes.UNAUTHENTICATED, op, msg.get("client_order_id"), self._no_account_reason()
+                )
             result = validation.parse_order(msg, self.account, self.instruments)
             if type(result) is dict:
                 return self._bad(result) if result["code"] in _BAD_CODES else self._good(result)
@@ -264,7 +314,111 @@ class Session:
                 return self._bad(query) if query["code"] in _BAD_CODES else self._good(query)
             self.bad = 0
             return query
+        if op == validation.CANCEL_ALL_AFTER:
+            if self.account is None:
+                self.bad = 0
+                return validation.reject(codes.UNAUTHENTICATED, op, reason=self._no_account_reason())
+            armed = validation.parse_cancel_all_after(msg, self.account)
+            if type(armed) is dict:
+                return self._bad(armed)
+            self.bad = 0
+            return armed
+        if op in validation.ACCOUNT_OPS:
+            return self._account_op(op, msg)
+        if op in validation.ORDER_QUERIES:
+            return self._order_query(op, msg)
         return self._bad(validation.reject(codes.UNKNOWN_OP, op, msg.get("client_order_id")))
+
+    def _account_op(self, op: str, msg: Message) -> Submission | BalancesQuery | Message:
+        """cancel_all, deposit, withdraw, balances."""
+        if op == validation.CANCEL_ALL:
+            if self.account is None:
+                self.bad = 0
+                return validation.reject(codes.UNAUTHENTICATED, op, reason=self._no_account_reason())
+            return self._parsed(validation.parse_cancel_all(msg, self.account, self.instruments))
+        scales = self.balances
+        if scales is None:
+            refusal = validation.reject(codes.BALANCES_DISABLED, op)
+        elif self.account is None and self.admin is None:
+            self.bad = 0
+            refusal = validation.reject(codes.UNAUTHENTICATED, op)
+        else:
+            target = self._target(op, msg.get("account"))
+            if type(target) is not dict:
+                if op == validation.BALANCES:
+                    return self._parsed(validation.parse_balances(target))
+                return self._parsed(validation.parse_funding(op, msg, target, self.instruments, scales))
+            refusal = target
+        if op != validation.BALANCES:  # a funding reject echoes the request_id, as the matcher's do
+            rid = msg.get("request_id")
+            refusal["request_id"] = rid if validation.valid_request_id(rid) else None
+        return self._good(refusal)
+
+    def _order_query(self, op: str, msg: Message) -> OrderStatusQuery | OpenOrdersQuery | Message:
+        """order_status and open_orders: the session's own account, or the one an admin names."""
+        account = self.account
+        named = msg.get("account")
+        if self.admin is not None:
+            if not validation.valid_account_name(named):
+                return self._bad(
+                    validation.reject(
+                        codes.INVALID_ACCOUNT, op, reason='an admin names the account ("account")'
+                    )
+                )
+            account = str(named)
+        elif account is None:
+            self.bad = 0
+            return validation.reject(codes.UNAUTHENTICATED, op, reason=self._no_account_reason())
+        elif named is not None and named != account:
+            return self._good(
+                validation.reject(
+                    codes.UNKNOWN_ORDER if op == validation.ORDER_STATUS else codes.INVALID_ACCOUNT, op
+                )
+            )
+        if op == validation.ORDER_STATUS:
+            result: OrderStatusQuery | OpenOrdersQuery | Reject = validation.parse_order_status(
+                msg, account, self.instruments
+            )
+        else:
+            result = validation.parse_open_orders(msg, account, self.instruments)
+        if type(result) is dict:
+            return self._bad(result) if result["code"] in _BAD_CODES else self._good(result)
+        self.bad = 0
+        return result
+
+    def _parsed(self, result: Submission | BalancesQuery | Reject) -> Submission | BalancesQuery | Message:
+        if type(result) is dict:
+            return self._bad(result) if result["code"] in _BAD_CODES else self._good(result)
+        self.bad = 0
+        return result
+
+    def _target(self, op: str, named: object) -> object:
+        """Whose balance a deposit / withdraw / balances request is about, or a reject (a dict). The
+        name itself is checked by the parser (validation.parse_funding / parse_balances)."""
+        if self.admin is not None:
+            if named is None:
+                return validation.reject(
+                    codes.INVALID_ACCOUNT, op, reason='an admin session names the account ("account")'
+                )
+            return named
+        if named is None or named == self.account:
+            if op != validation.BALANCES and not self.auth.open_mode:
+                return validation.reject(
+                    codes.UNAUTHENTICATED, op, reason="with API keys only an admin session funds accounts"
+                )
+            return self.account
+        if op == validation.BALANCES:
+            if self.auth.open_mode:
+                return named
+            return validation.reject(
+                codes.UNAUTHENTICATED, op, reason="only an admin session reads another account's balances"
+            )
+        return validation.reject(
+            codes.UNAUTHENTICATED, op, reason="only an admin session funds another account"
+        )
+
+    def _no_account_reason(self) -> str | None:
+        return "an admin session places no orders" if self.admin is not None else None
 
     def _auth(self, msg: Message, now: float) -> Message:
         wait = self.throttle.retry_after(self.login, self.peer, now)
@@ -274,12 +428,22 @@ class Session:
             )
             reply["retry_after_ms"] = int(wait * 1000) + 1
             return self._failed_login(reply)
-        account = self.auth.authenticate(msg)
+        cancel_on_disconnect = validation.parse_cancel_on_disconnect(msg)
+        if type(cancel_on_disconnect) is dict:  # a malformed message, not a failed login
+            return self._bad(cancel_on_disconnect)
+        admin = "admin_key" in msg
+        account = self.auth.authenticate_admin(msg["admin_key"]) if admin else self.auth.authenticate(msg)
         if not isinstance(account, str):
             self.throttle.failed(self.login, self.peer, now)
             return self._failed_login(account)
-        self.account = account
-        return self._good({"type": "authenticated", "account": account})
+        if admin:
+            self.account, self.admin = None, account
+            return self._good({"type": "authenticated", "admin": True})
+        self.account, self.admin = account, None
+        answer: Message = {"type": "authenticated", "account": account}
+        if cancel_on_disconnect is True:  # echoed: the server leases the connection before answering
+            answer[validation.CANCEL_ON_DISCONNECT] = True
+        return self._good(answer)
 
     def _failed_login(self, reply: Message) -> Message:
         # Not a bad message (and no reset of that count either): logins have their own limit.

@@ -11,10 +11,11 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 
 import orjson
 
+from services.matcher.balances import FEES_ACCOUNT, RESERVED_PREFIX
 from services.matcher.commands import (
     BUY,
     FOK,
@@ -30,15 +31,27 @@ from services.matcher.commands import (
     STP_MODES,
     Amend,
     Cancel,
+    CancelAll,
     Command,
+    Deposit,
     NewOrder,
+    Withdraw,
 )
 from shared import codes
-from shared.ids import parse_order_id
-from shared.instruments import Instrument, JsonNumber, OffGrid, to_units
+from shared.ids import parse_order_id, seq_to_entry
+from shared.instruments import (
+    Instrument,
+    JsonNumber,
+    OffGrid,
+    amount_to_units,
+    funding_symbol,
+    to_units,
+    units_to_amount,
+)
 
 Message = dict[str, Any]
 Reject = dict[str, Any]
+OrderCommand = NewOrder | Cancel | Amend  # what an order op (new / cancel / amend) becomes
 
 NEW: Final = "new"
 CANCEL: Final = "cancel"
@@ -48,6 +61,17 @@ EXECUTIONS: Final = "executions"
 DEFAULT_EXECUTIONS_LIMIT: Final = 1000
 MAX_EXECUTIONS_LIMIT: Final = 5000
 MAX_EXEC_ID: Final = (1 << 63) - 1  # exec ids are 64-bit signed everywhere downstream (Redis, the core)
+DEPOSIT: Final = "deposit"
+WITHDRAW: Final = "withdraw"
+BALANCES: Final = "balances"
+CANCEL_ALL: Final = "cancel_all"
+ACCOUNT_OPS: Final = frozenset((DEPOSIT, WITHDRAW, BALANCES, CANCEL_ALL))
+ORDER_STATUS: Final = "order_status"
+OPEN_ORDERS: Final = "open_orders"
+ORDER_QUERIES: Final = frozenset((ORDER_STATUS, OPEN_ORDERS))
+MAX_REQUEST_ID: Final = 64  # the core's limit too (services.matcher.balances)
+# Every open-mode account's starting balance (`--faucet`); assets no instrument trades are left out.
+DEFAULT_FAUCET: Final = "USDT=1000000,BTC=100,ETH=1000"
 
 MAX_CLIENT_ORDER_ID: Final = 36
 # No spaces: the exec channel frames a line as "<account> <json>" (shared.wire).
@@ -74,6 +98,41 @@ class ExecutionsQuery:
     account: str
     after: int
     limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class BalancesQuery:
+    """{"op":"balances"}: the account's balances (the server reads them from the matcher's read model)."""
+
+    account: str
+
+
+@dataclass(frozen=True, slots=True)
+class OrderStatusQuery:
+    """{"op":"order_status"}: one order of the account by id or client order id (from the read model)."""
+
+    symbol: str
+    account: str
+    order_id: str | None
+    client_order_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class OpenOrdersQuery:
+    """{"op":"open_orders"}: the account's open orders on these symbols (from the read model)."""
+
+    symbols: tuple[str, ...]
+    account: str
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """A request that appends commands (deposit, withdraw, cancel_all): each (symbol, command) goes to
+    that symbol's stream, in this order, and `ack` is sent once every one is appended."""
+
+    op: str
+    entries: tuple[tuple[str, Command], ...]
+    ack: dict[str, Any]
 
 
 class DuplicateKey(ValueError):
@@ -118,10 +177,11 @@ def decode(data: str | bytes) -> Message | None:
         return None
     if type(msg.get("price")) is float or type(msg.get("quantity")) is float:
         return _exact_decode(data)
-    if (  # the other order types' decimals
+    if (  # the other order types' decimals, and funding amounts
         type(msg.get("stop_price")) is float
         or type(msg.get("display_quantity")) is float
         or type(msg.get("quote_quantity")) is float
+        or type(msg.get("amount")) is float
     ):
         return _exact_decode(data)
     # Proof of no duplicate key in two C-level scans, which a typical order passes (inline: a call
@@ -161,8 +221,23 @@ def _exact_decode(data: str | bytes) -> Message | None:
     return msg
 
 
-def valid_account(value: object) -> bool:
+def valid_account_name(value: object) -> TypeGuard[str]:
+    """A well-formed name, the venue's own ("_fees") included."""
     return type(value) is str and _ACCOUNT_RE.fullmatch(value) is not None
+
+
+def valid_account(value: object) -> TypeGuard[str]:
+    """A name a client may log in as, trade as or fund: well formed and not reserved ("_...")."""
+    return (
+        type(value) is str
+        and _ACCOUNT_RE.fullmatch(value) is not None
+        and not value.startswith(RESERVED_PREFIX)
+    )
+
+
+def valid_request_id(value: object) -> bool:
+    """1..64 printable ASCII characters."""
+    return type(value) is str and 0 < len(value) <= MAX_REQUEST_ID and value.isascii() and value.isprintable()
 
 
 def valid_client_order_id(value: object) -> bool:
@@ -188,8 +263,8 @@ def reject(code: str, op: object = None, client_order_id: object = None, reason:
 
 def parse_order(
     msg: Mapping[str, Any], account: str, instruments: Mapping[str, Instrument]
-) -> Command | Reject:
-    """A new / cancel / amend message of an authenticated account -> Command or reject."""
+) -> OrderCommand | Reject:
+    """A new / cancel / amend message of an authenticated account -> its command or a reject."""
     op = msg.get("op")
     if op == NEW:
         return parse_new(msg, account, instruments)
@@ -401,6 +476,179 @@ def parse_executions(
     return ExecutionsQuery(inst.symbol, account, after, limit)
 
 
+# Cancel on disconnect and the dead man's switch (services.gateway.safety) -------------------------
+CANCEL_ALL_AFTER: Final = "cancel_all_after"
+CANCEL_ON_DISCONNECT: Final = "cancel_on_disconnect"  # the auth message's flag
+MIN_DEAD_MAN_MS: Final = 1_000
+MAX_DEAD_MAN_MS: Final = 600_000
+
+
+@dataclass(frozen=True, slots=True)
+class DeadManRequest:
+    """{"op":"cancel_all_after","timeout_ms":N}: arm the account's dead man's switch N ms from now,
+    or turn it off (0)."""
+
+    account: str
+    timeout_ms: int
+
+
+def parse_cancel_all_after(msg: Mapping[str, Any], account: str) -> DeadManRequest | Reject:
+    timeout = msg.get("timeout_ms")
+    if type(timeout) is not int or not (timeout == 0 or MIN_DEAD_MAN_MS <= timeout <= MAX_DEAD_MAN_MS):
+        return reject(
+            codes.INVALID_MESSAGE,
+            CANCEL_ALL_AFTER,
+            reason=f"timeout_ms must be 0 (off) or an integer from {MIN_DEAD_MAN_MS} to {MAX_DEAD_MAN_MS}",
+        )
+    return DeadManRequest(account, timeout)
+
+
+def parse_cancel_on_disconnect(msg: Mapping[str, Any]) -> bool | Reject:
+    """The auth message's optional "cancel_on_disconnect" (default false)."""
+    flag = msg.get(CANCEL_ON_DISCONNECT, False)
+    if type(flag) is not bool:
+        return reject(codes.INVALID_MESSAGE, "auth", reason="cancel_on_disconnect must be true or false")
+    return flag
+
+
+_RESERVED_REASON: Final = (
+    f"account must be 1 to 64 of A-Z a-z 0-9 _ . @ - and not start with {RESERVED_PREFIX!r} "
+    f"(reserved; an admin may withdraw from {FEES_ACCOUNT})"
+)
+
+
+def funding_reject(code: str, op: str, request_id: object, reason: str | None = None) -> Reject:
+    """A deposit / withdraw reject; a well-formed request_id is echoed, as the matcher's rejects do."""
+    reply = reject(code, op, reason=reason)
+    reply["request_id"] = request_id if valid_request_id(request_id) else None
+    return reply
+
+
+def parse_funding(
+    op: str,
+    msg: Mapping[str, Any],
+    account: object,
+    instruments: Mapping[str, Instrument],
+    scales: Mapping[str, int],
+) -> Submission | Reject:
+    """{"op":"deposit"|"withdraw","asset","amount"[,"request_id"]} for `account` (the session chose it)
+    -> a Submission of one Deposit / Withdraw on the stream that carries the asset's funding.
+
+    The checks are the core's (services.matcher.balances.Ledger.fund), so what passes here is
+    applied: an account not reserved ("_fees" may only withdraw), a known asset, an amount on the
+    asset's grid, positive and below 2^96 units.
+    """
+    rid = msg.get("request_id")
+    if not valid_account_name(account) or (
+        account.startswith(RESERVED_PREFIX) and not (op == WITHDRAW and account == FEES_ACCOUNT)
+    ):
+        return funding_reject(codes.INVALID_ACCOUNT, op, rid, _RESERVED_REASON)
+    if rid is not None and not valid_request_id(rid):
+        return funding_reject(
+            codes.INVALID_MESSAGE,
+            op,
+            None,
+            f"request_id must be 1 to {MAX_REQUEST_ID} printable ASCII characters",
+        )
+    raw_asset = msg.get("asset")
+    asset = raw_asset if type(raw_asset) is str else ""  # no asset is called ""
+    symbol = funding_symbol(instruments.values(), asset)
+    places = scales.get(asset)
+    if symbol is None or places is None:
+        return funding_reject(codes.UNKNOWN_ASSET, op, rid)
+    try:
+        units = amount_to_units(msg.get("amount"), places)
+    except (OffGrid, ArithmeticError):  # decimal overflow of an exponent like 1e999999
+        return funding_reject(codes.INVALID_AMOUNT, op, rid)
+    cmd: Command = (
+        Deposit(account, asset, units, rid) if op == DEPOSIT else Withdraw(account, asset, units, rid)
+    )
+    ack = {
+        "type": "ack",
+        "op": op,
+        "request_id": rid,
+        "account": account,
+        "asset": asset,
+        "amount": units_to_amount(units, places),
+    }
+    return Submission(op, ((symbol, cmd),), ack)
+
+
+def parse_balances(account: object) -> BalancesQuery | Reject:
+    """The account whose balances a session may read (the session chose it); "_fees" is readable."""
+    if not valid_account_name(account):
+        return reject(codes.INVALID_ACCOUNT, BALANCES)
+    return BalancesQuery(account)
+
+
+def balances_reply(
+    account: str, stored: Mapping[bytes | str, bytes | str], scales: Mapping[str, int]
+) -> Message:
+    """The balances answer from the read model (shared.keys.balances: asset -> b"<available> <held>"
+    in asset units), amounts as decimal strings, assets sorted. An asset the account never had is
+    absent; one no instrument trades any more is left out. ValueError if a value is malformed."""
+    out: dict[str, dict[str, str]] = {}
+    for raw_asset, value in stored.items():
+        asset = raw_asset.decode() if isinstance(raw_asset, bytes) else raw_asset
+        places = scales.get(asset)
+        if places is None:
+            continue
+        available, held = value.split()  # bytes or str: int() takes both
+        out[asset] = {
+            "available": units_to_amount(int(available), places),
+            "held": units_to_amount(int(held), places),
+        }
+    return {"type": "balances", "account": account, "balances": dict(sorted(out.items()))}
+
+
+def parse_cancel_all(
+    msg: Mapping[str, Any], account: str, instruments: Mapping[str, Instrument]
+) -> Submission | Reject:
+    """{"op":"cancel_all"[,"symbol"]} -> one CancelAll (reason user) on the symbol's stream, or one
+    per symbol: each matcher only sees its own streams, so each symbol gets its own command."""
+    raw = msg.get("symbol")
+    if raw is None:
+        symbols = list(instruments)
+    else:
+        inst = _instrument(raw, instruments)
+        if inst is None:
+            return reject(codes.UNKNOWN_SYMBOL, CANCEL_ALL)
+        symbols = [inst.symbol]
+    entries = tuple((s, CancelAll(s, account, codes.REASON_USER)) for s in symbols)
+    return Submission(CANCEL_ALL, entries, {"type": "ack", "op": CANCEL_ALL, "symbol": raw})
+
+
+def parse_faucet(spec: str, scales: Mapping[str, int], *, strict: bool = True) -> list[tuple[str, int]]:
+    """`--faucet "USDT=1000000,BTC=100"` -> [(asset, units), ...]; "none" -> [] (no faucet).
+
+    strict: an asset no instrument trades is an error; otherwise it is left out (the default names
+    BTC and ETH whatever the instruments are). ValueError for anything malformed.
+    """
+    if spec.strip().lower() == "none":
+        return []
+    out: list[tuple[str, int]] = []
+    for part in spec.split(","):
+        name, sep, amount = part.partition("=")
+        asset, amount = name.strip(), amount.strip()
+        if not sep or not asset:
+            raise ValueError(f"--faucet: expected ASSET=AMOUNT[,ASSET=AMOUNT...] or none, got {part!r}")
+        if any(asset == seen for seen, _ in out):
+            raise ValueError(f"--faucet: {asset} is named twice")
+        places = scales.get(asset)
+        if places is None:
+            if strict:
+                raise ValueError(f"--faucet: {asset} is not the base or quote of any instrument")
+            continue
+        try:
+            out.append((asset, amount_to_units(amount, places)))
+        except (OffGrid, ArithmeticError):
+            raise ValueError(
+                f"--faucet: {asset}={amount!r}: the amount must be a positive decimal with at most "
+                f"{places} decimal places"
+            ) from None
+    return out
+
+
 def _count(value: object) -> int | None:
     """A non-negative 64-bit integer given as a JSON integer or a string of ASCII digits, else None."""
     if type(value) is int:  # exact type: not a bool
@@ -454,3 +702,30 @@ def _lots(inst: Instrument, value: object) -> int | None:
     except (OffGrid, ArithmeticError):
         return None
     return lots if lots >= inst.min_qty_lots else None
+
+
+def parse_order_status(
+    msg: Mapping[str, Any], account: str, instruments: Mapping[str, Instrument]
+) -> OrderStatusQuery | Reject:
+    """{"op":"order_status","symbol",("order_id"|"client_order_id")}; an order id that names no order
+    of ours is UNKNOWN_ORDER at once, as for a cancel."""
+    target = _target(ORDER_STATUS, msg, instruments)
+    if isinstance(target, dict):
+        return target
+    symbol, order_id, cid = target
+    if order_id is not None:
+        return OrderStatusQuery(symbol, account, seq_to_entry(order_id), None)
+    return OrderStatusQuery(symbol, account, None, cid)
+
+
+def parse_open_orders(
+    msg: Mapping[str, Any], account: str, instruments: Mapping[str, Instrument]
+) -> OpenOrdersQuery | Reject:
+    """{"op":"open_orders"[,"symbol"]}: on one symbol, or on every one."""
+    symbol = msg.get("symbol")
+    if symbol is None:
+        return OpenOrdersQuery(tuple(instruments), account)
+    inst = _instrument(symbol, instruments)
+    if inst is None:
+        return reject(codes.UNKNOWN_SYMBOL, OPEN_ORDERS)
+    return OpenOrdersQuery((inst.symbol,), account)

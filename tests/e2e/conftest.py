@@ -224,7 +224,11 @@ class Feeds:
 
 
 class Stack:
-    """redis-server + matcher + gateway + feeds (any number), on free ports, data under `root`."""
+    """redis-server + matcher + gateway + feeds (any number), on free ports, data under `root`.
+
+    Balances are off unless `risk`: these tests check the matching pipeline, its market data and its
+    recovery, whose expected outputs come from a per-symbol engine replay; tests/e2e/test_balances.py
+    runs the venue with balances on (the default of `cme up`)."""
 
     def __init__(
         self,
@@ -234,8 +238,10 @@ class Stack:
         checkpoint_seconds: float = 2.0,
         matcher_args: Sequence[str] = (),
         gateway_args: Sequence[str] = (),
+        risk: bool = False,
     ) -> None:
         self.root = root
+        mode = ("--risk", "on" if risk else "off")
         self.data_dir = root / "data"
         self.logs = root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -250,13 +256,14 @@ class Stack:
         self.redis = RedisServer(self.data_dir / "redis", port=pick_port())
         common = ["--redis-url", self.redis.url, "--metrics-port", "0", *instrument_args]
         matcher_argv = ["matcher", *common, "--data-dir", str(self.data_dir)]
-        matcher_argv += ["--checkpoint-seconds", str(checkpoint_seconds), *matcher_args]
+        matcher_argv += ["--checkpoint-seconds", str(checkpoint_seconds), *mode, *matcher_args]
         self.matcher = Service("matcher", matcher_argv, self.logs)
         self.gateway_port = pick_port()
         self.gateway = Service(
-            "gateway", ["gateway", *common, "--port", str(self.gateway_port), *gateway_args], self.logs
+            "gateway", ["gateway", *common, "--port", str(self.gateway_port), *mode, *gateway_args], self.logs
         )
         self._common = common
+        self._mode = mode
         self.extra: list[Service] = []  # more gateways started by a test
         self.feeds: list[Feeds] = []
         self.new_feeds()
@@ -388,7 +395,7 @@ class Stack:
     def start_extra_gateway(self) -> tuple[Service, str]:
         """One more gateway process on its own port; returns it and its URL once it is ready."""
         port = pick_port()
-        argv = ["gateway", *self._common, "--port", str(port)]
+        argv = ["gateway", *self._common, "--port", str(port), *self._mode]
         service = Service(f"gateway{len(self.extra) + 2}", argv, self.logs).start()
         self.extra.append(service)
         wanted = 1 + sum(1 for g in self.extra if g.alive)

@@ -20,7 +20,7 @@ from websockets.exceptions import ConnectionClosed
 
 from services.gateway.server import Gateway
 from services.gateway.sessions import Authenticator
-from services.matcher.commands import Cancel, NewOrder
+from services.matcher.commands import Cancel, CancelAll, Deposit, Grant, NewOrder, Withdraw
 from shared import codes, keys, stream
 from shared.ids import entry_to_seq
 from shared.instruments import default_instruments
@@ -577,3 +577,205 @@ def test_cli_process_serves_and_exits_0_on_sigterm(redis_url: str, tmp_path: Pat
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# Balances, funding, faucet, cancel_all (the gateway side) ----------------------------------------
+ETH = "ETH-USDT"
+ADMIN_KEY = "admin-key-0123456789abcdefgh"
+ALICE_KEY = "alice-key-0123456789abcdefgh"
+FAUCET = [("USDT", 10**6 * 10**15), ("BTC", 100 * 10**5)]
+USDT = 10**15  # units of one USDT (15 places with the default instruments)
+
+
+async def stream_commands(rds: aioredis.Redis, symbol: str) -> list[tuple[str, Any]]:
+    """(entry id, command) of every entry on the symbol's orders stream, oldest first."""
+    return [(eid.decode(), stream.decode(fields)[0]) for eid, fields in await rds.xrange(keys.orders(symbol))]
+
+
+async def test_deposit_and_withdraw_are_appended_to_the_assets_stream(
+    start_gateway: Start, rds: aioredis.Redis
+) -> None:
+    _, url = await start_gateway(risk=True)
+    ws = await login(url, "alice")
+    # 10^6 USDT is 10^21 units: beyond 64 bits, the stream codec's exact path.
+    await send(ws, {"op": "deposit", "asset": "USDT", "amount": "1000000", "request_id": "d-1"})
+    assert await recv(ws) == {
+        "type": "ack",
+        "op": "deposit",
+        "request_id": "d-1",
+        "account": "alice",
+        "asset": "USDT",
+        "amount": "1000000",
+    }
+    await send(ws, '{"op":"withdraw","asset":"ETH","amount":0.5}')
+    assert await recv(ws) == {
+        "type": "ack",
+        "op": "withdraw",
+        "request_id": None,
+        "account": "alice",
+        "asset": "ETH",
+        "amount": "0.5",
+    }
+    assert [c for _, c in await stream_commands(rds, BTC)] == [Deposit("alice", "USDT", 10**6 * USDT, "d-1")]
+    assert [c for _, c in await stream_commands(rds, ETH)] == [Withdraw("alice", "ETH", 50000, None)]
+    await send(ws, {"op": "deposit", "asset": "DOGE", "amount": "1", "request_id": "d-2"})
+    reply = await recv(ws)
+    assert (reply["code"], reply["request_id"]) == (codes.UNKNOWN_ASSET, "d-2")
+    await ws.close()
+
+
+async def test_risk_off_refuses_funding_and_sends_no_faucet(
+    start_gateway: Start, rds: aioredis.Redis
+) -> None:
+    _, url = await start_gateway(faucet=FAUCET)  # risk off: the faucet has nothing to fund
+    ws = await login(url, "alice")
+    for op in ("deposit", "withdraw", "balances"):
+        await send(ws, {"op": op, "asset": "USDT", "amount": "1"})
+        assert (await recv(ws))["code"] == codes.BALANCES_DISABLED
+    await send(ws, order("o-1"))
+    assert (await recv(ws))["type"] == "ack"
+    assert [type(c) for _, c in await stream_commands(rds, BTC)] == [NewOrder]
+    await ws.close()
+
+
+async def test_cancel_all_appends_one_command_per_symbol_then_acks(
+    start_gateway: Start, rds: aioredis.Redis
+) -> None:
+    _, url = await start_gateway()  # works with risk off too
+    ws = await login(url, "alice")
+    await send(ws, {"op": "cancel_all"})
+    assert await recv(ws) == {"type": "ack", "op": "cancel_all", "symbol": None}
+    await send(ws, {"op": "cancel_all", "symbol": ETH})
+    assert await recv(ws) == {"type": "ack", "op": "cancel_all", "symbol": ETH}
+    assert [c for _, c in await stream_commands(rds, BTC)] == [CancelAll(BTC, "alice", "user")]
+    assert [c for _, c in await stream_commands(rds, ETH)] == [CancelAll(ETH, "alice", "user")] * 2
+    await send(ws, {"op": "cancel_all", "symbol": "DOGE-USDT"})
+    assert (await recv(ws))["code"] == codes.UNKNOWN_SYMBOL
+    await ws.close()
+
+
+async def test_the_faucet_grants_once_before_the_accounts_orders(
+    start_gateway: Start, rds: aioredis.Redis
+) -> None:
+    gateway, url = await start_gateway(risk=True, faucet=FAUCET)
+    ws = await login(url, "alice")
+    await send(ws, order("o-1", symbol=ETH))
+    assert (await recv(ws))["type"] == "ack"  # the grant was submitted first: it is appended by now
+    again = await login(url, "alice")  # a second login of the same process sends no second grant
+    await send(again, order("o-2"))
+    assert (await recv(again))["type"] == "ack"
+    btc, eth = await stream_commands(rds, BTC), await stream_commands(rds, ETH)
+    grant = Grant("alice", [["USDT", 10**6 * USDT], ["BTC", 100 * 10**5]])
+    assert [c for _, c in btc] == [grant, btc[1][1]] and type(btc[1][1]) is NewOrder
+    assert [type(c) for _, c in eth] == [NewOrder]
+    # Risk on: ids from the venue clock, so the one matcher applies the grant before either order.
+    assert entry_to_seq(btc[0][0]) < entry_to_seq(eth[0][0]) < entry_to_seq(btc[1][0])
+    assert "alice" in gateway.granted
+    await ws.close()
+    await again.close()
+
+
+async def test_a_seed_order_gets_the_faucet_for_its_account(
+    start_gateway: Start, rds: aioredis.Redis
+) -> None:
+    _, url = await start_gateway(risk=True, faucet=FAUCET)
+    async with connect(url, compression=None) as ws:
+        seed_order = '{"user_id": 901, "order_type": "LIMIT", "side": "BUY", "price": 98.0, "quantity": 1.0}'
+        await ws.send(seed_order)
+        assert (await recv(ws))["status"] == "ACCEPTED"
+        await ws.send(seed_order)
+        assert (await recv(ws))["status"] == "ACCEPTED"
+    commands = [c for _, c in await stream_commands(rds, BTC)]
+    assert [type(c) for c in commands] == [Grant, NewOrder, NewOrder]
+    assert commands[0] == Grant("901", [["USDT", 10**6 * USDT], ["BTC", 100 * 10**5]])
+
+
+async def test_balances_are_read_from_the_read_model(start_gateway: Start, rds: aioredis.Redis) -> None:
+    _, url = await start_gateway(risk=True)
+    await rds.hset(
+        keys.balances("alice"), mapping={"USDT": f"{1500 * USDT} {25 * USDT // 1000}", "BTC": "1 0"}
+    )
+    ws = await login(url, "alice")
+    await send(ws, {"op": "balances"})
+    await send(ws, {"op": "ping"})  # answered after the balances: the outbox keeps the order
+    assert await recv(ws) == {
+        "type": "balances",
+        "account": "alice",
+        "balances": {
+            "BTC": {"available": "0.00001", "held": "0"},
+            "USDT": {"available": "1500", "held": "0.025"},
+        },
+    }
+    assert await recv(ws) == {"type": "pong"}
+    await send(ws, {"op": "balances", "account": "bob"})  # open mode: anyone's; none yet
+    assert await recv(ws) == {"type": "balances", "account": "bob", "balances": {}}
+    await rds.hset(keys.balances("alice"), "ETH", "garbage")
+    await send(ws, {"op": "balances"})
+    reply = await recv(ws)
+    assert (reply["code"], reply["op"]) == (codes.INTERNAL_ERROR, "balances")
+    await ws.close()
+
+
+async def test_api_key_mode_with_admin_keys(start_gateway: Start, rds: aioredis.Redis) -> None:
+    auth = Authenticator({ALICE_KEY: "alice"}, {ADMIN_KEY: "ops"})
+    _, url = await start_gateway(auth=auth, risk=True, auth_timeout=0.5)
+    ops = await connect(url, compression=None)
+    await send(ops, {"op": "auth", "admin_key": ADMIN_KEY})
+    assert await recv(ops) == {"type": "authenticated", "admin": True}
+    alice = await connect(url, compression=None)
+    await send(alice, {"op": "auth", "api_key": ALICE_KEY})
+    assert await recv(alice) == {"type": "authenticated", "account": "alice"}
+    await send(alice, {"op": "deposit", "asset": "USDT", "amount": "5"})
+    assert (await recv(alice))["code"] == codes.UNAUTHENTICATED
+    await send(
+        ops, {"op": "deposit", "account": "alice", "asset": "USDT", "amount": "5", "request_id": "a-1"}
+    )
+    assert await recv(ops) == {
+        "type": "ack",
+        "op": "deposit",
+        "request_id": "a-1",
+        "account": "alice",
+        "asset": "USDT",
+        "amount": "5",
+    }
+    await send(ops, {"op": "withdraw", "account": "_fees", "asset": "USDT", "amount": "1"})
+    assert (await recv(ops))["type"] == "ack"
+    await send(ops, order("o-1"))
+    assert (await recv(ops))["code"] == codes.UNAUTHENTICATED
+    # No faucet with API keys unless one is given: only the admin's two commands are on the stream.
+    assert [c for _, c in await stream_commands(rds, BTC)] == [
+        Deposit("alice", "USDT", 5 * USDT, "a-1"),
+        Withdraw("_fees", "USDT", USDT, None),
+    ]
+    # The auth deadline closes a connection that never logs in, not an admin one.
+    idle = await connect(url, compression=None)
+    assert (await closed_with(idle))[1] == "authentication timeout"
+    await send(ops, {"op": "ping"})
+    assert await recv(ops) == {"type": "pong"}
+    await ops.close()
+    await alice.close()
+
+
+async def test_a_failed_funding_append_is_an_internal_error(
+    start_gateway: Start, own_redis: RedisServer
+) -> None:
+    _, url = await start_gateway(own_redis.url, risk=True)
+    ws = await login(url, "alice")
+    own_redis.kill()
+    await send(ws, {"op": "deposit", "asset": "USDT", "amount": "1", "request_id": "d-9"})
+    reply = await recv(ws, timeout=10)
+    assert (reply["code"], reply["op"], reply["request_id"]) == (codes.INTERNAL_ERROR, "deposit", "d-9")
+    await send(ws, {"op": "cancel_all"})
+    reply = await recv(ws, timeout=10)
+    assert (reply["code"], reply["op"]) == (codes.INTERNAL_ERROR, "cancel_all")
+    await send(ws, {"op": "balances"})
+    reply = await recv(ws, timeout=10)
+    assert (reply["code"], reply["op"]) == (codes.INTERNAL_ERROR, "balances")
+
+
+def test_a_bad_faucet_is_a_configuration_error(capsys: pytest.CaptureFixture[str]) -> None:
+    from services import cli
+    from services.gateway import server
+
+    assert server.run(cli.parse(["gateway", "--risk", "on", "--faucet", "DOGE=1"])) == 2
+    assert "not the base or quote" in capsys.readouterr().err

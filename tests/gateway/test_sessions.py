@@ -20,10 +20,10 @@ from services.gateway.sessions import (
     load_api_keys,
     peer_key,
 )
-from services.gateway.validation import ExecutionsQuery, decode
-from services.matcher.commands import NewOrder
+from services.gateway.validation import BalancesQuery, ExecutionsQuery, Submission, decode
+from services.matcher.commands import CancelAll, Deposit, NewOrder, Withdraw
 from shared import codes
-from shared.instruments import default_instruments
+from shared.instruments import asset_scales, default_instruments
 
 INSTRUMENTS = default_instruments()
 ORDER = {
@@ -335,3 +335,148 @@ def test_unknown_op_echoes_op() -> None:
         "code": codes.UNKNOWN_OP,
         "reason": codes.reason_for(codes.UNKNOWN_OP),
     }
+
+
+# Funding, balances, cancel_all, admin sessions ------------------------------------------------------
+SCALES = asset_scales(INSTRUMENTS.values())
+ADMIN_KEY = "admin-0123456789abcdefghij"
+ADMINS = {ADMIN_KEY: "ops"}
+DEPOSIT = {"op": "deposit", "asset": "USDT", "amount": "10", "request_id": "r-1"}
+
+
+def venue(api_keys: dict[str, str] | None = None, admin_keys: dict[str, str] | None = ADMINS) -> Session:
+    """A session of a venue with balances (risk on)."""
+    return Session(Authenticator(api_keys, admin_keys), INSTRUMENTS, 0.0, now=0.0, balances=SCALES)
+
+
+def login(s: Session, account: str = "alice") -> None:
+    assert send(s, {"op": "auth", "account": account}) == {"type": "authenticated", "account": account}
+
+
+def admin(s: Session) -> None:
+    assert send(s, {"op": "auth", "admin_key": ADMIN_KEY}) == {"type": "authenticated", "admin": True}
+
+
+def entries(result: Any) -> tuple[tuple[str, Any], ...]:
+    assert isinstance(result, Submission), result
+    return result.entries
+
+
+def test_risk_off_answers_balances_disabled_even_before_auth() -> None:
+    s = session()
+    for msg in (DEPOSIT, {**DEPOSIT, "op": "withdraw"}, {"op": "balances"}):
+        reply = send(s, msg)
+        assert code(reply) == codes.BALANCES_DISABLED
+        assert ("request_id" in reply) == (msg["op"] != "balances")
+    login(s)
+    reply = send(s, DEPOSIT)
+    assert code(reply) == codes.BALANCES_DISABLED and reply["request_id"] == "r-1"
+    assert s.bad == 0
+
+
+def test_funding_and_balances_need_a_session() -> None:
+    s = venue()
+    for op in ("deposit", "withdraw", "balances", "cancel_all"):
+        assert code(send(s, {**DEPOSIT, "op": op})) == codes.UNAUTHENTICATED
+    assert s.bad == 0
+
+
+def test_open_mode_account_funds_itself() -> None:
+    s = venue()
+    login(s)
+    assert entries(send(s, DEPOSIT)) == (("BTC-USDT", Deposit("alice", "USDT", 10 * 10**15, "r-1")),)
+    assert entries(send(s, {**DEPOSIT, "op": "withdraw", "account": "alice"})) == (
+        ("BTC-USDT", Withdraw("alice", "USDT", 10 * 10**15, "r-1")),
+    )
+    reply = send(s, {**DEPOSIT, "account": "bob"})
+    assert code(reply) == codes.UNAUTHENTICATED and reply["request_id"] == "r-1"
+    assert "admin" in reply["reason"]
+
+
+def test_open_mode_reads_any_accounts_balances() -> None:
+    s = venue()
+    login(s)
+    assert send(s, {"op": "balances"}) == BalancesQuery("alice")
+    assert send(s, {"op": "balances", "account": "bob"}) == BalancesQuery("bob")
+    assert send(s, {"op": "balances", "account": "_fees"}) == BalancesQuery("_fees")
+    assert code(send(s, {"op": "balances", "account": "b ob"})) == codes.INVALID_ACCOUNT
+
+
+def test_api_key_mode_only_an_admin_funds() -> None:
+    s = venue(KEYS)
+    assert send(s, {"op": "auth", "api_key": KEY_A}) == {"type": "authenticated", "account": "alice"}
+    reply = send(s, DEPOSIT)
+    assert code(reply) == codes.UNAUTHENTICATED and "admin" in reply["reason"]
+    assert code(send(s, {**DEPOSIT, "op": "withdraw", "account": "alice"})) == codes.UNAUTHENTICATED
+    assert send(s, {"op": "balances"}) == BalancesQuery("alice")
+    assert send(s, {"op": "balances", "account": "alice"}) == BalancesQuery("alice")
+    assert code(send(s, {"op": "balances", "account": "bob"})) == codes.UNAUTHENTICATED
+
+
+def test_admin_session_names_the_account_and_places_no_orders() -> None:
+    s = venue(KEYS)
+    admin(s)
+    assert s.admin == "ops" and s.account is None
+    assert entries(send(s, {**DEPOSIT, "account": "bob"})) == (
+        ("BTC-USDT", Deposit("bob", "USDT", 10 * 10**15, "r-1")),
+    )
+    reply = send(s, DEPOSIT)  # no account named
+    assert code(reply) == codes.INVALID_ACCOUNT and reply["request_id"] == "r-1"
+    assert code(send(s, {**DEPOSIT, "account": "_fees"})) == codes.INVALID_ACCOUNT
+    assert code(send(s, {**DEPOSIT, "account": "_x", "op": "withdraw"})) == codes.INVALID_ACCOUNT
+    assert entries(send(s, {**DEPOSIT, "account": "_fees", "op": "withdraw"})) == (
+        ("BTC-USDT", Withdraw("_fees", "USDT", 10 * 10**15, "r-1")),
+    )
+    assert send(s, {"op": "balances", "account": "_fees"}) == BalancesQuery("_fees")
+    assert code(send(s, {"op": "balances"})) == codes.INVALID_ACCOUNT
+    for msg in (ORDER, {"op": "cancel", "symbol": "BTC-USDT", "order_id": "1-0"}, {"op": "cancel_all"}):
+        reply = send(s, msg)
+        assert code(reply) == codes.UNAUTHENTICATED and reply["reason"] == "an admin session places no orders"
+    assert s.bad == 0
+
+
+def test_admin_login_failures_are_failed_logins() -> None:
+    s = venue(KEYS)
+    reply = send(s, {"op": "auth", "admin_key": WRONG})
+    assert code(reply) == codes.UNAUTHENTICATED and reply["reason"] == "unknown admin key"
+    assert s.failed_logins == 1 and s.admin is None
+    without = venue(admin_keys=None)
+    reply = send(without, {"op": "auth", "admin_key": ADMIN_KEY})
+    assert code(reply) == codes.UNAUTHENTICATED and reply["reason"] == "no admin keys are configured"
+
+
+def test_logging_in_again_replaces_the_session() -> None:
+    s = venue()
+    admin(s)
+    login(s, "carol")
+    assert s.admin is None and s.account == "carol"
+    assert entries(send(s, DEPOSIT))[0][1].account == "carol"
+    admin(s)
+    assert s.account is None and code(send(s, ORDER)) == codes.UNAUTHENTICATED
+
+
+@pytest.mark.parametrize("account", ["_fees", "_x", "_"])
+def test_reserved_accounts_cannot_log_in(account: str) -> None:
+    assert code(send(venue(), {"op": "auth", "account": account})) == codes.INVALID_ACCOUNT
+    with pytest.raises(ValueError, match="invalid account"):
+        Authenticator({KEY_A: account})
+
+
+def test_funding_rejects_of_the_parser_pass_through() -> None:
+    s = venue()
+    login(s)
+    assert code(send(s, {**DEPOSIT, "asset": "DOGE"})) == codes.UNKNOWN_ASSET
+    assert code(send(s, {**DEPOSIT, "amount": "-1"})) == codes.INVALID_AMOUNT
+    assert s.bad == 0  # business refusals
+    assert code(send(s, {**DEPOSIT, "request_id": "x" * 65})) == codes.INVALID_MESSAGE
+    assert s.bad == 1  # a malformed message
+
+
+def test_cancel_all_with_risk_on_or_off() -> None:
+    for s in (session(), venue()):
+        login(s)
+        assert entries(send(s, {"op": "cancel_all", "symbol": "ETH-USDT"})) == (
+            ("ETH-USDT", CancelAll("ETH-USDT", "alice", "user")),
+        )
+        assert len(entries(send(s, {"op": "cancel_all"}))) == len(INSTRUMENTS)
+        assert code(send(s, {"op": "cancel_all", "symbol": "X"})) == codes.UNKNOWN_SYMBOL

@@ -18,10 +18,10 @@ from services.gateway.validation import (
     valid_account,
     valid_client_order_id,
 )
-from services.matcher.commands import Amend, Cancel, Command, NewOrder
+from services.matcher.commands import Amend, Cancel, CancelAll, Command, Deposit, NewOrder, Withdraw
 from shared import codes
 from shared.ids import entry_to_seq
-from shared.instruments import Instrument, JsonNumber, default_instruments
+from shared.instruments import Instrument, JsonNumber, asset_scales, default_instruments, units_to_amount
 
 INSTRUMENTS = default_instruments()  # tick 0.01, lot 0.00001, min qty 0.00001, max 10000, min notional 0.01
 
@@ -53,7 +53,7 @@ def new(**changes: Any) -> Command | Reject | None:
 _DROP = object()
 
 
-def code_of(result: Command | ExecutionsQuery | Reject | None) -> str:
+def code_of(result: object) -> str:
     assert isinstance(result, dict), f"expected a reject, got {result!r}"
     assert result["type"] == "reject"
     assert result["reason"]
@@ -706,3 +706,203 @@ def test_the_other_order_types_parse_to_their_command_fields() -> None:
 )
 def test_the_other_order_types_are_checked_at_the_gateway(changes: dict[str, Any], code: str) -> None:
     assert code_of(new(**changes)) == code
+
+
+# Funding, balances, cancel_all ----------------------------------------------------------------------
+SCALES = asset_scales(INSTRUMENTS.values())  # BTC, ETH: 5 places; USDT: 2 + 5 + 8 = 15
+
+
+def fund(op: str = "deposit", account: object = "alice", **fields: Any) -> validation.Submission | Reject:
+    """Decode (from text, as the server does) a funding message and parse it."""
+    msg = decode(json.dumps({"op": op, "asset": "USDT", "amount": "1000", **fields}))
+    assert msg is not None
+    return validation.parse_funding(op, msg, account, INSTRUMENTS, SCALES)
+
+
+def test_scales_of_the_default_instruments() -> None:
+    assert SCALES == {"BTC": 5, "USDT": 15, "ETH": 5}
+
+
+def test_deposit_goes_to_the_assets_funding_stream_with_exact_units() -> None:
+    sub = fund(amount="1000.50", request_id="r-1")
+    assert isinstance(sub, validation.Submission)
+    assert sub.entries == (("BTC-USDT", Deposit("alice", "USDT", 100050 * 10**13, "r-1")),)
+    assert sub.ack == {
+        "type": "ack",
+        "op": "deposit",
+        "request_id": "r-1",
+        "account": "alice",
+        "asset": "USDT",
+        "amount": "1000.5",  # the canonical form of what was credited
+    }
+    eth = fund("withdraw", asset="ETH", amount=2)
+    assert isinstance(eth, validation.Submission)
+    assert eth.entries == (("ETH-USDT", Withdraw("alice", "ETH", 200000, None)),)
+    assert eth.ack["request_id"] is None and eth.ack["amount"] == "2"
+
+
+@pytest.mark.parametrize(
+    ("literal", "units"),
+    [
+        ("0.00001", 1),  # BTC's finest unit
+        ("1e2", 100 * 10**5),
+        ("123456789012345678901", 123456789012345678901 * 10**5),  # beyond 64 bits
+    ],
+)
+def test_amount_json_numbers_are_read_exactly(literal: str, units: int) -> None:
+    msg = decode('{"op":"deposit","asset":"BTC","amount":' + literal + "}")
+    assert msg is not None
+    sub = validation.parse_funding("deposit", msg, "alice", INSTRUMENTS, SCALES)
+    assert isinstance(sub, validation.Submission)
+    assert sub.entries[0][1] == Deposit("alice", "BTC", units, None)
+
+
+def test_a_float_amount_is_not_rounded_by_the_fast_decoder() -> None:
+    # orjson reads this as the float 0.1 (on BTC's grid); the exact decoder keeps all 19 places.
+    msg = decode('{"op":"deposit","asset":"BTC","amount":0.1000000000000000001}')
+    assert msg is not None
+    assert (
+        code_of(validation.parse_funding("deposit", msg, "alice", INSTRUMENTS, SCALES))
+        == codes.INVALID_AMOUNT
+    )
+
+
+@pytest.mark.parametrize(
+    "amount",
+    ["0", "-1", "0.000000000000000001", "1e3", "abc", "", " 1", True, None, [1], 2**96, "NaN"],
+)
+def test_invalid_amount(amount: Any) -> None:
+    result = fund(amount=amount, request_id="r-9")
+    assert code_of(result) == codes.INVALID_AMOUNT
+    assert isinstance(result, dict) and result["op"] == "deposit" and result["request_id"] == "r-9"
+
+
+def test_amounts_from_one_unit_to_just_below_the_cores_bound() -> None:
+    for amount, ok in (
+        ("0.00001", True),
+        (units_to_amount(2**96 - 1, 5), True),
+        (units_to_amount(2**96, 5), False),
+    ):
+        result = fund(asset="BTC", amount=amount)
+        assert isinstance(result, validation.Submission) if ok else code_of(result) == codes.INVALID_AMOUNT
+
+
+@pytest.mark.parametrize("asset", ["DOGE", "usdt", "", 5, None, ["USDT"]])
+def test_unknown_asset(asset: Any) -> None:
+    assert code_of(fund(asset=asset)) == codes.UNKNOWN_ASSET
+
+
+@pytest.mark.parametrize(
+    ("op", "account", "ok"),
+    [
+        ("deposit", "_fees", False),
+        ("withdraw", "_fees", True),  # the venue's fees are taken out by an admin
+        ("deposit", "_x", False),
+        ("withdraw", "_x", False),
+        ("deposit", "al ice", False),
+        ("deposit", "a" * 65, False),
+        ("deposit", 5, False),
+        ("deposit", "a" * 64, True),
+    ],
+)
+def test_funding_accounts_agree_with_the_core(op: str, account: object, ok: bool) -> None:
+    result = fund(op, account)
+    if ok:
+        assert isinstance(result, validation.Submission)
+    else:
+        assert code_of(result) == codes.INVALID_ACCOUNT
+
+
+@pytest.mark.parametrize("rid", ["", "r" * 65, 5, "caf\u00e9", "a\nb"])
+def test_invalid_request_id(rid: Any) -> None:
+    result = fund(request_id=rid)
+    assert code_of(result) == codes.INVALID_MESSAGE
+    assert isinstance(result, dict) and result["request_id"] is None  # not echoed
+
+
+def test_request_id_of_64_characters_is_fine() -> None:
+    assert isinstance(fund(request_id="r" * 64), validation.Submission)
+
+
+def test_reserved_accounts_are_no_accounts() -> None:
+    assert not valid_account("_fees") and not valid_account("_")
+    assert validation.valid_account_name("_fees")  # a well-formed name, readable by an admin
+    assert valid_account("a_b") and valid_account("alice_")
+
+
+def test_balances_query_names_any_well_formed_account() -> None:
+    assert validation.parse_balances("_fees") == validation.BalancesQuery("_fees")
+    assert code_of(validation.parse_balances("al ice")) == codes.INVALID_ACCOUNT
+    assert code_of(validation.parse_balances(7)) == codes.INVALID_ACCOUNT
+
+
+def test_balances_reply_formats_units_sorted_and_skips_untraded_assets() -> None:
+    stored: dict[bytes | str, bytes | str] = {
+        b"USDT": b"1000500000000000000 25000000000000",
+        b"BTC": b"100000 0",
+        b"DOGE": b"5 5",  # no instrument trades it (any more)
+    }
+    assert validation.balances_reply("alice", stored, SCALES) == {
+        "type": "balances",
+        "account": "alice",
+        "balances": {
+            "BTC": {"available": "1", "held": "0"},
+            "USDT": {"available": "1000.5", "held": "0.025"},
+        },
+    }
+    assert validation.balances_reply("bob", {}, SCALES)["balances"] == {}
+
+
+@pytest.mark.parametrize("value", [b"12", b"1 2 3", b"x 1", b""])
+def test_malformed_balance_records_raise(value: bytes) -> None:
+    with pytest.raises(ValueError):
+        validation.balances_reply("alice", {"BTC": value}, SCALES)  # str keys work too
+
+
+def test_cancel_all_one_command_per_symbol() -> None:
+    every = validation.parse_cancel_all({"op": "cancel_all"}, "alice", INSTRUMENTS)
+    assert isinstance(every, validation.Submission)
+    assert every.entries == (
+        ("BTC-USDT", CancelAll("BTC-USDT", "alice", "user")),
+        ("ETH-USDT", CancelAll("ETH-USDT", "alice", "user")),
+    )
+    assert every.ack == {"type": "ack", "op": "cancel_all", "symbol": None}
+    one = validation.parse_cancel_all({"op": "cancel_all", "symbol": "ETH-USDT"}, "alice", INSTRUMENTS)
+    assert isinstance(one, validation.Submission)
+    assert one.entries == (("ETH-USDT", CancelAll("ETH-USDT", "alice", "user")),)
+    assert one.ack == {"type": "ack", "op": "cancel_all", "symbol": "ETH-USDT"}
+
+
+@pytest.mark.parametrize("symbol", ["DOGE-USDT", 5, ["BTC-USDT"], ""])
+def test_cancel_all_unknown_symbol(symbol: Any) -> None:
+    result = validation.parse_cancel_all({"op": "cancel_all", "symbol": symbol}, "alice", INSTRUMENTS)
+    assert code_of(result) == codes.UNKNOWN_SYMBOL
+
+
+def test_faucet_spec() -> None:
+    assert validation.parse_faucet(validation.DEFAULT_FAUCET, SCALES) == [
+        ("USDT", 10**6 * 10**15),
+        ("BTC", 100 * 10**5),
+        ("ETH", 1000 * 10**5),
+    ]
+    assert validation.parse_faucet(" BTC = 0.5 ", SCALES) == [("BTC", 50000)]
+    assert validation.parse_faucet("none", SCALES) == validation.parse_faucet("NONE", SCALES) == []
+    btc_only = {"BTC": 5, "USDT": 15}
+    assert validation.parse_faucet("ETH=1,BTC=1", btc_only, strict=False) == [("BTC", 100000)]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("DOGE=1", "not the base or quote"),
+        ("BTC", "ASSET=AMOUNT"),
+        ("=1", "ASSET=AMOUNT"),
+        ("", "ASSET=AMOUNT"),
+        ("BTC=1,BTC=2", "named twice"),
+        ("BTC=0.000001", "at most 5 decimal places"),
+        ("BTC=-1", "positive"),
+    ],
+)
+def test_bad_faucet_specs(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        validation.parse_faucet(spec, SCALES)

@@ -44,7 +44,20 @@ OrderType = Literal["limit", "market", "ioc", "fok", "stop_limit", "stop_market"
 TimeInForce = Literal["gtc", "ioc", "fok", "gtd"]
 SelfTradePrevention = Literal["cancel_taker", "cancel_maker", "cancel_both"]
 
-_ANSWERS = frozenset(("authenticated", "ack", "reject", "pong", "executions"))
+_ANSWERS = frozenset(
+    (
+        "authenticated",
+        "ack",
+        "reject",
+        "pong",
+        "executions",
+        "balances",
+        "order",
+        "open_orders",
+        "cancel_all_after",
+    )
+)
+_BALANCE_MESSAGES = frozenset(("balance", "funded"))  # pushed by the venue, like execution reports
 _FIRST_BACKOFF = 0.05
 T = TypeVar("T")
 
@@ -77,7 +90,9 @@ class Client:
     >>> async with Client("ws://127.0.0.1:8000", account="alice") as client:
     ...     ack = await client.place("BTC-USDT", "buy", "0.5", price="30000.00")
 
-    `account` logs in in open mode; `api_key` when the venue has API keys. `md_url` and
+    `account` logs in in open mode; `api_key` when the venue has API keys; `admin_key` as the
+    venue's operator (funding and balances of any account, no orders). `cancel_on_disconnect`: the
+    venue cancels all the account's open orders when this connection ends. `md_url` and
     `trades_url` are the feeds, needed only for `l2()` and `trades()`. With `reconnect` (the
     default) a dropped gateway connection is reopened and missed reports are fetched; `resume_from`
     ({symbol: exec_id}, e.g. a saved `last_exec_ids`) resumes after this process's own restart.
@@ -92,19 +107,26 @@ class Client:
         *,
         account: str | None = None,
         api_key: str | None = None,
+        admin_key: str | None = None,
+        cancel_on_disconnect: bool = False,
         reconnect: bool = True,
         resume_from: Mapping[str, int] | None = None,
         timeout: float = 10.0,
         max_backoff: float = 5.0,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        if (account is None) == (api_key is None):
-            raise ValueError("give exactly one of account (open mode) and api_key")
+        if sum(x is not None for x in (account, api_key, admin_key)) != 1:
+            raise ValueError("give exactly one of account (open mode), api_key and admin_key")
         self.gateway_url, self.md_url, self.trades_url = gateway_url, md_url, trades_url
         self.account: str | None = account  # the gateway's word once logged in
-        self._auth: Message = (
-            {"op": "auth", "account": account} if api_key is None else {"op": "auth", "api_key": api_key}
-        )
+        if admin_key is not None:
+            self._auth: Message = {"op": "auth", "admin_key": admin_key}
+        elif api_key is not None:
+            self._auth = {"op": "auth", "api_key": api_key}
+        else:
+            self._auth = {"op": "auth", "account": account}
+        if cancel_on_disconnect:
+            self._auth["cancel_on_disconnect"] = True
         self.reconnect = reconnect
         self.timeout = timeout
         self.max_backoff = max_backoff
@@ -117,6 +139,7 @@ class Client:
         self._failed: BaseException | None = None
         self._reconnect_task: asyncio.Task[None] | None = None
         self._reports: asyncio.Queue[Message | _End] = asyncio.Queue()
+        self._balances: asyncio.Queue[Message | _End] = asyncio.Queue()
         self._last: dict[str, int] = dict(resume_from or {})  # symbol -> last exec_id delivered
         self._resume_first = bool(resume_from)
         # Symbols this session placed orders on before seeing any report there, with those orders'
@@ -154,6 +177,7 @@ class Client:
             await ws.close()
         self._fail_pending(Disconnected("the client was closed"))
         self._reports.put_nowait(_End())
+        self._balances.put_nowait(_End())
         self._ready.set()  # wakes waiters, which then see _closing
 
     async def __aenter__(self) -> Client:
@@ -250,6 +274,63 @@ class Client:
             msg["quantity"] = decimal_text(quantity)
         return await self._order_request(msg)
 
+    async def cancel_all(self, symbol: str | None = None) -> Message:
+        """Cancel every open order of the account (on `symbol`, or everywhere); returns the ack. Each
+        order's `cancelled` report (reason `user`) follows in execution_reports()."""
+        msg: Message = {"op": "cancel_all"}
+        if symbol is not None:
+            msg["symbol"] = symbol
+        return await self._order_request(msg)
+
+    async def cancel_all_after(self, timeout_ms: int) -> int:
+        """Arm (or renew) the dead man's switch: unless called again within `timeout_ms`, the venue
+        cancels all the account's open orders. 0 turns it off. Returns the deadline (ms, 0: off)."""
+        answer = await self._answer({"op": "cancel_all_after", "timeout_ms": timeout_ms}, "cancel_all_after")
+        return int(answer["deadline"])
+
+    async def order_status(
+        self, symbol: str, order_id: str | None = None, *, client_order_id: str | None = None
+    ) -> Message:
+        """An open order, or one closed recently, of the account; raises Rejected (UNKNOWN_ORDER)."""
+        return await self._answer(
+            {"op": "order_status", "symbol": symbol, **_target(order_id, client_order_id)}, "order"
+        )
+
+    async def open_orders(self, symbol: str | None = None, *, account: str | None = None) -> list[Message]:
+        """The account's open orders (on `symbol`, or everywhere), oldest first (an admin names one)."""
+        msg: Message = {"op": "open_orders"}
+        if symbol is not None:
+            msg["symbol"] = symbol
+        if account is not None:
+            msg["account"] = account
+        answer = await self._answer(msg, "open_orders")
+        return list(answer["orders"])
+
+    async def balances(self, account: str | None = None) -> dict[str, dict[str, Decimal]]:
+        """{asset: {"available": Decimal, "held": Decimal}} of this account (an admin names one)."""
+        msg: Message = {"op": "balances"}
+        if account is not None:
+            msg["account"] = account
+        answer = await self._answer(msg, "balances")
+        return {
+            asset: {k: Decimal(v) for k, v in amounts.items()}
+            for asset, amounts in answer["balances"].items()
+        }
+
+    async def deposit(
+        self, asset: str, amount: Number, *, account: str | None = None, request_id: str | None = None
+    ) -> Message:
+        """Credit the account (an admin names it); returns the ack. The new balance follows as a
+        `balance` message in balance_updates()."""
+        return await self._order_request(_funding("deposit", asset, amount, account, request_id))
+
+    async def withdraw(
+        self, asset: str, amount: Number, *, account: str | None = None, request_id: str | None = None
+    ) -> Message:
+        """Debit the account; returns the ack. Refused beyond `available`: a `reject` with code
+        INSUFFICIENT_FUNDS follows in balance_updates()."""
+        return await self._order_request(_funding("withdraw", asset, amount, account, request_id))
+
     async def executions(self, symbol: str, after: int = 0, *, limit: int | None = None) -> list[Message]:
         """Every report of the account on `symbol` with exec_id > after, in order (all pages)."""
         return await self._fetch(symbol, after, limit, await self._wait_ready())
@@ -271,6 +352,16 @@ class Client:
                 self._reports.put_nowait(item)  # a later iterator ends too
                 if item.error is not None:
                     raise Disconnected(f"the gateway connection is gone: {item.error}") from item.error
+                return
+            yield item
+
+    async def balance_updates(self) -> AsyncIterator[Message]:
+        """Every `balance` and `funded` message of the account (and the rejects of its withdrawals),
+        from the moment the client connected. One consumer at a time; ends when the client is closed."""
+        while True:
+            item = await self._balances.get()
+            if isinstance(item, _End):
+                self._balances.put_nowait(item)
                 return
             yield item
 
@@ -312,6 +403,14 @@ class Client:
             raise ProtocolError(f"{msg['op']} answered with {answer}")
         return answer
 
+    async def _answer(self, msg: Message, kind: str) -> Message:
+        answer = await self._request(msg)
+        if answer.get("type") == "reject":
+            raise Rejected(answer)
+        if answer.get("type") != kind:
+            raise ProtocolError(f"{msg['op']} answered with {answer}")
+        return answer
+
     async def _request(self, msg: Message) -> Message:
         return await self._raw_request(msg, await self._wait_ready())
 
@@ -340,7 +439,7 @@ class Client:
     def _on_text(self, data: bytes | bytearray) -> None:
         m = orjson.loads(data)
         kind = m.get("type")
-        if kind == "execution" or (kind == "reject" and "exec_id" in m):
+        if kind == "execution" or kind in _BALANCE_MESSAGES or (kind == "reject" and "exec_id" in m):
             if self._held is not None:
                 self._held.append(m)
             else:
@@ -358,7 +457,11 @@ class Client:
                 return  # already delivered (a resume overlaps the live reports)
             self._last[symbol] = exec_id
             self._own.pop(symbol, None)
-        self._reports.put_nowait(m)
+        kind = m.get("type")
+        if kind in _BALANCE_MESSAGES or (kind == "reject" and m.get("op") in _FUNDING_OPS):
+            self._balances.put_nowait(m)
+        else:
+            self._reports.put_nowait(m)
 
     async def _open(self) -> None:
         ws = await WebSocket.connect(
@@ -374,7 +477,7 @@ class Client:
         if reply.get("type") != "authenticated":
             ws.abort()
             raise Rejected(reply)
-        self.account = str(reply["account"])
+        self.account = str(reply["account"]) if reply.get("account") is not None else None
 
     async def _resume(self) -> None:
         """Fetch what was missed on every symbol this session knows, then release the held reports."""
@@ -453,6 +556,18 @@ class Client:
         for fut in pending:
             if not fut.done():
                 fut.set_exception(exc)
+
+
+_FUNDING_OPS = frozenset(("deposit", "withdraw", "faucet"))
+
+
+def _funding(op: str, asset: str, amount: Number, account: str | None, request_id: str | None) -> Message:
+    msg: Message = {"op": op, "asset": asset, "amount": decimal_text(amount)}
+    if account is not None:
+        msg["account"] = account
+    if request_id is not None:
+        msg["request_id"] = request_id
+    return msg
 
 
 def _target(order_id: str | None, client_order_id: str | None) -> Message:
