@@ -152,6 +152,37 @@ def replay(inst: Instrument, tapped: list[tuple[str, bytes]]) -> Replay:
     return out
 
 
+def replay_venue(insts: list[Instrument], tapped: dict[str, list[tuple[str, bytes]]]) -> dict[str, Replay]:
+    """With balances on: one Engine(risk=True) fed every symbol's entries in entry-id order (the venue
+    clock's), as services.matcher.venue applies them; each symbol's events and exec lines apart."""
+    engine = Engine(insts, risk=True)
+    assert engine.ledger is not None
+    scales = engine.ledger.scales
+    by_symbol = {i.symbol: i for i in insts}
+    out = {s: Replay(i, engine, [e for e, _ in tapped.get(s, [])]) for s, i in by_symbol.items()}
+    rendered = {s: Rendered() for s in by_symbol}
+    merged = sorted(
+        ((entry_to_seq(entry_id), symbol, entry_id, data) for symbol, entries in tapped.items()
+         for entry_id, data in entries),
+    )  # fmt: skip
+    for seq, symbol, entry_id, data in merged:
+        cmd = decode({b"d": data})[0]
+        if cmd is None or seq <= engine.last_seq:
+            continue
+        ts = seq >> SEQ_BITS
+        events = engine.apply(cmd, seq, ts)
+        rep = out[symbol]
+        rep.events.append((entry_id, events))
+        rep.trade_ids += [e[2] for e in events if e[0] == TRADE]
+        render(events, by_symbol[symbol], ts, rendered[symbol], scales=scales)
+    for symbol, rep in out.items():
+        for line in rendered[symbol].execs:
+            account, body = split_exec_line(line)
+            rep.execs.setdefault(account, []).append(orjson.loads(body))
+        rep.exec_count = len(rendered[symbol].execs)
+    return out
+
+
 # Streams ------------------------------------------------------------------------------------------
 def check_stream(r: redis.Redis, symbol: str, tapped: list[tuple[str, bytes]], found: Anomalies) -> None:
     """The stream as it is now is exactly the tail of everything the tap read (nothing lost, nothing

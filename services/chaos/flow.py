@@ -81,10 +81,13 @@ class OrderFlow:
 
 
 def is_report(m: Message) -> bool:
-    """What the matcher says to the account: execution reports and its rejects (which name a symbol;
-    the gateway's own rejects do not)."""
+    """What the matcher says to the account: execution reports, balance and funding messages and its
+    rejects (which name a symbol; the gateway's own rejects do not). All carry exec ids."""
     kind = m.get("type")
-    return kind == "execution" or (kind == "reject" and "symbol" in m)
+    return kind in _MATCHER_MESSAGES or (kind == "reject" and "symbol" in m)
+
+
+_MATCHER_MESSAGES = frozenset(("execution", "balance", "funded"))
 
 
 @dataclass

@@ -365,6 +365,7 @@ class VenueMatcher(Matcher):
                 self._rt("trim")
                 await self.r.xtrim(st.k_orders, minid=seq_to_entry(oldest), approximate=False)
         elapsed = time.perf_counter() - t0
-        metrics.CHECKPOINT_SECONDS.labels(GROUP).observe(elapsed)
-        metrics.CHECKPOINT_TIMESTAMP.labels(GROUP).set(time.time())
+        for symbol in self.states:  # the one checkpoint covers every symbol (dashboards, alerts by symbol)
+            metrics.CHECKPOINT_SECONDS.labels(symbol).observe(elapsed)
+            metrics.CHECKPOINT_TIMESTAMP.labels(symbol).set(time.time())
         log.info("venue: checkpoint at %s (%d bytes, %.3f s)", ckpt.entry_id, len(blob), elapsed)

@@ -4,9 +4,13 @@ both symbols' streams, the gateway appending under the venue clock), through the
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import Callable
 from decimal import Decimal
+from pathlib import Path
 
+import orjson
 import pytest
 from cme_client import Client, Message, Rejected
 
@@ -112,3 +116,37 @@ async def test_risk_off_refuses_funding(stack_factory: Callable[..., Stack]) -> 
         assert err.value.code == codes.BALANCES_DISABLED
         await carol.place(BTC, "buy", "1", price="100.00")  # no balances: any order rests
         assert len(await carol.open_orders(BTC)) == 1
+
+
+def cme(*argv: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "services.cli", *argv], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+async def test_operators_fund_and_inspect_accounts_with_an_admin_key(
+    stack_factory: Callable[..., Stack], tmp_path: Path
+) -> None:
+    """With API keys there is no faucet: an admin funds the account (`cme deposit`), and `cme balances`
+    and `cme orders` show what the account holds and has open."""
+    api, admin = tmp_path / "api.json", tmp_path / "admin.json"
+    api.write_bytes(orjson.dumps({"key-of-dora-0123456789abcdef": "dora"}))
+    admin.write_bytes(orjson.dumps({"key-of-ops-0123456789abcdef": "ops"}))
+    stack = stack_factory(risk=True, gateway_args=["--api-keys", str(api), "--admin-keys", str(admin)])
+    as_admin = ("--gateway", stack.gateway_url, "--admin-key", "key-of-ops-0123456789abcdef")
+    async with Client(stack.gateway_url, api_key="key-of-dora-0123456789abcdef") as dora:
+        with pytest.raises(Rejected) as err:
+            await dora.deposit("USDT", "10")  # only an admin funds accounts when there are API keys
+        assert err.value.code == codes.UNAUTHENTICATED
+        assert "queued" in await asyncio.to_thread(cme, "deposit", "dora", "USDT", "1000.25", *as_admin)
+        await next_balance(dora, "USDT", lambda m: m["available"] == "1000.25")
+        ack = await dora.place(BTC, "buy", "0.01", price="30000.00")
+        await next_balance(dora, "USDT", lambda m: m["held"] == "300.6")
+        balances = await asyncio.to_thread(cme, "balances", "dora", *as_admin)
+        assert [line.split() for line in balances.splitlines()[1:]] == [["USDT", "699.65", "300.6"]]
+        orders = await asyncio.to_thread(cme, "orders", "dora", "--symbol", BTC, *as_admin)
+        assert ack["order_id"] in orders and "limit" in orders
+        assert "queued" in await asyncio.to_thread(cme, "withdraw", "dora", "USDT", "0.25", *as_admin)
+        await next_balance(dora, "USDT", lambda m: m["available"] == "699.4")
