@@ -31,7 +31,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from services.gateway import executions, orders, seed, validation
-from services.gateway.appender import Appender
+from services.gateway.appender import Appender, Waiter
 from services.gateway.safety import SafetySwitches
 from services.gateway.sessions import (
     MAX_BAD_MESSAGES,
@@ -125,6 +125,7 @@ class PendingOrder:
         self.data: bytes | None = None
 
     def appended(self, entry_id: str, now_ns: int) -> None:
+        self.client.append_done()
         if self.data is not None:
             return
         cmd = self.cmd
@@ -145,6 +146,7 @@ class PendingOrder:
         self.client.wake()
 
     def failed(self, reason: str) -> None:
+        self.client.append_done()
         if self.data is not None:
             return
         cmd = self.cmd
@@ -185,6 +187,7 @@ class PendingSubmission:
         self.data: bytes | None = None if self.remaining else orjson.dumps(request.ack)
 
     def appended(self, entry_id: str, now_ns: int) -> None:
+        self.client.append_done()
         # Answers come back in submission order: this one is for entries[done].
         symbol = self.request.entries[len(self.request.entries) - self.remaining][0]
         self.client.appended[symbol] = entry_id
@@ -194,6 +197,7 @@ class PendingSubmission:
             self.client.wake()
 
     def failed(self, reason: str) -> None:
+        self.client.append_done()
         if self.data is not None:
             return
         reply = validation.reject(codes.INTERNAL_ERROR, self.request.op, reason=reason)
@@ -213,10 +217,12 @@ class FaucetGrant:
         self.gateway, self.account, self.client, self.symbol = gateway, account, client, symbol
 
     def appended(self, entry_id: str, now_ns: int) -> None:
+        self.client.append_done()
         self.gateway.remember_grant(self.account)
         self.client.appended[self.symbol] = entry_id  # a balances query waits for the grant too
 
     def failed(self, reason: str) -> None:
+        self.client.append_done()
         log.warning(
             "faucet grant of %s not appended (sent again at its next login): %s", self.account, reason
         )
@@ -239,7 +245,20 @@ class PendingReply:
 class Client:
     """One WebSocket connection: its session and its ordered outbox."""
 
-    __slots__ = ("account", "appended", "cells", "closing", "dirty", "gateway", "seed", "session", "ws")
+    __slots__ = (
+        "_barriers",
+        "account",
+        "appended",
+        "cells",
+        "closing",
+        "completed",
+        "dirty",
+        "gateway",
+        "seed",
+        "session",
+        "submitted",
+        "ws",
+    )
 
     def __init__(self, gateway: Gateway, ws: ServerConnection, session: Session) -> None:
         self.gateway, self.ws, self.session = gateway, ws, session
@@ -249,9 +268,33 @@ class Client:
         self.closing = False
         # symbol -> the newest entry this connection appended there (acked): what a query waits for
         self.appended: dict[str, str] = {}
+        # Appends submitted and answered: a query waits until what was submitted before it is answered
+        # (the appender answers in submission order), so it knows every entry id it must wait for.
+        self.submitted = self.completed = 0
+        self._barriers: list[tuple[int, asyncio.Future[None]]] = []
         # It sent a valid seed order: the seed's dialect has no auth message (each order names its
         # account), so such a connection is exempt from the auth deadline, as an authenticated one is.
         self.seed = False
+
+    def submit(self, symbol: str, entry: bytes, waiter: Waiter) -> None:
+        self.submitted += 1
+        self.gateway.appender.submit(symbol, entry, waiter)
+
+    def append_done(self) -> None:
+        self.completed += 1
+        if self._barriers:
+            done = self.completed
+            for n, fut in self._barriers:
+                if n <= done and not fut.done():
+                    fut.set_result(None)
+            self._barriers = [b for b in self._barriers if b[0] > done]
+
+    async def appends_answered(self, n: int) -> None:
+        """Until the first n appends of this connection are answered (appended or failed)."""
+        if self.completed < n:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._barriers.append((n, fut))
+            await fut
 
     def on_text(self, data: str) -> None:
         """One text frame of this connection (called synchronously, from data_received or recv)."""
@@ -562,7 +605,7 @@ class Gateway:
             op = label = msg["op"]  # type: ignore[index]  # a command comes from a decoded message
         pending = PendingOrder(client, cmd, op, label, recv_ns)
         client.cells.append(pending)
-        self.appender.submit(symbol, stream.encode(cmd, recv_ns), pending)
+        client.submit(symbol, stream.encode(cmd, recv_ns), pending)
 
     def _on_request(
         self,
@@ -577,17 +620,17 @@ class Gateway:
             if pending.data is not None:  # nothing to append (no instruments)
                 client.wake()
             for symbol, cmd in request.entries:
-                self.appender.submit(symbol, stream.encode(cmd, recv_ns), pending)
+                client.submit(symbol, stream.encode(cmd, recv_ns), pending)
             return
         cell = PendingReply(client)
         client.cells.append(cell)
         if type(request) is ExecutionsQuery:
             task = self._loop.create_task(self._answer_executions(cell, request))
         elif type(request) is BalancesQuery:
-            task = self._loop.create_task(self._answer_balances(cell, dict(client.appended), request))
+            task = self._loop.create_task(self._answer_balances(cell, client, client.submitted, request))
         else:
             assert type(request) is OrderStatusQuery or type(request) is OpenOrdersQuery
-            task = self._loop.create_task(self._answer_orders(cell, dict(client.appended), request))
+            task = self._loop.create_task(self._answer_orders(cell, client, client.submitted, request))
         self._closers.add(task)
         task.add_done_callback(self._closers.discard)
 
@@ -599,7 +642,7 @@ class Gateway:
             return
         entry = stream.encode(Grant(account, self.faucet), time.time_ns())
         symbol = next(iter(self.instruments))
-        self.appender.submit(symbol, entry, FaucetGrant(self, account, client, symbol))
+        client.submit(symbol, entry, FaucetGrant(self, account, client, symbol))
 
     def remember_grant(self, account: str) -> None:
         granted = self.granted
@@ -638,7 +681,7 @@ class Gateway:
         self.grant(cmd.account, client)  # the seed has no login: the faucet funds its first order's account
         pending = SeedPendingOrder(client, cmd, validation.NEW, cmd.type, recv_ns)
         client.cells.append(pending)
-        self.appender.submit(symbol, stream.encode(cmd, recv_ns), pending)
+        client.submit(symbol, stream.encode(cmd, recv_ns), pending)
 
     def _register(self, client: Client, account: str | None) -> None:
         """(Re)file the connection under the account whose execution reports it receives."""
@@ -699,24 +742,26 @@ class Gateway:
             reply = validation.reject(codes.INTERNAL_ERROR, validation.EXECUTIONS, None, f"Redis: {exc}")
             cell.done(orjson.dumps(reply))
 
-    async def _caught_up(self, appended: dict[str, str], symbols: Iterable[str]) -> str | None:
-        """Wait until the matcher committed what this connection appended on these symbols (read your
-        writes); None, or the reason it did not in time."""
-        for symbol in symbols:
+    async def _caught_up(self, client: Client, submitted: int, symbols: Iterable[str] | None) -> str | None:
+        """Wait until the matcher committed what this connection appended (on these symbols; None:
+        all) before the query: read your writes. None, or the reason it did not in time."""
+        await client.appends_answered(submitted)
+        appended = dict(client.appended)
+        for symbol in appended if symbols is None else symbols:
             entry = appended.get(symbol)
             if entry is not None and not await orders.caught_up(self.redis, symbol, entry_to_seq(entry)):
                 return f"the matcher has not applied {symbol} up to {entry} yet; retry"
         return None
 
     async def _answer_orders(
-        self, cell: PendingReply, appended: dict[str, str], query: OrderStatusQuery | OpenOrdersQuery
+        self, cell: PendingReply, client: Client, submitted: int, query: OrderStatusQuery | OpenOrdersQuery
     ) -> None:
         """From the order read model (services.gateway.orders), once it holds what this connection
         appended."""
         op = validation.ORDER_STATUS if type(query) is OrderStatusQuery else validation.OPEN_ORDERS
         try:
             symbols = (query.symbol,) if type(query) is OrderStatusQuery else query.symbols  # type: ignore[union-attr]
-            late = await self._caught_up(appended, symbols)
+            late = await self._caught_up(client, submitted, symbols)
             if late is not None:
                 cell.done(orjson.dumps(validation.reject(codes.OVERLOADED, op, None, late)))
             elif type(query) is OrderStatusQuery:
@@ -736,13 +781,13 @@ class Gateway:
             cell.done(orjson.dumps(validation.reject(codes.INTERNAL_ERROR, op, None, f"Redis: {exc}")))
 
     async def _answer_balances(
-        self, cell: PendingReply, appended: dict[str, str], query: BalancesQuery
+        self, cell: PendingReply, client: Client, submitted: int, query: BalancesQuery
     ) -> None:
         """HGETALL of the matcher's read model, written in the commit that publishes each balance
         line: the answer is never older than a balance message this connection already got, nor than
         a deposit or order it was acked."""
         try:
-            late = await self._caught_up(appended, list(appended))
+            late = await self._caught_up(client, submitted, None)
             if late is not None:
                 cell.done(orjson.dumps(validation.reject(codes.OVERLOADED, validation.BALANCES, None, late)))
                 return

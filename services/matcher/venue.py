@@ -103,6 +103,29 @@ return 1
 Merged = tuple[int, int, SymbolState, Entry]  # (seq, stream order, state, entry)
 
 
+class _Block:
+    """One symbol's part of a commit: its events, rendered messages and progress at its end."""
+
+    __slots__ = ("applied", "exec_seq", "last_id", "pairs", "rendered", "st")
+
+    def __init__(self, st: SymbolState) -> None:
+        self.st = st
+        self.rendered = Rendered(st.exec_seq)
+        self.pairs: list[list[Any]] = []
+        self.last_id, self.applied, self.exec_seq = st.last_id, st.applied, st.exec_seq
+
+
+def _crosses_symbols(rows: list[tuple[SymbolState, bytes, int, int]], results: list[list[Event]]) -> bool:
+    """Did one (account, asset) balance change on two symbols among these rows?"""
+    seen: dict[tuple[str, str], SymbolState] = {}
+    for st, _, index, _ in rows:
+        if index >= 0:
+            for e in results[index]:
+                if e[0] == BALANCE and seen.setdefault((e[2], e[3]), st) is not st:
+                    return True
+    return False
+
+
 class VenueMatcher(Matcher):
     """Matcher over one shared Engine(risk=True); see the module docstring."""
 
@@ -263,41 +286,50 @@ class VenueMatcher(Matcher):
         results = apply_batch(engine.apply, items, durations)
 
         now_ns = time.time_ns()
-        per: dict[SymbolState, tuple[Rendered, list[list[Any]]]] = {}
+        # One block per symbol, unless an account's asset changed on two symbols in this chunk: its
+        # balance lines travel on both symbols' channels, so the blocks then follow the commands'
+        # order (a block per run of one symbol) and the lines reach the account in the order made.
+        split = _crosses_symbols(rows, results)
+        blocks: list[_Block] = []
+        by_state: dict[SymbolState, _Block] = {}
         balances: dict[str, dict[str, bytes]] = {}
         records = readmodel.Records()
         for st, raw_id, index, recv_ns in rows:
-            part = per.get(st)
-            if part is None:
-                part = per[st] = (Rendered(st.exec_seq), [])
+            block = (blocks[-1] if blocks and blocks[-1].st is st else None) if split else by_state.get(st)
+            if block is None:
+                block = by_state[st] = _Block(st)
+                blocks.append(block)
             events: list[Event] = results[index] if index >= 0 else []
-            part[1].append([raw_id.decode(), events])
+            block.pairs.append([raw_id.decode(), events])
             if index >= 0:
                 ts = items[index][2]
-                render(events, st.inst, ts, part[0], recv_ns, now_ns, self.scales)
+                render(events, st.inst, ts, block.rendered, recv_ns, now_ns, self.scales)
                 records.add(events, st.inst, ts)
                 for e in events:
                     if e[0] == BALANCE:
                         balances.setdefault(e[2], {})[e[3]] = b"%d %d" % (e[4], e[5])
             st.last_id = raw_id
             st.applied += 1
+            st.exec_seq = block.rendered.exec_seq
+            block.last_id, block.applied, block.exec_seq = raw_id, st.applied, st.exec_seq
 
         keys_: list[bytes] = []
-        args: list[bytes] = [b"%d" % len(per)]
-        for st, (rendered, pairs) in per.items():
+        args: list[bytes] = [b"%d" % len(blocks)]
+        for block in blocks:
+            st, rendered = block.st, block.rendered
             md, trade_payload, execs = rendered.payloads(now_ns)
-            st.exec_seq = rendered.exec_seq
             book = engine.books[st.symbol]
             keys_ += [st.b_epoch, st.b_events, st.b_progress, st.b_exec_log]
             args += [
-                st.epoch, encode_events(pairs), st.b_md, md or b"", st.b_trades, trade_payload or b"",
-                st.b_exec, execs or b"", b"%d-0" % st.exec_seq,
-                b"last_id", st.last_id, b"applied", b"%d" % st.applied, b"book_seq", b"%d" % book.book_seq,
+                st.epoch, encode_events(block.pairs), st.b_md, md or b"", st.b_trades, trade_payload or b"",
+                st.b_exec, execs or b"", b"%d-0" % block.exec_seq,
+                b"last_id", block.last_id, b"applied", b"%d" % block.applied,
+                b"book_seq", b"%d" % book.book_seq,
                 b"trade_seq", b"%d" % book.trade_seq, b"ts", b"%d" % (now_ns // 1_000_000),
-                keys.PROGRESS_EXEC_SEQ.encode(), b"%d" % st.exec_seq,
+                keys.PROGRESS_EXEC_SEQ.encode(), b"%d" % block.exec_seq,
             ]  # fmt: skip
-            st.m_batch.observe(len(pairs))
-            st.m_applied.inc(len(pairs))
+            st.m_batch.observe(len(block.pairs))
+            st.m_applied.inc(len(block.pairs))
             metrics.PUBLISHED.labels("md").inc(len(rendered.md))
             metrics.PUBLISHED.labels("trades").inc(len(rendered.trades))
             metrics.PUBLISHED.labels("exec").inc(len(rendered.execs))
@@ -308,7 +340,7 @@ class VenueMatcher(Matcher):
             flat = [v for asset, value in assets.items() for v in (asset.encode(), value)]
             args += [b"%d" % len(flat), *flat]
         args += records.out
-        first = next(iter(per))
+        first = blocks[0].st
         first.m_command.observe_many(durations)
         read_ms = read_ns // 1_000_000
         first.m_wait.observe_many([(read_ms - ts) * 1e-3 for _, _, ts in items])

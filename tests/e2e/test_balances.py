@@ -12,7 +12,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from cme_client import Client, Message, Rejected
+from cme_client import Client, Connection, Message, Rejected, is_type
 
 from shared import codes
 from tests.e2e.conftest import Stack
@@ -150,3 +150,30 @@ async def test_operators_fund_and_inspect_accounts_with_an_admin_key(
         assert ack["order_id"] in orders and "limit" in orders
         assert "queued" in await asyncio.to_thread(cme, "withdraw", "dora", "USDT", "0.25", *as_admin)
         await next_balance(dora, "USDT", lambda m: m["available"] == "699.4")
+
+
+async def test_pipelined_queries_read_what_the_connection_was_told(
+    stack_factory: Callable[..., Stack],
+) -> None:
+    """Requests sent back to back, without waiting for answers: a `balances` right after the login
+    sees the faucet, an `order_status` right after a `new` sees the order (its ack came first)."""
+    stack = stack_factory(risk=True)
+    for attempt in range(5):  # every try a new account: its first login is the one with a grant
+        conn = await Connection.open(stack.gateway_url)
+        try:
+            await conn.send({"op": "auth", "account": f"eager{attempt}"})
+            await conn.send({"op": "balances"})
+            await conn.send({"op": "new", "symbol": BTC, "side": "buy", "type": "limit", "price": "100.00",
+                             "quantity": "0.1", "client_order_id": "p1"})  # fmt: skip
+            await conn.send({"op": "order_status", "symbol": BTC, "client_order_id": "p1"})
+            balances = await conn.wait_for(is_type("balances"))
+            usdt = balances["balances"]["USDT"]  # the grant, maybe with the order's hold already (newer)
+            assert Decimal(usdt["available"]) + Decimal(usdt["held"]) == 1000000, balances
+            status = await conn.wait_for(is_type("order"))
+            assert (status["client_order_id"], status["status"]) == ("p1", "new"), status
+            kinds = [
+                m["type"] for m in conn.messages if m["type"] in ("ack", "balances", "order", "authenticated")
+            ]
+            assert kinds == ["authenticated", "balances", "ack", "order"]  # each answer in request order
+        finally:
+            await conn.close()

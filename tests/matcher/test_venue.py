@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, cast
 
@@ -21,7 +22,9 @@ from services.matcher.snapshot import state_hash
 from services.matcher.venue import GROUP
 from shared import codes, keys
 from shared.ids import entry_to_seq, seq_ms
+from shared.instruments import units_to_amount
 from shared.stream import APPEND_SCRIPT, decode_events, encode, encode_events
+from shared.wire import unframe
 from tests.matcher import (
     BTC,
     ETH,
@@ -151,6 +154,19 @@ async def test_one_engine_over_both_streams_with_balances_and_a_crash(
     assert {"balance", "funded", "execution"} <= kinds
     ids = [orjson.loads(line.partition(b" ")[2])["exec_id"] for line in collector.lines(BTC, "exec")]
     assert ids == list(range(1, len(ids) + 1))  # exactly once, in order, across the crash
+    # One USDT pays on both symbols: an account's balance lines, in the order a subscriber of both
+    # channels got them, end with its final state (the commit publishes them in the commands' order).
+    last: dict[tuple[str, str], tuple[str, str]] = {}
+    for _, kind, payload in collector.payloads:
+        if kind == "exec":
+            for line in unframe(payload)[1]:
+                msg = orjson.loads(line.partition(b" ")[2])
+                if msg["type"] == "balance":
+                    last[msg["account"], msg["asset"]] = (msg["available"], msg["held"])
+    scales = want.ledger.scales
+    for (account, asset), (available, held) in last.items():
+        got = want.ledger.accounts[account][asset]
+        assert (available, held) == tuple(units_to_amount(v, scales[asset]) for v in got), (account, asset)
 
 
 async def test_a_withdrawal_beyond_the_balance_is_refused_to_its_account(
@@ -177,3 +193,37 @@ async def test_a_withdrawal_beyond_the_balance_is_refused_to_its_account(
     assert msgs[1]["available"] == "5" and msgs[1]["held"] == "0"
     assert msgs[2]["code"] == codes.INSUFFICIENT_FUNDS and msgs[2]["request_id"] == "w1"
     assert read_model(r) == {"alice": {"USDT": [5 * USDT, 0]}}
+
+
+async def test_one_accounts_balance_lines_from_two_symbols_arrive_in_command_order(
+    r: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """Appended before the matcher starts, these commands are applied in one chunk: USDT changes on
+    BTC, then ETH, then BTC again. The commit publishes a block per run of one symbol, so a subscriber
+    of both channels gets alice's USDT lines in the commands' order and ends on the final state."""
+    record = cast(list[tuple[str, str, Command]], [])
+    append(r, [(BTC, Deposit("alice", "USDT", 100_000 * USDT))], record)
+    [btc_buy] = [len(record)]
+    append(r, [
+        (BTC, NewOrder(BTC, "alice", "buy", "limit", "gtc", MID, 10_000, "b1")),
+        (ETH, NewOrder(ETH, "alice", "buy", "limit", "gtc", MID, 10_000, "e1")),
+    ], record)  # fmt: skip
+    append(r, [(BTC, Cancel(BTC, "alice", entry_to_seq(record[btc_buy][1])))], record)
+    collector = Collector(redis_url)
+    try:
+        async with in_process(config(redis_url, tmp_path, risk=True)) as run:
+            await await_until(lambda: caught_up(r, record), 10, "caught up")
+            await run.stop()
+    finally:
+        collector.close()
+    got = [
+        msg["held"]
+        for _, kind, payload in collector.payloads
+        if kind == "exec"
+        for line in unframe(payload)[1]
+        if (msg := orjson.loads(line.partition(b" ")[2]))["type"] == "balance" and msg["asset"] == "USDT"
+    ]
+    # held: 0 (deposit), then the BTC buy's hold, then both, then the ETH one alone.
+    one = MID * 10_000 * (10**8 + 200_000) * 10**15 // (100 * 10**5 * 10**8)  # 30000 x 0.1 x 1.002 USDT
+    assert [Decimal(h) for h in got] == [Decimal(0), Decimal(one) / 10**15, 2 * Decimal(one) / 10**15,
+                                         Decimal(one) / 10**15]  # fmt: skip
