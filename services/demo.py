@@ -1,10 +1,14 @@
 """`cme demo`: the seed's client scenario against a running stack, narrated, in well under a minute.
 
-1. a maker rests two asks and a bid; 2. a taker's market buy sweeps both ask levels (trades with
-maker and taker fees, execution reports, L2 updates); 3. an FOK that cannot fill is cancelled with a
+0. both accounts' balances after the faucet (a venue with `--risk off` answers BALANCES_DISABLED:
+the balance checks are skipped); 1. a maker rests two asks and a bid, and what they need moves from
+available to held; 2. a taker's market buy sweeps both ask levels (trades with maker and taker fees,
+execution reports, L2 updates, and the settlement: the base moves, the taker pays notional + fee, the
+maker receives notional - fee, to the last digit); 3. an FOK that cannot fill is cancelled with a
 reason; 4. restart check: with a `cme up` stack.json in --data-dir, the matcher is killed with SIGKILL,
 the supervisor restarts it, and the book must come back unchanged and still trade; without one, a
-fresh snapshot must equal the book rebuilt from the updates; 5. the maker's last order is cancelled.
+fresh snapshot must equal the book rebuilt from the updates; 5. the maker's last order is cancelled,
+and neither account holds anything any more.
 
 Accounts carry a random suffix, so reruns never collide on client order ids. Every step is checked;
 the exit code is 0 only if all checks pass.
@@ -23,6 +27,7 @@ import signal
 import time
 import traceback
 import uuid
+from collections.abc import AsyncIterator
 from decimal import ROUND_FLOOR, Decimal
 from pathlib import Path
 from typing import Any
@@ -41,12 +46,21 @@ from cme_client import (
     subscribe,
 )
 
+from shared import codes
 from shared.instruments import Instrument, default_instruments
 
 STEP_TIMEOUT = 10.0
+FAUCET_WAIT = 3.0  # how long a new account's faucet grant may take to show (a venue may have none)
 RESTART_TIMEOUT = 30.0  # supervisor backoff + matcher start + checkpoint replay
 REFERENCE_PRICE = {"BTC": Decimal(30000), "ETH": Decimal(2000)}  # where to build a book on an empty one
 TERMINAL = ("filled", "cancelled", "rejected")
+ZERO = Decimal(0)
+ASK_QTY = Decimal("0.8")  # the maker's two asks together
+ASK2_QTY = Decimal("0.3")  # the upper ask
+BID_QTY = Decimal("0.2")
+SWEEP_QTY = ASK_QTY  # the taker's market buy takes both asks
+FOK_QTY = Decimal("0.5")  # more than BID_QTY: it cannot fill
+Funds = dict[str, dict[str, Decimal]]  # asset -> {"available": ..., "held": ...}
 
 
 class DemoFailed(RuntimeError):
@@ -54,30 +68,39 @@ class DemoFailed(RuntimeError):
 
 
 class Account:
-    """A demo account: its cme_client.Client and every execution report it was sent, in order."""
+    """A demo account: its cme_client.Client, every execution report it was sent and every balance
+    message (`funded`, `balance`), in order."""
 
     def __init__(self, client: Client) -> None:
         self.client = client
         self.reports: list[Message] = []
+        self.funding: list[Message] = []
         self._changed = asyncio.Event()
-        self._task = asyncio.create_task(self._collect())
+        self._tasks = [
+            asyncio.create_task(self._collect(client.execution_reports(), self.reports)),
+            asyncio.create_task(self._collect(client.balance_updates(), self.funding)),
+        ]
 
-    async def _collect(self) -> None:
-        async for m in self.client.execution_reports():
-            self.reports.append(m)
+    async def _collect(self, source: AsyncIterator[Message], into: list[Message]) -> None:
+        async for m in source:
+            into.append(m)
             self._changed.set()
 
-    async def wait(self, pred: Predicate, want: int = 1, timeout: float = STEP_TIMEOUT) -> list[Message]:
-        """The first `want` reports that match; TimeoutError if they do not come in time."""
+    async def wait(
+        self, pred: Predicate, want: int = 1, timeout: float = STEP_TIMEOUT, funding: bool = False
+    ) -> list[Message]:
+        """The first `want` reports (balance messages, with `funding`) that match; TimeoutError if
+        they do not come in time."""
         deadline = time.monotonic() + timeout
-        while len(found := [m for m in self.reports if pred(m)]) < want:
+        source = self.funding if funding else self.reports
+        while len(found := [m for m in source if pred(m)]) < want:
             self._changed.clear()
             await asyncio.wait_for(self._changed.wait(), max(0.0, deadline - time.monotonic()))
         return found[:want]
 
     async def close(self) -> None:
         await self.client.close()
-        await self._task
+        await asyncio.gather(*self._tasks)
 
 
 def same_levels(a: Message, b: Message) -> bool:
@@ -96,6 +119,25 @@ def best_prices(book: L2Book) -> tuple[Decimal | None, Decimal | None]:
 
 def say(text: str = "") -> None:
     print(text, flush=True)
+
+
+def amount(value: Decimal) -> str:
+    """A balance as the wire writes it: plain digits, trailing zeros trimmed."""
+    text = format(value, "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def signed(value: Decimal) -> str:
+    return amount(value) if value < 0 else f"+{amount(value)}"
+
+
+def moved(funds: Funds, changes: dict[str, tuple[Decimal, Decimal]]) -> Funds:
+    """`funds` after adding (available, held) changes per asset."""
+    out = {asset: dict(v) for asset, v in funds.items()}
+    for asset, (available, held) in changes.items():
+        out[asset]["available"] += available
+        out[asset]["held"] += held
+    return out
 
 
 def choose_prices(
@@ -152,7 +194,8 @@ class Demo:
         self.args = args
         self.symbol: str = args.symbol
         self.inst = default_instruments().get(self.symbol) or Instrument(self.symbol)
-        self.quote = self.symbol.split("-")[-1]
+        self.quote = self.inst.quote_asset
+        self.base = self.inst.base_asset
         self.tag = uuid.uuid4().hex[:6]
         self.maker_account = f"maker-demo-{self.tag}"
         self.taker_account = f"taker-demo-{self.tag}"
@@ -164,6 +207,9 @@ class Demo:
         self.taker: Account | None = None
         self.book: L2Book | None = None
         self.md_applied = 0  # md messages the book has seen
+        self.risk = False  # the venue keeps balances: the balance checks run
+        self.funds_before: dict[str, Funds] = {}  # "maker" / "taker" -> balances before the first order
+        self.funds_rest: Funds = {}  # the maker's, once its orders rest
 
     # --- small helpers ------------------------------------------------------------------------------
     def check(self, ok: bool, what: str) -> None:
@@ -251,6 +297,39 @@ class Demo:
         assert self.md is not None
         await self.wait_count(self.md, start, is_type("l2_update", symbol=self.symbol), want)
 
+    async def funds(self, acct: Account) -> Funds:
+        """The account's balances of the symbol's two assets (an asset it never had is zero). The
+        gateway answers after the matcher applied what this connection sent (read your writes)."""
+        got = await acct.client.balances()
+        return {
+            asset: dict(got.get(asset, {"available": ZERO, "held": ZERO}))
+            for asset in (self.quote, self.base)
+        }
+
+    def show_funds(self, who: str, now: Funds, before: Funds | None = None) -> None:
+        for asset in (self.quote, self.base):
+            line = (
+                f"   funds  {who:<5} {asset:<5} available {amount(now[asset]['available']):>24}"
+                f"  held {amount(now[asset]['held']):>20}"
+            )
+            if before is not None:
+                d_avail = now[asset]["available"] - before[asset]["available"]
+                d_held = now[asset]["held"] - before[asset]["held"]
+                line += (
+                    f"   ({signed(d_avail)} / {signed(d_held)})" if d_avail or d_held else "   (unchanged)"
+                )
+            say(line)
+
+    def check_funds(self, who: str, now: Funds, expected: Funds, what: str) -> None:
+        self.check(now == expected, f"{who}: {what}")
+        if now != expected:
+            for asset in (self.quote, self.base):
+                want, got = expected[asset], now[asset]
+                say(
+                    f"         {asset}: expected available {amount(want['available'])} held"
+                    f" {amount(want['held'])}, got {amount(got['available'])} / {amount(got['held'])}"
+                )
+
     def show_book(self) -> None:
         assert self.book is not None
         bids, asks = self.book.levels(3)
@@ -276,22 +355,155 @@ class Demo:
         say(f"connected: accounts {self.maker_account} (maker) and {self.taker_account} (taker)")
         self.show_book()
 
-    async def build_book(self) -> tuple[Decimal, Decimal, Decimal]:
-        assert self.maker and self.md and self.book
-        say("\n1. the maker builds a book")
+    def plan(self) -> tuple[Decimal, Decimal, Decimal]:
+        """The demo's bid and two asks, inside the current spread."""
+        assert self.book is not None
         best_bid, best_ask = best_prices(self.book)
-        ref = REFERENCE_PRICE.get(self.symbol.split("-")[0], Decimal(100))
+        ref = REFERENCE_PRICE.get(self.base, Decimal(100))
         prices = choose_prices(best_bid, best_ask, self.inst.tick_size, ref)
         if prices is None:
             raise DemoFailed(
                 f"the {self.symbol} spread ({best_bid} / {best_ask}) is too tight; try another --symbol"
             )
-        bid, ask1, ask2 = prices
+        return prices
+
+    @property
+    def buy_rate(self) -> Decimal:
+        """A resting buy may fill as maker or taker, so it holds at the higher fee rate."""
+        return max(self.inst.maker_fee, self.inst.taker_fee)
+
+    async def opening_funds(self, bid: Decimal, ask2: Decimal) -> None:
+        assert self.maker and self.taker
+        say("\n0. balances after the faucet (it funds an open-mode account at its first login)")
+        try:
+            maker = await self.funds(self.maker)
+        except Rejected as exc:
+            if exc.code != codes.BALANCES_DISABLED:
+                raise DemoFailed(f"balances refused: {exc}") from exc
+            say("   the venue keeps no balances (BALANCES_DISABLED: `--risk off`); balance checks skipped")
+            return
+        self.risk = True
+        maker, taker = await asyncio.gather(
+            self.after_faucet("maker", self.maker, maker),
+            self.after_faucet("taker", self.taker, await self.funds(self.taker)),
+        )
+        # What the scenario spends at most: a venue started with `--faucet none` gets the rest deposited.
+        needs = {
+            "maker": (
+                self.maker,
+                maker,
+                {self.quote: bid * BID_QTY * (1 + self.buy_rate), self.base: ASK_QTY},
+            ),
+            "taker": (
+                self.taker,
+                taker,
+                {self.quote: ask2 * SWEEP_QTY * (1 + self.inst.taker_fee), self.base: FOK_QTY},
+            ),
+        }
+        for who, (acct, funds, need) in needs.items():
+            shortfalls = {a: want - funds[a]["available"] for a, want in need.items()}
+            for asset, short in shortfalls.items():
+                if short > 0:
+                    try:
+                        await acct.client.deposit(asset, amount(short))
+                    except Rejected as exc:
+                        raise DemoFailed(f"{who} has too little {asset} and cannot deposit: {exc}") from exc
+                    say(f"   {who} deposits {amount(short)} {asset} (more than the faucet gave)")
+            if any(short > 0 for short in shortfalls.values()):
+                funds = await self.funds(acct)
+            self.funds_before[who] = funds
+            self.show_funds(who, funds)
+
+    async def after_faucet(self, who: str, acct: Account, funds: Funds) -> Funds:
+        """The account's balances once the faucet's grant is applied: the gateway appends it at the
+        account's first login, so an answer right after the login may not show it yet; its `funded`
+        lines (op "faucet") say when it is. A venue without a faucet sends none."""
+        if any(v for amounts in funds.values() for v in amounts.values()):
+            return funds  # a new account with a balance: the grant is already applied
+        try:
+            [grant] = await acct.wait(is_type("funded", op="faucet"), 1, FAUCET_WAIT, funding=True)
+        except TimeoutError:
+            say(f"   {who}: no faucet grant within {FAUCET_WAIT:.0f} s (a venue with `--faucet none`?)")
+            return funds
+        # One grant credits every faucet asset in one command: the balances after its first line show all.
+        say(f"   {who}: faucet grant arrived (funded {grant['amount']} {grant['asset']}, ...)")
+        return await self.funds(acct)
+
+    async def check_holds(self, bid: Decimal) -> None:
+        """The maker's resting orders hold what they may need: the sells their base, the bid its
+        notional plus the higher fee."""
+        assert self.maker
+        if not self.risk:
+            return
+        before = self.funds_before["maker"]
+        now = await self.funds(self.maker)
+        self.show_funds("maker", now, before)
+        bid_hold = bid * BID_QTY * (1 + self.buy_rate)
+        expected = moved(before, {self.quote: (-bid_hold, bid_hold), self.base: (-ASK_QTY, ASK_QTY)})
+        self.check_funds(
+            "maker",
+            now,
+            expected,
+            f"{amount(ASK_QTY)} {self.base} and {amount(bid_hold)} {self.quote}"
+            f" (= {self.p(bid)} x {self.q(BID_QTY)} x (1 + {self.buy_rate})) moved from available to held",
+        )
+        self.funds_rest = now
+
+    async def check_settlement(self, fills: list[Message]) -> None:
+        """Each fill settled at once: the base went from the maker's hold to the taker, the taker paid
+        notional + taker fee, the maker received notional - maker fee (Decimal, from the trades)."""
+        assert self.maker and self.taker
+        if not self.risk:
+            return
+        notional = sum((Decimal(t["price"]) * Decimal(t["quantity"]) for t in fills), ZERO)
+        base = sum((Decimal(t["quantity"]) for t in fills), ZERO)
+        taker_fee = sum((Decimal(t["taker_fee"]) for t in fills), ZERO)
+        maker_fee = sum((Decimal(t["maker_fee"]) for t in fills), ZERO)
+        paid, received = notional + taker_fee, notional - maker_fee
+        say(
+            f"   settle notional {amount(notional)} {self.quote} for {amount(base)} {self.base}:"
+            f" taker pays {amount(paid)} (+ fee {amount(taker_fee)}),"
+            f" maker receives {amount(received)} (- fee {amount(maker_fee)})"
+        )
+        taker, maker = await self.funds(self.taker), await self.funds(self.maker)
+        self.show_funds("taker", taker, self.funds_before["taker"])
+        self.show_funds("maker", maker, self.funds_rest)
+        self.check_funds(
+            "taker",
+            taker,
+            moved(self.funds_before["taker"], {self.quote: (-paid, ZERO), self.base: (base, ZERO)}),
+            f"received {amount(base)} {self.base}, paid notional + fee = {amount(paid)} {self.quote}",
+        )
+        self.check_funds(
+            "maker",
+            maker,
+            moved(self.funds_rest, {self.quote: (received, ZERO), self.base: (ZERO, -base)}),
+            f"delivered {amount(base)} held {self.base}, received notional - fee = {amount(received)}"
+            f" {self.quote}; the bid's hold is untouched",
+        )
+
+    async def check_released(self) -> None:
+        """With every order ended, nothing is held that was not held before the demo."""
+        if not self.risk:
+            return
+        for who, acct in (("maker", self.maker), ("taker", self.taker)):
+            assert acct is not None
+            now = await self.funds(acct)
+            self.show_funds(who, now, self.funds_before[who])
+            before = self.funds_before[who]
+            self.check(
+                all(now[a]["held"] == before[a]["held"] for a in (self.quote, self.base)),
+                f"{who}: every hold released",
+            )
+
+    async def build_book(self, bid: Decimal, ask1: Decimal, ask2: Decimal) -> None:
+        assert self.maker and self.md and self.book
+        say("\n1. the maker builds a book")
         start = self.md.mark()
         for side, price, qty in (
-            ("sell", ask1, Decimal("0.5")),
-            ("sell", ask2, Decimal("0.3")),
-            ("buy", bid, Decimal("0.2")),
+            ("sell", ask1, ASK_QTY - ASK2_QTY),
+            ("sell", ask2, ASK2_QTY),
+            ("buy", bid, BID_QTY),
         ):
             cid, oid = await self.order(self.maker, "maker", side, qty, price, type="limit")
             [new] = await self.maker.wait(is_type("execution", client_order_id=cid))
@@ -305,11 +517,11 @@ class Demo:
         self.show_book()
         b, a = best_prices(self.book)
         self.check((b, a) == (bid, ask1), f"best bid / ask are now {self.p(bid)} / {self.p(ask1)}")
-        return bid, ask1, ask2
+        await self.check_holds(bid)
 
     async def sweep(self, ask1: Decimal, ask2: Decimal) -> None:
         assert self.taker and self.maker and self.trades and self.md
-        qty = Decimal("0.8")
+        qty = SWEEP_QTY
         say(f"\n2. the taker's market buy of {self.q(qty)} sweeps both ask levels")
         md_start, tr_start = self.md.mark(), self.trades.mark()
         cid, oid = await self.order(self.taker, "taker", "buy", qty, type="market")
@@ -347,10 +559,11 @@ class Demo:
             ask1 not in self.book.asks and ask2 not in self.book.asks,
             "both ask levels are gone from the book",
         )
+        await self.check_settlement(fills)
 
     async def fok(self, bid: Decimal) -> None:
         assert self.taker
-        qty = Decimal("0.5")
+        qty = FOK_QTY
         say(f"\n3. an FOK sell of {self.q(qty)} at {self.p(bid)}: only 0.2 is bid there, so it cannot fill")
         cid, oid = await self.order(self.taker, "taker", "sell", qty, bid, type="limit", tif="fok")
         say(f"   taker  sell {self.q(qty)} @ {self.p(bid)} limit fok -> ack {oid}")
@@ -440,6 +653,7 @@ class Demo:
             final = await self.final_report(self.maker, cid)
             self.show_exec("maker", final)
             self.check(final["status"] == "cancelled", f"{cid} cancelled")
+        await self.check_released()
 
     async def leave_no_orders(self) -> None:
         """After a failure: best-effort cancels, so a rerun does not meet the old orders in the book."""
@@ -468,7 +682,9 @@ class Demo:
             say(f"cannot use the stack ({type(exc).__name__}: {exc}); start it with `cme up` (or `make up`)")
             return 2
         try:
-            bid, ask1, ask2 = await self.build_book()
+            bid, ask1, ask2 = self.plan()
+            await self.opening_funds(bid, ask2)
+            await self.build_book(bid, ask1, ask2)
             await self.sweep(ask1, ask2)
             await self.fok(bid)
             await self.restart_check(bid)

@@ -2,9 +2,11 @@
 
 A person's round trip: connect an account, place a limit order with the ticket, see it in the book
 ladder and in open orders, reload and still see it, cancel it with its button; then another client
-trades against the page's account and the trade reaches the tape and the current candle. And a
-burst of more than a thousand book updates a second: every update is applied, the screen is drawn
-at most once per animation frame, and the final book is the feed's.
+trades against the page's account and the trade reaches the tape and the current candle. The
+balances panel: the faucet's amounts, a resting buy's hold, after a reload too, and its release; on
+a venue without balances the panel gives way to a note. And a burst of more than a thousand book
+updates a second: every update is applied, the screen is drawn at most once per animation frame,
+and the final book is the feed's.
 """
 
 from __future__ import annotations
@@ -75,6 +77,12 @@ def texts(driver: Any, selector: str) -> list[list[str]]:
     return rows
 
 
+def balance_rows(driver: Any) -> dict[str, tuple[Decimal, Decimal]]:
+    """The balances panel as shown: asset -> (available, held)."""
+    rows = texts(driver, "#balances tr")
+    return {asset: (Decimal(available), Decimal(held)) for asset, available, held in rows}
+
+
 def order_rows(driver: Any) -> dict[str, list[str]]:
     """Open orders as shown: order id -> the row's cell texts."""
     rows: dict[str, list[str]] = driver.execute_script(
@@ -124,7 +132,7 @@ async def test_ticket_book_open_orders_cancel_and_a_trade_on_the_tape(
         assert cells[1:6] == [BTC, "buy", "29990.00", "0.25000", "0.00000"] and len(rows) == 1
         assert ["29990.00", "0.25000"] in (await l2_snapshot(up["md"], BTC))["bids"]
 
-        # A reload rebuilds the open orders from the account's execution reports.
+        # A reload rebuilds the open orders (from the `open_orders` query at login).
         browser.refresh()
         await until(lambda: order_id in order_rows(browser), "the open order after a reload")
 
@@ -203,6 +211,44 @@ async def test_ticket_book_open_orders_cancel_and_a_trade_on_the_tape(
     finally:
         await mm.close()
         await bob.close()
+
+
+async def test_the_balances_panel_shows_the_faucet_and_a_resting_buy_moves_usdt_to_held(
+    up: dict[str, Any], browser: Any
+) -> None:
+    browser.get(up["web"])
+    await until(lambda: js(browser, "window.__cme && window.__cme.book()?.ready"), "the book")
+    fill(browser, "account", "carol")  # a new account: the faucet funds it at this first login
+    click(browser, "#connect")
+    faucet = {"USDT": (Decimal(1000000), Decimal(0)), "BTC": (Decimal(100), Decimal(0))}
+    faucet["ETH"] = (Decimal(1000), Decimal(0))
+    await until(lambda: balance_rows(browser) == faucet, "the faucet's amounts in the balances panel")
+    assert browser.find_element("id", "balances-table").is_displayed()
+    assert not browser.find_element("id", "balances-note").is_displayed()
+
+    # A buy far below the asks rests: price x quantity x (1 + the higher fee rate) is held.
+    inst = default_instruments()[BTC]
+    price, qty = Decimal("20000.00"), Decimal("0.5")
+    hold = price * qty * (1 + max(inst.maker_fee, inst.taker_fee))
+    fill(browser, "price", str(price))
+    fill(browser, "qty", str(qty))
+    click(browser, "#submit")
+    held = {**faucet, "USDT": (Decimal(1000000) - hold, hold)}
+    await until(lambda: balance_rows(browser) == held, f"{hold} USDT moved from available to held")
+    rows = await until(lambda: order_rows(browser), "the resting buy")
+    (order_id, _), *_ = rows.items()
+
+    # After a reload the panel and the open orders come from the login's queries, not from replays.
+    browser.refresh()
+    await until(lambda: js(browser, "window.__cme.ordersSynced()"), "the open orders after a reload")
+    assert list(order_rows(browser)) == [order_id]
+    await until(lambda: balance_rows(browser) == held, "the hold after a reload")
+
+    click(browser, f'button.cancel[data-order-id="{order_id}"]')
+    await until(lambda: balance_rows(browser) == faucet, "the hold released by the cancel")
+    assert not order_rows(browser)
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert not errors, errors
 
 
 async def until_async(
@@ -293,6 +339,66 @@ async def test_a_burst_of_book_updates_is_drawn_at_most_once_per_frame(
     assert after["resyncs"] == before["resyncs"] and after["snapshots"] == before["snapshots"]
     assert renders <= frames
     assert renders * 4 <= updates, "updates between two frames must be drawn once"
+
+
+async def test_without_balances_the_panel_gives_way_to_a_note_and_open_orders_come_from_the_query(
+    browser: Any,
+) -> None:
+    """Against a scripted gateway of a venue with --risk off: `balances` is answered BALANCES_DISABLED;
+    `open_orders` replaces whatever reports came before it, and later reports apply on top."""
+    asked: asyncio.Queue[str] = asyncio.Queue()
+    conns: asyncio.Queue[ServerConnection] = asyncio.Queue()
+
+    def order(order_id: str, status: str, filled: str) -> dict[str, Any]:
+        return {
+            "order_id": order_id, "client_order_id": f"c-{order_id}", "symbol": BTC, "side": "buy",
+            "order_type": "limit", "tif": "gtc", "status": status, "price": "100.00",
+            "quantity": "1.00000", "filled_quantity": filled, "remaining_quantity": "1.00000", "ts": 1,
+        }  # fmt: skip
+
+    async def venue(conn: ServerConnection) -> None:
+        async for raw in conn:
+            msg = orjson.loads(raw)
+            op = msg.get("op")
+            if op == "auth":
+                await conn.send(orjson.dumps({"type": "authenticated", "account": msg["account"]}).decode())
+                await conns.put(conn)
+            elif op in ("open_orders", "balances"):
+                await asked.put(op)
+
+    async with serve(venue, "127.0.0.1", 0) as ws_server:
+        url = f"ws://127.0.0.1:{ws_server.sockets[0].getsockname()[1]}"
+        web = WebServer(("127.0.0.1", 0), WebConfig(url, url, url, default_instruments()), LatencyReport([]))
+        thread = threading.Thread(target=web.serve_forever, args=(0.05,), daemon=True)
+        thread.start()
+        try:
+            browser.get(f"http://127.0.0.1:{web.port}/?symbol={BTC}&account=dave")
+            conn = await asyncio.wait_for(conns.get(), 15)
+            assert {await asyncio.wait_for(asked.get(), 15) for _ in range(2)} == {"open_orders", "balances"}
+
+            async def send(msg: dict[str, Any]) -> None:
+                await conn.send(orjson.dumps(msg).decode())
+
+            # A report sent before the answer is in it already: the answer (without that order) wins.
+            await send({"type": "execution", "exec_id": 7, **order("1-0", "new", "0.00000")})
+            await send({"type": "open_orders", "orders": [order("2-0", "new", "0.00000")]})
+            await send(
+                {"type": "reject", "op": "balances", "code": "BALANCES_DISABLED", "reason": "risk off"}
+            )
+            await until(lambda: js(browser, "window.__cme.ordersSynced()"), "the open_orders answer")
+            await until(lambda: list(order_rows(browser)) == ["2-0"], "the answer's order only")
+            await send({"type": "execution", "exec_id": 8, **order("2-0", "partially_filled", "0.40000")})
+            await until(lambda: order_rows(browser)["2-0"][5] == "0.40000", "a later report on top")
+
+            note = browser.find_element("id", "balances-note")
+            await until(lambda: note.is_displayed() and "keeps no balances" in note.text, "the note")
+            assert not browser.find_element("id", "balances-table").is_displayed()
+            assert js(browser, "window.__cme.balances()") is None
+            messages = browser.find_element("id", "messages").text
+            assert "BALANCES_DISABLED" not in messages, "an expected answer is not an error to show"
+        finally:
+            web.shutdown()
+            web.server_close()
 
 
 async def test_a_sequence_gap_throws_the_book_away_and_resubscribes(browser: Any) -> None:

@@ -14,6 +14,7 @@ const TAPE_ROWS = 60;
 const CANDLE_MS = 60_000;
 const MAX_CANDLES = 240; // kept in memory; the chart draws what fits
 const LATENCY_EVERY_MS = 2000;
+const BALANCES_SETTLE_MS = 250; // quiet time after balance lines before the balances are asked again
 
 const stats = { frames: 0, renders: 0, maxRenderMs: 0, l2Updates: 0, snapshots: 0, resyncs: 0, trades: 0, reports: 0 };
 
@@ -116,13 +117,15 @@ const state = {
   last: null, // last trade {price, u, side}
   account: null,
   authed: false,
-  orders: new Map(), // order_id -> latest execution report (by exec_id)
-  lastExec: new Map(), // symbol -> highest exec_id seen
+  orders: new Map(), // order_id -> the open order: from `open_orders`, then each later execution report
+  ordersSynced: false, // the `open_orders` answer of this login has come
+  balances: new Map(), // asset -> {available, held} (decimal strings, as the venue sends them)
+  balancesOff: false, // the venue answered BALANCES_DISABLED (it runs with --risk off)
   side: "buy",
   pendingTape: [],
 };
 
-const dirty = { book: false, tape: false, candles: false, orders: false };
+const dirty = { book: false, tape: false, candles: false, orders: false, balances: false };
 function invalidate(...parts) {
   for (const p of parts) dirty[p] = true;
 }
@@ -260,8 +263,10 @@ function connectAccount(name) {
   state.account = name;
   state.authed = false;
   state.orders.clear();
-  state.lastExec.clear();
-  invalidate("orders", "book");
+  state.ordersSynced = false;
+  state.balances.clear();
+  state.balancesOff = false;
+  invalidate("orders", "book", "balances");
   updateTicket();
   localStorage.setItem("cme.account", name);
   const auth = state.config.auth === "api_key" ? { op: "auth", api_key: name } : { op: "auth", account: name };
@@ -273,25 +278,47 @@ function onGateway(msg) {
     case "authenticated":
       state.authed = true;
       state.account = msg.account;
+      state.ordersSynced = false;
       note(`connected as ${msg.account}`, "ok");
       updateTicket();
-      // Rebuild the open orders from the account's own reports (after a reload, from the start).
-      for (const s of state.config.symbols) {
-        gateway.send({ op: "executions", symbol: s.symbol, after: state.lastExec.get(s.symbol) || 0 });
-      }
+      // The open orders and balances as the venue has them now (also after a reload or a reconnect).
+      gateway.send({ op: "open_orders" });
+      askBalances();
       break;
-    case "executions":
-      for (const r of msg.reports) applyReport(r);
-      if (msg.more) gateway.send({ op: "executions", symbol: msg.symbol, after: msg.next_after });
+    case "open_orders":
+      // The gateway sends a connection's messages in order: a report sent before this answer is
+      // already in it, so the answer replaces them. A report after it may still be older than the
+      // answer, but then the order's later reports follow it (one symbol's reports come in order),
+      // so applying every later report in turn ends at each order's current state.
+      state.orders = new Map(msg.orders.map((o) => [o.order_id, o]));
+      state.ordersSynced = true;
+      invalidate("orders", "book");
       break;
     case "execution":
       applyReport(msg);
       describeReport(msg);
       break;
+    case "balances":
+      state.balances = new Map(Object.entries(msg.balances));
+      invalidate("balances");
+      break;
+    case "balance":
+      state.balances.set(msg.asset, { available: msg.available, held: msg.held });
+      invalidate("balances");
+      settleBalances();
+      break;
+    case "funded":
+      note(`${msg.op} ${msg.amount} ${msg.asset}`, "ok");
+      break;
     case "ack":
       if (msg.op === "new") note(`accepted ${msg.client_order_id || ""} → ${msg.order_id}`);
       break;
     case "reject":
+      if (msg.op === "balances" && msg.code === "BALANCES_DISABLED") {
+        state.balancesOff = true; // a venue without balances: nothing to show, nothing went wrong
+        invalidate("balances");
+        break;
+      }
       note(`${msg.op || ""} rejected: ${msg.code}${msg.reason ? ` (${msg.reason})` : ""}`, "err");
       if (msg.code === "UNAUTHENTICATED" && !state.authed) {
         gateway.close(); // a wrong name or key: retrying would only be refused again
@@ -305,12 +332,24 @@ function onGateway(msg) {
 
 function applyReport(r) {
   stats.reports++;
-  // Reports may arrive twice (live and in an `executions` answer): the highest exec_id wins.
-  const known = state.orders.get(r.order_id);
-  if (known && known.exec_id >= r.exec_id) return;
-  state.orders.set(r.order_id, r);
-  if ((state.lastExec.get(r.symbol) || 0) < r.exec_id) state.lastExec.set(r.symbol, r.exec_id);
+  if (isOpen(r)) state.orders.set(r.order_id, r);
+  else state.orders.delete(r.order_id);
   invalidate("orders", "book");
+}
+
+let balancesTimer = null;
+
+function askBalances() {
+  if (state.authed && !state.balancesOff) gateway.send({ op: "balances" });
+}
+
+/** Each `balance` line is applied at once, but lines of one asset that come from two symbols' streams
+ * (USDT of BTC-USDT and of ETH-USDT) carry nothing that orders them across the two: once the lines
+ * stop for a moment, the balances are asked again, and that answer is never older than a line the
+ * connection already got. */
+function settleBalances() {
+  clearTimeout(balancesTimer);
+  balancesTimer = setTimeout(askBalances, BALANCES_SETTLE_MS);
 }
 
 function describeReport(r) {
@@ -328,8 +367,15 @@ function describeReport(r) {
 
 const isOpen = (r) => r.status === "new" || r.status === "partially_filled";
 
+/** Order ids are stream entry ids, "<ms>-<n>": a later order has a larger one. Newest first. */
+function newerFirst(a, b) {
+  const [ams, an] = a.order_id.split("-").map(Number);
+  const [bms, bn] = b.order_id.split("-").map(Number);
+  return bms - ams || bn - an;
+}
+
 function openOrders() {
-  return [...state.orders.values()].filter(isOpen).sort((a, b) => b.exec_id - a.exec_id);
+  return [...state.orders.values()].filter(isOpen).sort(newerFirst);
 }
 
 let orderSeq = 0;
@@ -685,16 +731,49 @@ function renderOrders() {
   setText($("orders-count"), state.account ? `${state.account} · ${rows.length}` : "");
 }
 
+function renderBalances() {
+  const shown = state.authed && !state.balancesOff && state.balances.size > 0;
+  $("balances-table").hidden = !shown;
+  const why = !state.account
+    ? "connect an account to see its balances"
+    : state.balancesOff
+      ? "this venue keeps no balances (it runs with --risk off)"
+      : !state.authed
+        ? "connecting…"
+        : "no balances yet";
+  $("balances-note").hidden = shown;
+  setText($("balances-note"), why);
+  $("balances-panel").classList.toggle("off", state.balancesOff);
+  const [base, quote] = state.symbol.split("-");
+  const assets = [...state.balances.keys()].sort();
+  $("balances").replaceChildren(
+    ...assets.map((asset) => {
+      const { available, held } = state.balances.get(asset);
+      const tr = document.createElement("tr");
+      tr.dataset.asset = asset;
+      if (asset === base || asset === quote) tr.className = "traded";
+      for (const [text, cls] of [[asset, ""], [available, "num"], [held, "num"]]) {
+        const td = document.createElement("td");
+        td.textContent = text;
+        if (cls) td.className = cls;
+        tr.append(td);
+      }
+      return tr;
+    }),
+  );
+}
+
 function frame() {
   stats.frames++;
-  if (dirty.book || dirty.tape || dirty.candles || dirty.orders) {
+  if (dirty.book || dirty.tape || dirty.candles || dirty.orders || dirty.balances) {
     stats.renders++;
     const started = performance.now();
     if (dirty.orders) renderOrders();
+    if (dirty.balances) renderBalances();
     if (dirty.book && state.book) renderBook();
     if (dirty.tape) renderTape();
     if (dirty.candles) drawCandles();
-    dirty.book = dirty.tape = dirty.candles = dirty.orders = false;
+    dirty.book = dirty.tape = dirty.candles = dirty.orders = dirty.balances = false;
     stats.maxRenderMs = Math.max(stats.maxRenderMs, performance.now() - started);
   }
   requestAnimationFrame(frame);
@@ -795,7 +874,7 @@ function selectSymbol(symbol) {
     tradesFeed.send({ op: "subscribe", symbol });
   }
   updateTicket();
-  invalidate("book", "tape", "candles", "orders");
+  invalidate("book", "tape", "candles", "orders", "balances");
 }
 
 async function main() {
@@ -859,6 +938,8 @@ window.__cme = {
   candles: () => [...state.candles.values()].sort((a, b) => a.t - b.t).map((c) => ({ t: c.t, open: c.open, high: c.high, low: c.low, close: c.close, volume: fromUnits(c.volume, state.inst.qdec), trades: c.trades })),
   trades: () => state.trades.map((t) => ({ trade_id: t.trade_id, price: t.price, quantity: t.quantity, side: t.aggressor_side, ts: t.ts })),
   authed: () => state.authed,
+  ordersSynced: () => state.ordersSynced,
+  balances: () => (state.balancesOff ? null : Object.fromEntries(state.balances)),
 };
 
 main().catch((err) => {
