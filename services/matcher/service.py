@@ -544,7 +544,7 @@ class Matcher:
             st.b_exec, execs or b"", b"%d-0" % exec_seq,
             b"last_id", last_id, b"applied", b"%d" % applied, b"book_seq", b"%d" % book.book_seq,
             b"trade_seq", b"%d" % book.trade_seq, b"ts", b"%d" % (now_ns // 1_000_000),
-            _EXEC_SEQ_FIELD, b"%d" % exec_seq, *records.out,
+            _EXEC_SEQ_FIELD, b"%d" % exec_seq, *records.records(),
         )  # fmt: skip
         st.last_id, st.applied, st.exec_seq = last_id, applied, exec_seq
 

@@ -339,7 +339,7 @@ class VenueMatcher(Matcher):
             keys_.append(keys.balances(account).encode())
             flat = [v for asset, value in assets.items() for v in (asset.encode(), value)]
             args += [b"%d" % len(flat), *flat]
-        args += records.out
+        args += records.records()
         first = blocks[0].st
         first.m_command.observe_many(durations)
         read_ms = read_ns // 1_000_000
