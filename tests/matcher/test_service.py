@@ -49,13 +49,6 @@ pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture()
-def r(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
-
-
-@pytest.fixture()
 def collector(redis_url: str) -> Iterator[Collector]:
     c = Collector(redis_url)
     yield c
