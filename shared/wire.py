@@ -73,8 +73,17 @@ def unframe(payload: bytes) -> tuple[int, list[bytes]]:
 
 
 def _silent(e: ev.Event) -> bool:
-    """A reject with nobody to tell (the gateway never sends such a command): no exec line."""
-    return e[0] == ev.REJECTED and e[4] is None
+    """An event with nobody to tell: no exec line. A reject without an account (the gateway never
+    sends such a command); a balance or funding change of the venue's own accounts (names starting
+    with "_", which no connection can log in as: the fees account changes with every trade)."""
+    kind = e[0]
+    if kind == ev.REJECTED:
+        return e[4] is None
+    if kind == ev.BALANCE:
+        return bool(e[2].startswith("_"))
+    if kind == ev.FUNDED:
+        return bool(e[3].startswith("_"))
+    return False
 
 
 # Exec lines per event kind, as render() makes them; _silent events make none.
@@ -212,6 +221,8 @@ def render(
                 }  # fmt: skip
             out.add_exec(account, msg)
         elif kind == ev.BALANCE:
+            if _silent(e):
+                continue
             assert scales is not None, "balance events need the asset scales"
             _, _, account, asset, available, held = e
             places = scales[asset]
@@ -220,6 +231,8 @@ def render(
                                    "asset": asset, "available": units_to_amount(available, places),
                                    "held": units_to_amount(held, places), "ts": ts})  # fmt: skip
         elif kind == ev.FUNDED:
+            if _silent(e):
+                continue
             assert scales is not None, "funding events need the asset scales"
             _, _, op, account, asset, amount, request_id = e
             out.add_exec(account, {"type": "funded", "symbol": inst.symbol, "op": op, "account": account,
