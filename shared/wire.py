@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from services.matcher import events as ev
+from services.matcher.balances import RESERVED_PREFIX
 from shared.codes import reason_for
 from shared.ids import seq_to_entry
 from shared.instruments import Instrument, units_to_amount
@@ -80,9 +81,9 @@ def _silent(e: ev.Event) -> bool:
     if kind == ev.REJECTED:
         return e[4] is None
     if kind == ev.BALANCE:
-        return bool(e[2].startswith("_"))
+        return bool(e[2].startswith(RESERVED_PREFIX))
     if kind == ev.FUNDED:
-        return bool(e[3].startswith("_"))
+        return bool(e[3].startswith(RESERVED_PREFIX))
     return False
 
 

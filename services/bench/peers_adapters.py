@@ -39,26 +39,16 @@ class Adapter:
 
 
 def seed() -> Adapter:
-    book = SeedBook()
-    limit, market, cancel = book.limit, book.market, book.cancel
-    c = Counts()
-
-    def handle(op: Op) -> None:
-        k = op[0]
-        if k == CANCEL:
-            if not cancel(op[1]):
-                c.errors += 1
-            return
-        trades = market(op[1], op[2], op[4]) if k == MARKET else limit(op[1], op[2], op[3], op[4], k)
-        if trades:
-            c.trades += len(trades)
-            c.volume += int(sum(t.quantity for t in trades))
-
-    return Adapter(handle, c)
+    return _reference(SeedBook(), lambda trades: int(sum(t.quantity for t in trades)))
 
 
 def tight() -> Adapter:
-    book = TightBook()
+    return _reference(TightBook(), lambda trades: sum(t[3] for t in trades))
+
+
+def _reference(book: SeedBook | TightBook, volume: Callable[[Any], int]) -> Adapter:
+    """One of the two reference books (services.bench.peers_ref); they report trades differently,
+    so `volume` sums a result's lots."""
     limit, market, cancel = book.limit, book.market, book.cancel
     c = Counts()
 
@@ -71,8 +61,7 @@ def tight() -> Adapter:
         trades = market(op[1], op[2], op[4]) if k == MARKET else limit(op[1], op[2], op[3], op[4], k)
         if trades:
             c.trades += len(trades)
-            for t in trades:
-                c.volume += t[3]
+            c.volume += volume(trades)
 
     return Adapter(handle, c)
 

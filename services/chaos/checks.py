@@ -25,7 +25,6 @@ import orjson
 import redis
 
 from services.chaos.flow import Trader
-from services.matcher.commands import CoreCommand
 from services.matcher.engine import Engine
 from services.matcher.events import TRADE, Event
 from shared import keys
@@ -133,45 +132,39 @@ class Replay:
 
 
 def replay(inst: Instrument, tapped: list[tuple[str, bytes]]) -> Replay:
-    entries: list[tuple[str, CoreCommand | None]] = [(i, decode({b"d": d})[0]) for i, d in tapped]
-    out = Replay(inst, Engine([inst]), [i for i, _ in entries])
-    rendered = Rendered()  # one for the whole stream: exec lines are numbered on across commands
-    for entry_id, cmd in entries:
-        if cmd is None:
-            continue
-        seq = entry_to_seq(entry_id)
-        ts = seq >> SEQ_BITS
-        events = out.engine.apply(cmd, seq, ts)
-        out.events.append((entry_id, events))
-        out.trade_ids += [e[2] for e in events if e[0] == TRADE]
-        render(events, inst, ts, rendered)
-    for line in rendered.execs:
-        account, body = split_exec_line(line)
-        out.execs.setdefault(account, []).append(orjson.loads(body))
-    out.exec_count = len(rendered.execs)
-    return out
+    """A fresh engine (balances off) fed every entry of one symbol's orders stream."""
+    return replay_streams([inst], {inst.symbol: tapped}, risk=False)[inst.symbol]
 
 
 def replay_venue(insts: list[Instrument], tapped: dict[str, list[tuple[str, bytes]]]) -> dict[str, Replay]:
     """With balances on: one Engine(risk=True) fed every symbol's entries in entry-id order (the venue
-    clock's), as services.matcher.venue applies them; each symbol's events and exec lines apart."""
-    engine = Engine(insts, risk=True)
-    assert engine.ledger is not None
-    scales = engine.ledger.scales
+    clock's), as services.matcher.venue applies them."""
+    return replay_streams(insts, tapped, risk=True)
+
+
+def replay_streams(
+    insts: list[Instrument], tapped: dict[str, list[tuple[str, bytes]]], risk: bool
+) -> dict[str, Replay]:
+    """Each symbol's events and exec lines as the matcher makes them: with balances, one engine over
+    all streams merged by entry id; without, one engine per symbol."""
+    shared = Engine(insts, risk=True) if risk else None
+    scales = shared.ledger.scales if shared is not None and shared.ledger is not None else None
     by_symbol = {i.symbol: i for i in insts}
-    out = {s: Replay(i, engine, [e for e, _ in tapped.get(s, [])]) for s, i in by_symbol.items()}
-    rendered = {s: Rendered() for s in by_symbol}
+    out = {
+        s: Replay(i, shared or Engine([i]), [e for e, _ in tapped.get(s, [])]) for s, i in by_symbol.items()
+    }
+    rendered = {s: Rendered() for s in by_symbol}  # per stream: exec lines are numbered on across commands
     merged = sorted(
         ((entry_to_seq(entry_id), symbol, entry_id, data) for symbol, entries in tapped.items()
          for entry_id, data in entries),
     )  # fmt: skip
     for seq, symbol, entry_id, data in merged:
+        rep = out[symbol]
         cmd = decode({b"d": data})[0]
-        if cmd is None or seq <= engine.last_seq:
+        if cmd is None or seq <= rep.engine.last_seq:
             continue
         ts = seq >> SEQ_BITS
-        events = engine.apply(cmd, seq, ts)
-        rep = out[symbol]
+        events = rep.engine.apply(cmd, seq, ts)
         rep.events.append((entry_id, events))
         rep.trade_ids += [e[2] for e in events if e[0] == TRADE]
         render(events, by_symbol[symbol], ts, rendered[symbol], scales=scales)

@@ -28,7 +28,7 @@ from shared import codes
 from shared.instruments import FEE_DENOM, MAX_AMOUNT_UNITS, Instrument, asset_scales, scale_of
 
 FEES_ACCOUNT: Final = "_fees"  # names starting with "_" belong to the venue
-RESERVED_PREFIX: Final = "_"  # the gateway refuses such names at auth and funding (one source)
+RESERVED_PREFIX: Final = "_"  # the venue's own accounts: no orders, no deposits, no logins (one source)
 _MAX_ACCOUNT = 64
 _MAX_REQUEST_ID = 64
 Balance = list[int]  # [available, held]
@@ -86,13 +86,9 @@ class Ledger:
         return 0 if bal is None else bal[0]
 
     def _get(self, account: str, asset: str) -> Balance:
-        acct = self.accounts.get(account)
-        if acct is None:
-            acct = self.accounts[account] = {}
-        bal = acct.get(asset)
-        if bal is None:
-            bal = acct[asset] = [0, 0]
-        self.touched[account, asset] = bal
+        """The pair's balance (created at zero), recorded as touched by this command."""
+        assets = self._account(account)
+        bal = self.touched[account, asset] = assets.get(asset) or self._new(assets, asset)
         return bal
 
     def hold(self, account: str, asset: str, amount: int) -> bool:
@@ -174,16 +170,15 @@ class Ledger:
         """A deposit or withdrawal: its `funded` event, or the code it is rejected with."""
         if type(account) is not str or not 0 < len(account) <= _MAX_ACCOUNT:
             return _refused(op, account, request_id, codes.INVALID_ACCOUNT)
-        if account.startswith("_") and not (op == "withdraw" and account == FEES_ACCOUNT):
+        if account.startswith(RESERVED_PREFIX) and not (op == "withdraw" and account == FEES_ACCOUNT):
             return _refused(op, account, request_id, codes.INVALID_ACCOUNT)
         if request_id is not None and (
             type(request_id) is not str or not 0 < len(request_id) <= _MAX_REQUEST_ID
         ):
             return _refused(op, account, None, codes.INVALID_MESSAGE)
-        if type(asset) is not str or asset not in self.scales:
-            return _refused(op, account, request_id, codes.UNKNOWN_ASSET)
-        if type(amount) is not int or not 0 < amount < MAX_AMOUNT_UNITS:
-            return _refused(op, account, request_id, codes.INVALID_AMOUNT)
+        code = self._amount_code(asset, amount)
+        if code is not None:
+            return _refused(op, account, request_id, code)
         if op == "withdraw":
             if self.available(account, asset) < amount:
                 return _refused(op, account, request_id, codes.INSUFFICIENT_FUNDS)
@@ -192,19 +187,30 @@ class Ledger:
             self._get(account, asset)[0] += amount
         return (FUNDED, None, op, account, asset, amount, request_id)
 
+    def _amount_code(self, asset: Any, amount: Any) -> str | None:
+        """Why (asset, amount) cannot be funded, or None."""
+        if type(asset) is not str or asset not in self.scales:
+            return codes.UNKNOWN_ASSET
+        if type(amount) is not int or not 0 < amount < MAX_AMOUNT_UNITS:
+            return codes.INVALID_AMOUNT
+        return None
+
     def grant(self, account: Any, amounts: Any) -> list[Event]:
         """The faucet's deposits (op "faucet"), the first time an account asks; later: nothing."""
-        if type(account) is not str or not 0 < len(account) <= _MAX_ACCOUNT or account.startswith("_"):
+        if (
+            type(account) is not str
+            or not 0 < len(account) <= _MAX_ACCOUNT
+            or account.startswith(RESERVED_PREFIX)
+        ):
             return [_refused("faucet", account, None, codes.INVALID_ACCOUNT)]
         try:
             pairs = [(asset, amount) for asset, amount in amounts]
         except (TypeError, ValueError):
             return [_refused("faucet", account, None, codes.INVALID_MESSAGE)]
         for asset, amount in pairs:
-            if type(asset) is not str or asset not in self.scales:
-                return [_refused("faucet", account, None, codes.UNKNOWN_ASSET)]
-            if type(amount) is not int or not 0 < amount < MAX_AMOUNT_UNITS:
-                return [_refused("faucet", account, None, codes.INVALID_AMOUNT)]
+            code = self._amount_code(asset, amount)
+            if code is not None:
+                return [_refused("faucet", account, None, code)]
         if account in self.granted:
             return []
         self.granted.add(account)

@@ -31,11 +31,11 @@ benchmark's inner loop.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from heapq import heappop, heappush
 from typing import Any, Final
 
-from services.matcher.balances import Ledger, Market
+from services.matcher.balances import RESERVED_PREFIX, Ledger, Market
 from services.matcher.book import (
     MAX_KEY,
     O_ACCOUNT,
@@ -301,7 +301,7 @@ class Engine:
             limit_key = MAX_KEY if price is None else -price
         heap = opp.heap
         ledger = self.ledger
-        if ledger is not None and account.startswith("_"):  # the venue's own accounts never trade
+        if ledger is not None and account.startswith(RESERVED_PREFIX):  # the venue's own never trade
             return [_rejected(symbol, "new", seq, account, cid, codes.INVALID_ACCOUNT)]
         if post_only and heap and heap[0] <= limit_key:
             return [_rejected(symbol, "new", seq, account, cid, codes.WOULD_TAKE)]
@@ -622,7 +622,7 @@ class Engine:
         code = _check_new(self.books, cmd, ts)
         ledger = self.ledger
         if code is None and ledger is not None:
-            if account.startswith("_"):
+            if account.startswith(RESERVED_PREFIX):
                 code = codes.INVALID_ACCOUNT
             elif quote is not None and side == BUY:  # it must be able to spend its whole budget
                 market = ledger.markets[symbol]
@@ -789,25 +789,19 @@ class Engine:
         ledger = self.ledger
         assert ledger is not None
         market = ledger.markets[book.symbol]
-        if not buy:
-            return None if ledger.hold(account, market.base, qty * market.bf) else codes.INSUFFICIENT_FUNDS
-        if price is not None:
-            held = ledger.hold(account, market.quote, price * qty * market.buy_rate)
-            return None if held else codes.INSUFFICIENT_FUNDS
-        # A market buy holds nothing: it must afford the fills the book offers it now.
-        cost = _market_notional(book.asks, account, stp, qty, book.icebergs) * market.taker_cost
-        return None if ledger.available(account, market.quote) >= cost else codes.INSUFFICIENT_FUNDS
+        if buy and price is None:  # a market buy holds nothing: it must afford what the book offers it now
+            cost = _market_notional(book.asks, account, stp, qty, book.icebergs) * market.taker_cost
+            return None if ledger.available(account, market.quote) >= cost else codes.INSUFFICIENT_FUNDS
+        side = BUY if buy else SELL
+        held = ledger.hold(account, market.asset_of(side), market.hold_for(side, price, qty))
+        return None if held else codes.INSUFFICIENT_FUNDS
 
     def _release(self, book: OrderBook, account: str, side: str, price: int | None, lots: int) -> None:
         """Give back what `lots` of an order that ends without filling them held."""
         ledger = self.ledger
         assert ledger is not None
         market: Market = ledger.markets[book.symbol]
-        if side == BUY:
-            if price is not None:  # a market buy holds nothing
-                ledger.release(account, market.quote, price * lots * market.buy_rate)
-        else:
-            ledger.release(account, market.base, lots * market.bf)
+        ledger.release(account, market.asset_of(side), market.hold_for(side, price, lots))
 
     # Views ------------------------------------------------------------------------------------
     def book(self, symbol: str) -> OrderBook:
@@ -831,15 +825,15 @@ def _unfilled(otype: str) -> str:
     return codes.REASON_MARKET if otype == MARKET else codes.REASON_IOC
 
 
-def _fillable(
-    opp: BookSide, limit_key: int, account: str, stp: str, qty: int, icebergs: dict[int, list[int]]
-) -> bool:
-    """Could `qty` fill completely against `opp` up to limit_key, given self-trade prevention?
-
-    An iceberg's reserve refills behind its level, so it counts once the whole level is passed."""
-    got = 0
+def _reachable(
+    opp: BookSide, account: str, stp: str, icebergs: dict[int, list[int]], limit_key: int = MAX_KEY
+) -> Iterator[tuple[int, int]]:
+    """(price, lots a taker can get there) per level of `opp` up to limit_key, best first,
+    walking the book as _match would: self-trade prevention skips (cancel_maker) or stops at the
+    account's own orders, and an iceberg's reserve, which refills behind its level, counts only when
+    the whole level is passed. The walk ends with the first level where the taker is stopped."""
     for level in opp.iter_levels(limit_key):
-        hidden = 0
+        avail = hidden = 0
         for maker in level.orders:
             leaves = maker[O_LEAVES]
             if not leaves:  # lazily cancelled
@@ -847,48 +841,37 @@ def _fillable(
             if maker[O_ACCOUNT] == account:
                 if stp == STP_CANCEL_MAKER:
                     continue  # it would be cancelled and matching would go on
-                return False  # the taker would be stopped here
-            got += leaves
-            if got >= qty:
-                return True
+                yield level.price, avail  # the taker would be stopped here
+                return
+            avail += leaves
             if icebergs:
                 ice = icebergs.get(maker[O_ID])
                 if ice is not None:
                     hidden += ice[1]
-        got += hidden
+        yield level.price, avail + hidden
+
+
+def _fillable(
+    opp: BookSide, limit_key: int, account: str, stp: str, qty: int, icebergs: dict[int, list[int]]
+) -> bool:
+    """Could `qty` fill completely against `opp` up to limit_key, given self-trade prevention?"""
+    got = 0
+    for _, lots in _reachable(opp, account, stp, icebergs, limit_key):
+        got += lots
         if got >= qty:
             return True
     return False
 
 
 def _market_notional(opp: BookSide, account: str, stp: str, qty: int, icebergs: dict[int, list[int]]) -> int:
-    """Sum of price x lots of the fills a market order of `qty` gets against `opp` (ticks x lots),
-    walking the book as _match would (self-trade prevention and iceberg refills, as in _fillable)."""
+    """Sum of price x lots of the fills a market order of `qty` gets against `opp` (ticks x lots)."""
     left, notional = qty, 0
-    for level in opp.iter_levels():
-        avail = hidden = 0
-        stopped = False
-        for maker in level.orders:
-            leaves = maker[O_LEAVES]
-            if not leaves:
-                continue
-            if maker[O_ACCOUNT] == account:
-                if stp == STP_CANCEL_MAKER:
-                    continue
-                stopped = True
-                break
-            avail += leaves
-            if icebergs:
-                ice = icebergs.get(maker[O_ID])
-                if ice is not None:
-                    hidden += ice[1]
-        if not stopped:
-            avail += hidden
-        take = avail if avail < left else left
-        notional += level.price * take
+    for price, lots in _reachable(opp, account, stp, icebergs):
+        take = lots if lots < left else left
+        notional += price * take
         left -= take
-        if stopped or not left:
-            return notional
+        if not left:
+            break
     return notional
 
 
@@ -901,38 +884,17 @@ def _quote_lots(
     taker_rate: int,
     icebergs: dict[int, list[int]],
 ) -> int:
-    """How many whole lots a market order with this quote budget fills, walking the book as _match
-    would (self-trade prevention and iceberg refills included). A buy pays notional x (1 + taker
-    rate) out of the budget, a sell needs only notional <= budget; all in integers (x FEE_DENOM)."""
+    """How many whole lots a market order with this quote budget fills. A buy pays notional x (1 +
+    taker rate) out of the budget, a sell needs only notional <= budget; all in integers (x FEE_DENOM)."""
     budget, mult = (quote * FEE_DENOM, FEE_DENOM + taker_rate) if buy else (quote, 1)
     lots = 0
-    for level in opp.iter_levels():
-        avail = hidden = 0
-        stopped = False
-        for maker in level.orders:
-            leaves = maker[O_LEAVES]
-            if not leaves:
-                continue
-            if maker[O_ACCOUNT] == account:
-                if stp == STP_CANCEL_MAKER:
-                    continue
-                stopped = True  # matching stops here; refills behind it are never reached
-                break
-            avail += leaves
-            if icebergs:
-                ice = icebergs.get(maker[O_ID])
-                if ice is not None:
-                    hidden += ice[1]
-        if not stopped:
-            avail += hidden
-        cost = level.price * mult
+    for price, avail in _reachable(opp, account, stp, icebergs):
+        cost = price * mult
         affordable = budget // cost
         if affordable < avail:
             return lots + affordable
         lots += avail
         budget -= avail * cost
-        if stopped:
-            return lots
     return lots
 
 

@@ -33,6 +33,7 @@ import logging
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -151,6 +152,7 @@ class SymbolState:
         # The hot loop writes RESP itself: the keys it names, as bytes once.
         self.b_events, self.b_progress = self.k_events.encode(), self.k_progress.encode()
         self.b_epoch, self.b_exec_log = self.k_epoch.encode(), keys.exec_log(s).encode()
+        self.commit_keys = (self.b_epoch, self.b_events, self.b_progress, self.b_exec_log)  # its KEYS
         self.b_md, self.b_trades, self.b_exec = (
             self.k_md.encode(),
             self.k_trades.encode(),
@@ -174,6 +176,22 @@ class SymbolState:
         return payload
 
 
+def commit_block(
+    st: SymbolState, pairs: list[list[Any]], rendered: Rendered, last_id: bytes, applied: int, now_ns: int
+) -> list[bytes]:
+    """One symbol's ARGV in a commit script (the layout at _COMMIT_WRITES): epoch, events, the three
+    channels and payloads, the exec log entry id, and the progress hash's fields as of `last_id`."""
+    md, trades, execs = rendered.payloads(now_ns)
+    book, exec_seq = st.engine.books[st.symbol], rendered.exec_seq
+    return [
+        st.epoch, encode_events(pairs), st.b_md, md or b"", st.b_trades, trades or b"",
+        st.b_exec, execs or b"", b"%d-0" % exec_seq,
+        b"last_id", last_id, b"applied", b"%d" % applied, b"book_seq", b"%d" % book.book_seq,
+        b"trade_seq", b"%d" % book.trade_seq, b"ts", b"%d" % (now_ns // 1_000_000),
+        _EXEC_SEQ_FIELD, b"%d" % exec_seq,
+    ]  # fmt: skip
+
+
 def _entry_seq(entry_id: bytes) -> int | None:
     try:
         return entry_to_seq(entry_id)
@@ -191,7 +209,9 @@ def _fence_error(reply: object) -> Fenced | None:
     return Fenced(f"Redis refused a write: {text}") if text.startswith("FENCED") else None
 
 
-def _due_ticks(states: list[SymbolState], now_ms: int) -> list[bytes]:
+def _due_ticks(
+    states: list[SymbolState], now_ms: int, append: Callable[[SymbolState, bytes], bytes]
+) -> list[bytes]:
     """XADDs of a Tick for each symbol whose next GTD expiry is due: time enters the core only through
     the stream, so an expiry fires (and replays) even when no order arrives. One Tick at a time per
     symbol; sent with the next round trip, whose XREAD then reads it back. Counted in the appended
@@ -203,7 +223,7 @@ def _due_ticks(states: list[SymbolState], now_ms: int) -> list[bytes]:
         if due is not None and due <= now_ms and not st.tick_pending:
             st.tick_pending = True
             out.append(pack(b"INCR", st.k_appended.encode()))
-            out.append(pack(b"XADD", st.k_orders.encode(), b"*", FIELD, encode(Tick(st.symbol), 0)))
+            out.append(append(st, encode(Tick(st.symbol), 0)))
     return out
 
 
@@ -496,7 +516,11 @@ class Matcher:
         return commits
 
     def _due_ticks(self, states: list[SymbolState], now_ms: int) -> list[bytes]:
-        return _due_ticks(states, now_ms)
+        return _due_ticks(states, now_ms, self._append)
+
+    def _append(self, st: SymbolState, entry: bytes) -> bytes:
+        """The command that appends an entry to the symbol's orders stream, as a gateway would."""
+        return pack(b"XADD", st.k_orders.encode(), b"*", FIELD, entry)
 
     def _process(self, st: SymbolState, entries: list[Entry], read_ns: int) -> bytes:
         """Apply a batch (at most COMMIT_ENTRIES) and render it; returns its commit (one fenced script)."""
@@ -533,19 +557,11 @@ class Matcher:
         for events, (_, _, ts), recv_ns in zip(results, items, recvs, strict=True):
             render(events, inst, ts, rendered, recv_ns, now_ns)
             records.add(events, inst, ts)
-        md, trades, execs = rendered.payloads(now_ns)
         last_id = entries[-1][0]
         applied = st.applied + len(entries)
         exec_seq = rendered.exec_seq
-        book = engine.books[st.symbol]
-        commit = pack(
-            b"EVALSHA", self.sha["commit"], b"4", st.b_epoch, st.b_events, st.b_progress, st.b_exec_log,
-            st.epoch, encode_events(pairs), st.b_md, md or b"", st.b_trades, trades or b"",
-            st.b_exec, execs or b"", b"%d-0" % exec_seq,
-            b"last_id", last_id, b"applied", b"%d" % applied, b"book_seq", b"%d" % book.book_seq,
-            b"trade_seq", b"%d" % book.trade_seq, b"ts", b"%d" % (now_ns // 1_000_000),
-            _EXEC_SEQ_FIELD, b"%d" % exec_seq, *records.records(),
-        )  # fmt: skip
+        block = commit_block(st, pairs, rendered, last_id, applied, now_ns)
+        commit = pack(b"EVALSHA", self.sha["commit"], b"4", *st.commit_keys, *block, *records.records())
         st.last_id, st.applied, st.exec_seq = last_id, applied, exec_seq
 
         # Metrics (cheap, batched): recorded as the batch goes out.
@@ -632,27 +648,35 @@ class Matcher:
                              exec_seq=st.exec_seq)  # fmt: skip
 
     async def _checkpoint(self, st: SymbolState, ckpt: ck.Checkpoint) -> None:
-        """Write a captured checkpoint; then trim the orders stream below the oldest kept one.
-        Encoding and file I/O run in a thread so matching goes on."""
+        await self._write_checkpoint(ckpt, st, st.k_checkpoint, [st])
+
+    async def _write_checkpoint(
+        self, ckpt: ck.Checkpoint, fence: SymbolState, key: str, covered: list[SymbolState]
+    ) -> None:
+        """Write a captured checkpoint (fenced by `fence`'s epoch) to Redis and a file; then trim the
+        orders streams it covers below the oldest kept one. Encoding and file I/O run in a thread so
+        matching goes on."""
         t0 = time.perf_counter()
         blob = await asyncio.to_thread(ck.encode, ckpt, self.ckpt_key)
         self._rt("checkpoint")
-        await self._fenced("checkpoint", [st.k_epoch, st.k_checkpoint], [st.epoch, blob])
-        folder = ck.directory(self.cfg.data_dir, st.symbol)
+        await self._fenced("checkpoint", [fence.k_epoch, key], [fence.epoch, blob])
+        folder = ck.directory(self.cfg.data_dir, ckpt.symbol)
         try:
             keep = self.cfg.keep_checkpoints
             kept = await asyncio.to_thread(_write_and_prune, folder, ckpt.entry_id, blob, keep)
         except OSError as exc:
             # The Redis copy stands; without the file the stream must keep what older files need.
-            log.error("%s: checkpoint file in %s failed: %s; not trimming", st.symbol, folder, exc)
+            log.error("%s: checkpoint file in %s failed: %s; not trimming", ckpt.symbol, folder, exc)
         else:
             oldest = min([seq for seq, _ in kept] + [ckpt.seq])
-            self._rt("trim")
-            await self.r.xtrim(st.k_orders, minid=seq_to_entry(oldest), approximate=False)
+            for st in covered:
+                self._rt("trim")
+                await self.r.xtrim(st.k_orders, minid=seq_to_entry(oldest), approximate=False)
         elapsed = time.perf_counter() - t0
-        metrics.CHECKPOINT_SECONDS.labels(st.symbol).observe(elapsed)
-        metrics.CHECKPOINT_TIMESTAMP.labels(st.symbol).set(time.time())
-        log.info("%s: checkpoint at %s (%d bytes, %.3f s)", st.symbol, ckpt.entry_id, len(blob), elapsed)
+        for st in covered:  # by symbol, even when one checkpoint covers several (dashboards, alerts)
+            metrics.CHECKPOINT_SECONDS.labels(st.symbol).observe(elapsed)
+            metrics.CHECKPOINT_TIMESTAMP.labels(st.symbol).set(time.time())
+        log.info("%s: checkpoint at %s (%d bytes, %.3f s)", ckpt.symbol, ckpt.entry_id, len(blob), elapsed)
 
 
 def _write_and_prune(folder: Path, entry_id: str, blob: bytes, keep: int) -> list[tuple[int, Path]]:

@@ -36,7 +36,6 @@ from services.matcher.commands import Tick
 from services.matcher.engine import Engine
 from services.matcher.events import BALANCE, Event
 from services.matcher.service import (
-    _COMMIT_WRITES,
     COMMIT_ENTRIES,
     EVENTS_MAXLEN,
     EXEC_LOG_MAXLEN,
@@ -46,13 +45,13 @@ from services.matcher.service import (
     Matcher,
     SymbolState,
     _entry_seq,
-    _write_and_prune,
+    commit_block,
 )
 from services.matcher.snapshot import restore, snapshot
 from shared import keys, metrics
 from shared.ids import SEQ_BITS, entry_to_seq, seq_to_entry
 from shared.resp import pack
-from shared.stream import APPEND_SCRIPT, APPEND_SHA, decode, encode, encode_events
+from shared.stream import APPEND_SCRIPT, APPEND_SHA, decode
 from shared.wire import Rendered, count_execs, render
 
 log = logging.getLogger("cme.matcher")
@@ -60,7 +59,6 @@ log = logging.getLogger("cme.matcher")
 GROUP: Final = "_venue"  # the checkpoint's name: no symbol starts with "_"
 _BLOCK: Final = 21  # ARGV values per symbol in _COMMIT_MANY
 _PROGRESS_FIELDS: Final = 12  # the six field/value pairs of the progress hash
-assert "ARGV[9]" in _COMMIT_WRITES  # the per-symbol layout below extends the single commit's
 
 # KEYS: per symbol i (1..n) epoch, events, progress, exec log at 4i-3 .. 4i; then one balances hash per
 # changed account. ARGV[1] = n; then per symbol a block of _BLOCK values from 2 + (i-1) * _BLOCK: epoch,
@@ -104,15 +102,16 @@ Merged = tuple[int, int, SymbolState, Entry]  # (seq, stream order, state, entry
 
 
 class _Block:
-    """One symbol's part of a commit: its events, rendered messages and progress at its end."""
+    """One symbol's part of a commit: its events, rendered messages (their exec ids) and its stream
+    position at its end."""
 
-    __slots__ = ("applied", "exec_seq", "last_id", "pairs", "rendered", "st")
+    __slots__ = ("applied", "last_id", "pairs", "rendered", "st")
 
     def __init__(self, st: SymbolState) -> None:
         self.st = st
         self.rendered = Rendered(st.exec_seq)
         self.pairs: list[list[Any]] = []
-        self.last_id, self.applied, self.exec_seq = st.last_id, st.applied, st.exec_seq
+        self.last_id, self.applied = st.last_id, st.applied
 
 
 def _crosses_symbols(rows: list[tuple[SymbolState, bytes, int, int]], results: list[list[Event]]) -> bool:
@@ -251,19 +250,9 @@ class VenueMatcher(Matcher):
             for i in range(0, len(merged), COMMIT_ENTRIES)
         ]
 
-    def _due_ticks(self, states: list[SymbolState], now_ms: int) -> list[bytes]:
-        """Ticks as the base matcher appends them, but under the venue clock's ids."""
-        out = []
-        for st in states:
-            due = self.engine.next_expiry(st.symbol)
-            if due is not None and due <= now_ms and not st.tick_pending:
-                st.tick_pending = True
-                out.append(pack(b"INCR", st.k_appended.encode()))
-                entry = encode(Tick(st.symbol), 0)
-                out.append(
-                    pack(b"EVALSHA", APPEND_SHA, b"2", keys.id_clock().encode(), st.k_orders.encode(), entry)
-                )
-        return out
+    def _append(self, st: SymbolState, entry: bytes) -> bytes:
+        """Under the venue clock's ids (shared.stream.APPEND_SCRIPT), as the gateways append."""
+        return pack(b"EVALSHA", APPEND_SHA, b"2", keys.id_clock().encode(), st.k_orders.encode(), entry)
 
     def _process_merged(self, chunk: list[Merged], read_ns: int) -> bytes:
         """Apply merged entries in order, render each symbol's part, and return the one commit."""
@@ -311,23 +300,14 @@ class VenueMatcher(Matcher):
             st.last_id = raw_id
             st.applied += 1
             st.exec_seq = block.rendered.exec_seq
-            block.last_id, block.applied, block.exec_seq = raw_id, st.applied, st.exec_seq
+            block.last_id, block.applied = raw_id, st.applied
 
         keys_: list[bytes] = []
         args: list[bytes] = [b"%d" % len(blocks)]
         for block in blocks:
             st, rendered = block.st, block.rendered
-            md, trade_payload, execs = rendered.payloads(now_ns)
-            book = engine.books[st.symbol]
-            keys_ += [st.b_epoch, st.b_events, st.b_progress, st.b_exec_log]
-            args += [
-                st.epoch, encode_events(block.pairs), st.b_md, md or b"", st.b_trades, trade_payload or b"",
-                st.b_exec, execs or b"", b"%d-0" % block.exec_seq,
-                b"last_id", block.last_id, b"applied", b"%d" % block.applied,
-                b"book_seq", b"%d" % book.book_seq,
-                b"trade_seq", b"%d" % book.trade_seq, b"ts", b"%d" % (now_ns // 1_000_000),
-                keys.PROGRESS_EXEC_SEQ.encode(), b"%d" % block.exec_seq,
-            ]  # fmt: skip
+            keys_ += st.commit_keys
+            args += commit_block(st, block.pairs, rendered, block.last_id, block.applied, now_ns)
             st.m_batch.observe(len(block.pairs))
             st.m_applied.inc(len(block.pairs))
             metrics.PUBLISHED.labels("md").inc(len(rendered.md))
@@ -361,14 +341,14 @@ class VenueMatcher(Matcher):
             or time.monotonic() - self.ckpt_mono >= self.cfg.checkpoint_seconds
         )
         if pending and due:
-            self._ckpt_task = asyncio.create_task(self._write_checkpoint(self._capture_venue()))
+            self._ckpt_task = asyncio.create_task(self._venue_checkpoint(self._capture_venue()))
 
     async def _shutdown_checkpoints(self) -> None:
         if self._ckpt_task is not None:
             await self._ckpt_task
             self._ckpt_task = None
         if self._applied() != self.ckpt_applied:
-            await self._write_checkpoint(self._capture_venue())
+            await self._venue_checkpoint(self._capture_venue())
 
     def _capture_venue(self) -> ck.Checkpoint:
         """The whole engine and every stream's position, now (callers: everything applied is committed)."""
@@ -379,25 +359,6 @@ class VenueMatcher(Matcher):
         snap = {"engine": snapshot(self.engine), "streams": streams}
         return ck.Checkpoint(GROUP, seq_to_entry(position), self.ckpt_applied, snap, time.time_ns())
 
-    async def _write_checkpoint(self, ckpt: ck.Checkpoint) -> None:
-        t0 = time.perf_counter()
-        blob = await asyncio.to_thread(ck.encode, ckpt, self.ckpt_key)
+    async def _venue_checkpoint(self, ckpt: ck.Checkpoint) -> None:
         first = next(iter(self.states.values()))  # one matcher holds every symbol's lease at once
-        self._rt("checkpoint")
-        await self._fenced("checkpoint", [first.k_epoch, self.k_checkpoint], [first.epoch, blob])
-        folder = ck.directory(self.cfg.data_dir, GROUP)
-        try:
-            keep = self.cfg.keep_checkpoints
-            kept = await asyncio.to_thread(_write_and_prune, folder, ckpt.entry_id, blob, keep)
-            oldest = min([seq for seq, _ in kept] + [ckpt.seq])
-        except OSError as exc:
-            log.error("venue: checkpoint file in %s failed: %s; not trimming", folder, exc)
-        else:
-            for st in self.states.values():
-                self._rt("trim")
-                await self.r.xtrim(st.k_orders, minid=seq_to_entry(oldest), approximate=False)
-        elapsed = time.perf_counter() - t0
-        for symbol in self.states:  # the one checkpoint covers every symbol (dashboards, alerts by symbol)
-            metrics.CHECKPOINT_SECONDS.labels(symbol).observe(elapsed)
-            metrics.CHECKPOINT_TIMESTAMP.labels(symbol).set(time.time())
-        log.info("venue: checkpoint at %s (%d bytes, %.3f s)", ckpt.entry_id, len(blob), elapsed)
+        await self._write_checkpoint(ckpt, first, self.k_checkpoint, list(self.states.values()))

@@ -396,10 +396,8 @@ class Client:
         return f"{self._cid_prefix}{self._cid_n}"
 
     async def _order_request(self, msg: Message) -> Message:
-        answer = await self._request(msg)
-        if answer.get("type") == "reject":
-            raise Rejected(answer)
-        if answer.get("type") != "ack" or answer.get("op") != msg["op"]:
+        answer = await self._answer(msg, "ack")
+        if answer.get("op") != msg["op"]:
             raise ProtocolError(f"{msg['op']} answered with {answer}")
         return answer
 
