@@ -41,8 +41,8 @@ def _fresh(pre: list[Step], risk: bool = False) -> Engine:
     snapshot would: deposits on the stream would need seqs before the flow's first)."""
     engine = Engine([Instrument(SYMBOL)], risk=risk)
     if engine.ledger is not None:
-        for account in ACCOUNTS:
-            engine.ledger.accounts[account] = {asset: [RICH, 0] for asset in engine.ledger.scales}
+        rich = {asset: [RICH, 0] for asset in engine.ledger.scales}
+        engine.ledger.set_balances({account: rich for account in ACCOUNTS})
     for cmd, seq in pre:
         engine.apply(cmd, seq, TS0 + seq)
     return engine

@@ -29,9 +29,21 @@ from shared.instruments import FEE_DENOM, MAX_AMOUNT_UNITS, Instrument, asset_sc
 
 FEES_ACCOUNT: Final = "_fees"  # names starting with "_" belong to the venue
 RESERVED_PREFIX: Final = "_"  # the venue's own accounts: no orders, no deposits, no logins (one source)
-_MAX_ACCOUNT = 64
-_MAX_REQUEST_ID = 64
-Balance = list[int]  # [available, held]
+_MAX_ACCOUNT: Final = 64
+_MAX_REQUEST_ID: Final = 64
+
+
+class Balance:
+    """One account's amount of one asset: ``available`` to spend and ``held`` for open orders.
+    ``seen`` is the ledger's command count when it was last recorded as touched, so a command lists
+    each balance it changed once, in first-touch order, without a lookup."""
+
+    __slots__ = ("account", "asset", "available", "held", "seen")
+
+    def __init__(self, account: str, asset: str, available: int = 0, held: int = 0) -> None:
+        self.account, self.asset = account, asset
+        self.available, self.held = available, held
+        self.seen = -1
 
 
 class Market:
@@ -66,29 +78,54 @@ class Market:
 
 
 class Ledger:
-    """Every account's balances. ``touched`` collects, per command, the (account, asset) pairs that
-    changed, in first-touch order: the engine turns them into `balance` events and clears it."""
+    """Every account's balances. ``touched`` lists, per command, the balances that changed, in
+    first-touch order: the engine turns them into `balance` events (``flush``), which starts the next
+    command's list."""
 
-    __slots__ = ("accounts", "fees_due", "granted", "markets", "scales", "touched")
+    __slots__ = ("accounts", "commands", "fees_due", "granted", "markets", "scales", "touched")
 
     def __init__(self, instruments: Iterable[Instrument]) -> None:
         insts = list(instruments)
         self.scales = asset_scales(insts)
         self.markets = {inst.symbol: Market(inst, self.scales) for inst in insts}
         self.accounts: dict[str, dict[str, Balance]] = {}
-        self.touched: dict[tuple[str, str], Balance] = {}
+        self.touched: list[Balance] = []
+        self.commands = 0  # flushes so far: the mark of this command's touched balances
         self.granted: set[str] = set()  # accounts the faucet has funded
         self.fees_due: dict[str, int] = {}  # quote asset -> fees of this command's fills, not credited yet
+
+    def balances(self) -> dict[str, dict[str, list[int]]]:
+        """Every pair ever touched, as [available, held] (a snapshot's form)."""
+        return {
+            account: {asset: [bal.available, bal.held] for asset, bal in assets.items()}
+            for account, assets in self.accounts.items()
+        }
+
+    def set_balances(self, balances: dict[str, dict[str, list[int]]]) -> None:
+        """Replace every balance (a snapshot's restore); nothing is recorded as touched."""
+        self.accounts = {
+            account: {asset: Balance(account, asset, bal[0], bal[1]) for asset, bal in assets.items()}
+            for account, assets in balances.items()
+        }
+        self.touched.clear()
+        self.fees_due.clear()
 
     def available(self, account: str, asset: str) -> int:
         """Read only: an account that never had funds has none (and gets no record)."""
         bal = self.accounts.get(account, {}).get(asset)
-        return 0 if bal is None else bal[0]
+        return 0 if bal is None else bal.available
 
     def _get(self, account: str, asset: str) -> Balance:
         """The pair's balance (created at zero), recorded as touched by this command."""
-        assets = self._account(account)
-        bal = self.touched[account, asset] = assets.get(asset) or self._new(assets, asset)
+        assets = self.accounts.get(account)
+        if assets is None:
+            assets = self.accounts[account] = {}
+        bal = assets.get(asset)
+        if bal is None:
+            bal = assets[asset] = Balance(account, asset)
+        if bal.seen != self.commands:
+            bal.seen = self.commands
+            self.touched.append(bal)
         return bal
 
     def hold(self, account: str, asset: str, amount: int) -> bool:
@@ -97,18 +134,20 @@ class Ledger:
             return True
         acct = self.accounts.get(account)
         bal = acct.get(asset) if acct is not None else None
-        if bal is None or bal[0] < amount:
+        if bal is None or bal.available < amount:
             return False
-        bal[0] -= amount
-        bal[1] += amount
-        self.touched[account, asset] = bal
+        bal.available -= amount
+        bal.held += amount
+        if bal.seen != self.commands:
+            bal.seen = self.commands
+            self.touched.append(bal)
         return True
 
     def release(self, account: str, asset: str, amount: int) -> None:
         if amount:
             bal = self._get(account, asset)
-            bal[1] -= amount
-            bal[0] += amount
+            bal.held -= amount
+            bal.available += amount
 
     def trade(
         self,
@@ -129,41 +168,21 @@ class Ledger:
             buyer, seller, buyer_fee, seller_fee, limit = taker, maker, taker_fee, maker_fee, taker_price
         else:
             buyer, seller, buyer_fee, seller_fee, limit = maker, taker, maker_fee, taker_fee, price
-        qf, base_units, quote, base, touched = m.qf, fill * m.bf, m.quote, m.base, self.touched
+        qf, base_units = m.qf, fill * m.bf
         pay = (notional + buyer_fee) * qf
-        assets = self._account(buyer)
-        bal = assets.get(quote) or self._new(assets, quote)
+        bal = self._get(buyer, m.quote)
         if limit is not None:
             freed = limit * fill * m.buy_rate
-            bal[1] -= freed
-            bal[0] += freed - pay
+            bal.held -= freed
+            bal.available += freed - pay
         else:
-            bal[0] -= pay
-        touched[buyer, quote] = bal
-        bal = assets.get(base) or self._new(assets, base)
-        bal[0] += base_units
-        touched[buyer, base] = bal
-        assets = self._account(seller)
-        bal = assets.get(base) or self._new(assets, base)
-        bal[1] -= base_units
-        touched[seller, base] = bal
-        bal = assets.get(quote) or self._new(assets, quote)
-        bal[0] += (notional - seller_fee) * qf
-        touched[seller, quote] = bal
+            bal.available -= pay
+        self._get(buyer, m.base).available += base_units
+        self._get(seller, m.base).held -= base_units
+        self._get(seller, m.quote).available += (notional - seller_fee) * qf
         # The venue's fees are credited once per command (flush): one balance for every fill.
         fees = self.fees_due
-        fees[quote] = fees.get(quote, 0) + (maker_fee + taker_fee) * qf
-
-    def _account(self, account: str) -> dict[str, Balance]:
-        assets = self.accounts.get(account)
-        if assets is None:
-            assets = self.accounts[account] = {}
-        return assets
-
-    @staticmethod
-    def _new(assets: dict[str, Balance], asset: str) -> Balance:
-        bal = assets[asset] = [0, 0]
-        return bal
+        fees[m.quote] = fees.get(m.quote, 0) + (maker_fee + taker_fee) * qf
 
     # Funding ----------------------------------------------------------------------------------
     def fund(self, op: str, account: Any, asset: Any, amount: Any, request_id: Any) -> Event:
@@ -182,9 +201,9 @@ class Ledger:
         if op == "withdraw":
             if self.available(account, asset) < amount:
                 return _refused(op, account, request_id, codes.INSUFFICIENT_FUNDS)
-            self._get(account, asset)[0] -= amount
+            self._get(account, asset).available -= amount
         else:
-            self._get(account, asset)[0] += amount
+            self._get(account, asset).available += amount
         return (FUNDED, None, op, account, asset, amount, request_id)
 
     def _amount_code(self, asset: Any, amount: Any) -> str | None:
@@ -216,21 +235,19 @@ class Ledger:
         self.granted.add(account)
         out: list[Event] = []
         for asset, amount in pairs:
-            self._get(account, asset)[0] += amount
+            self._get(account, asset).available += amount
             out.append((FUNDED, None, "faucet", account, asset, amount, None))
         return out
 
     def flush(self, symbol: str | None, out: list[Event]) -> None:
-        """Credit the command's fees, append its `balance` events and start the next command's record."""
+        """Credit the command's fees, append its `balance` events and start the next command's list."""
         if self.fees_due:
             for asset, amount in self.fees_due.items():
-                self._get(FEES_ACCOUNT, asset)[0] += amount
+                self._get(FEES_ACCOUNT, asset).available += amount
             self.fees_due.clear()
-        out += [
-            (BALANCE, symbol, account, asset, bal[0], bal[1])
-            for (account, asset), bal in self.touched.items()
-        ]
+        out += [(BALANCE, symbol, bal.account, bal.asset, bal.available, bal.held) for bal in self.touched]
         self.touched.clear()
+        self.commands += 1
 
 
 def _pow10(places: int) -> int:

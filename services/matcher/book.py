@@ -36,9 +36,26 @@ from typing import Any, Final
 from services.matcher.commands import BUY
 from shared.instruments import Instrument
 
-O_ID, O_ACCOUNT, O_CID, O_SIDE, O_PRICE, O_QTY, O_LEAVES = range(7)
+# The slots of an order and of a stop, as Final literals: the compiled build indexes with constants
+# (a name bound by unpacking would be looked up in the module's dict at every use).
+O_ID: Final = 0
+O_ACCOUNT: Final = 1
+O_CID: Final = 2
+O_SIDE: Final = 3
+O_PRICE: Final = 4
+O_QTY: Final = 5
+O_LEAVES: Final = 6
 Order = list[Any]  # see O_* for the slots
-S_ID, S_ACCOUNT, S_CID, S_SIDE, S_TYPE, S_TIF, S_PRICE, S_QTY, S_STOP, S_STP = range(10)
+S_ID: Final = 0
+S_ACCOUNT: Final = 1
+S_CID: Final = 2
+S_SIDE: Final = 3
+S_TYPE: Final = 4
+S_TIF: Final = 5
+S_PRICE: Final = 6
+S_QTY: Final = 7
+S_STOP: Final = 8
+S_STP: Final = 9
 Stop = list[Any]  # an untriggered stop order; see S_* for the slots
 
 MAX_KEY: Final = 1 << 62  # beyond any price key: the limit of a market order

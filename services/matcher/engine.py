@@ -87,14 +87,14 @@ from shared.instruments import FEE_DENOM, Instrument
 # when a name, a field or an event shape changes incompatibly; the minor one when something is added.
 CORE_API_VERSION: Final = "1.2"
 
-_MAX_CID = 36
-_MAX_ACCOUNT = 64
-_INT64 = 1 << 63
-_NO_CIDS: dict[str, Order] = {}
+_MAX_CID: Final = 36
+_MAX_ACCOUNT: Final = 64
+_INT64: Final = 1 << 63
+_NO_CIDS: Final[dict[str, Order]] = {}
 _STOP_TYPES: Final = (STOP_LIMIT, STOP_MARKET)
 _NEVER: Final = 1 << 62  # later than any expire_time
 # Per order type: the tifs it takes.
-_TIFS: dict[str, tuple[str, ...]] = {
+_TIFS: Final[dict[str, tuple[str, ...]]] = {
     LIMIT: (GTC, IOC, FOK, GTD),
     MARKET: (IOC, FOK),
     STOP_LIMIT: (GTC, IOC, FOK),
@@ -102,7 +102,7 @@ _TIFS: dict[str, tuple[str, ...]] = {
 }
 
 # Every valid (side, type, tif, stp) of a new order -> (is it a buy, is it a limit order).
-_SHAPES: dict[tuple[str, str, str, str], tuple[bool, bool]] = {
+_SHAPES: Final[dict[tuple[str, str, str, str], tuple[bool, bool]]] = {
     (side, otype, tif, stp): (side == BUY, otype == LIMIT)
     for side in (BUY, SELL)
     for otype, tifs in ((LIMIT, (GTC, IOC, FOK)), (MARKET, (IOC, FOK)))

@@ -35,10 +35,7 @@ def _dump_side(side: BookSide) -> list[Any]:
 def snapshot(engine: Engine) -> dict[str, Any]:
     snap = _books(engine)
     if engine.ledger is not None:
-        snap["balances"] = {
-            account: {asset: list(bal) for asset, bal in assets.items()}
-            for account, assets in engine.ledger.accounts.items()
-        }
+        snap["balances"] = engine.ledger.balances()
         snap["granted"] = sorted(engine.ledger.granted)
     return snap
 
@@ -135,9 +132,8 @@ def _restore_balances(engine: Engine, snap: dict[str, Any]) -> None:
     granted = snap.get("granted", [])
     if not all(type(a) is str for a in granted):
         raise ValueError("snapshot has an impossible faucet record")
-    ledger.accounts = accounts
+    ledger.set_balances(accounts)
     ledger.granted = set(granted)
-    ledger.touched.clear()
 
 
 def _restore_extras(book: OrderBook, data: dict[str, Any], last_seq: int) -> None:

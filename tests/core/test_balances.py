@@ -64,7 +64,7 @@ class Venue:
     def bal(self, account: str, asset: str) -> tuple[int, int]:
         """(available, held); a pair never touched is (0, 0)."""
         assert self.engine.ledger is not None
-        got = self.engine.ledger.accounts.get(account, {}).get(asset, [0, 0])
+        got = self.engine.ledger.balances().get(account, {}).get(asset, [0, 0])
         return got[0], got[1]
 
     def fund(self, account: str, **amounts: int) -> None:
@@ -524,7 +524,7 @@ def test_an_order_without_funds_is_rejected_after_the_other_checks() -> None:
     assert rejected(v(limit("a", BUY, 0, 10))) == codes.INVALID_PRICE
     assert rejected(v(limit("a", BUY, P, 10))) == codes.INSUFFICIENT_FUNDS
     assert rejected(v(limit("a", SELL, P, 10))) == codes.INSUFFICIENT_FUNDS
-    assert v.bal("a", "USDT") == (0, 0) and "a" not in v.engine.ledger.accounts  # type: ignore[union-attr]
+    assert v.bal("a", "USDT") == (0, 0) and "a" not in v.engine.ledger.balances()  # type: ignore[union-attr]
 
 
 # Mass cancel --------------------------------------------------------------------------------------
