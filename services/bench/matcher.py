@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -39,9 +40,10 @@ from typing import Any
 import hiredis
 import orjson
 
-from services.bench.flow import SYMBOL, FlowConfig, Step, generate
-from services.matcher.commands import Cancel
-from services.matcher.service import Config, Entry, Matcher, SymbolState
+from services.bench.flow import ACCOUNTS, SYMBOL, FlowConfig, Step, generate
+from services.matcher.commands import Cancel, Command, Deposit
+from services.matcher.service import Config, Entry, Matcher
+from services.matcher.venue import VenueMatcher
 from shared import keys
 from shared.ids import SEQ_BITS
 from shared.instruments import Instrument
@@ -55,6 +57,7 @@ T0_MS = 1_700_000_000_000
 SAMPLE_SECONDS = 0.001  # SIGPROF interval (process CPU time)
 POLL_SECONDS = 0.001  # the subscriber's progress poll
 TARGET_PER_S = 150_000
+RICH_UNITS = 10**27  # each account's deposit of each asset with --risk on (below MAX_AMOUNT_UNITS)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # The sampler's categories: the innermost frame of the matcher's stack that matches decides.
@@ -62,6 +65,7 @@ _CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("decode", ("shared/stream.py", "matcher/commands.py", "shared/ids.py")),
     ("core", ("matcher/engine.py", "matcher/book.py", "matcher/batch.py", "matcher/events.py")),
     ("render", ("shared/wire.py",)),
+    ("read model", ("matcher/readmodel.py",)),
     ("metrics", ("shared/metrics.py", "prometheus_client/")),
     ("checkpoint", ("matcher/checkpoint.py", "matcher/snapshot.py")),
     ("redis client", ("shared/resp.py", "redis/", "asyncio/")),
@@ -112,23 +116,40 @@ def _roundtrip(sock: socket.socket, payload: bytes, n: int) -> list[Any]:
     return replies
 
 
-def preload(host: str, port: int, steps: list[Step], quiet: bool) -> None:
-    """XADD every step to the orders stream, with the gateway's entry encoding and appended counter."""
+def funding(instrument: Instrument) -> list[Command]:
+    """With balances on, every account of the flow first deposits far more of each asset than the flow
+    trades, so the matcher does the same matching as with balances off, plus the ledger's work."""
+    return [
+        Deposit(account, asset, RICH_UNITS)
+        for account in ACCOUNTS
+        for asset in (instrument.base_asset, instrument.quote_asset)
+    ]
+
+
+def preload(host: str, port: int, steps: list[Step], quiet: bool, first: Sequence[Command] = ()) -> None:
+    """XADD `first` and then every step to the orders stream, with the gateway's entry encoding and
+    appended counter; the flow's seqs (and the order ids its cancels name) move up by len(first)."""
     key = keys.orders(SYMBOL).encode()
     recv_ns = time.time_ns()
+    shift = len(first)
     with socket.create_connection((host, port)) as sock:
+        if first:
+            parts = [
+                pack(b"XADD", key, entry_id(i), FIELD, encode(cmd, recv_ns)) for i, cmd in enumerate(first, 1)
+            ]
+            _roundtrip(sock, b"".join(parts), len(parts))
         for start in range(0, len(steps), PRELOAD_CHUNK):
             parts = []
             for cmd, seq in steps[start : start + PRELOAD_CHUNK]:
                 if type(cmd) is Cancel and cmd.order_id is not None:
-                    cmd = cmd._replace(order_id=matcher_seq(cmd.order_id))
-                parts.append(pack(b"XADD", key, entry_id(seq), FIELD, encode(cmd, recv_ns)))
+                    cmd = cmd._replace(order_id=matcher_seq(cmd.order_id + shift))
+                parts.append(pack(b"XADD", key, entry_id(seq + shift), FIELD, encode(cmd, recv_ns)))
             for reply in _roundtrip(sock, b"".join(parts), len(parts)):
                 if isinstance(reply, hiredis.ReplyError):
                     raise RuntimeError(f"preload XADD refused: {reply}")
             done = min(len(steps), start + PRELOAD_CHUNK)
             _say(quiet, f"\r  preloading the orders stream: {done * 100 // len(steps):3d}%", end="")
-        _roundtrip(sock, pack(b"SET", keys.appended(SYMBOL).encode(), b"%d" % len(steps)), 1)
+        _roundtrip(sock, pack(b"SET", keys.appended(SYMBOL).encode(), b"%d" % (shift + len(steps))), 1)
     _say(quiet, "")
 
 
@@ -230,11 +251,11 @@ class Sampler:
 
 
 class BenchMatcher(Matcher):
-    """The service unchanged, with each batch's size, thread CPU and commit round trip recorded.
+    """The service unchanged, with each read's size, thread CPU and commit round trip recorded.
 
-    A batch's commit goes out in the round trip after its _process returns, and the next batch is read
-    in that same round trip: from one _process's end to the next one's read time is one commit round
-    trip (plus the loop's few bookkeeping steps between them)."""
+    A read's commits go out in the round trip after _apply_read returns, and the next read is in that
+    same round trip: from one _apply_read's end to the next one's read time is one commit round trip
+    (plus the loop's few bookkeeping steps between them)."""
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
@@ -243,21 +264,25 @@ class BenchMatcher(Matcher):
         self.process_cpu_ns = 0
         self._ended_ns = 0
 
-    def _process(self, st: SymbolState, entries: list[Entry], read_ns: int) -> bytes:
+    def _apply_read(self, streams: list[tuple[bytes, list[Entry]]], read_ns: int) -> list[bytes]:
         if self._ended_ns:
             self.roundtrip_ms.append((read_ns - self._ended_ns) / 1e6)
         t0 = time.thread_time_ns()
-        commit = super()._process(st, entries, read_ns)
+        commits = super()._apply_read(streams, read_ns)
         self.process_cpu_ns += time.thread_time_ns() - t0
-        self.batch_sizes.append(len(entries))
+        self.batch_sizes.append(sum(len(entries) for _, entries in streams))
         self._ended_ns = time.time_ns()
-        return commit
+        return commits
+
+
+class BenchVenue(BenchMatcher, VenueMatcher):
+    """The same records around the venue matcher (balances on: one engine, merged reads)."""
 
 
 async def _run_matcher(
     cfg: Config, sub: asyncio.subprocess.Process, redis_pid: int, total: int, quiet: bool
 ) -> dict[str, Any]:
-    matcher = BenchMatcher(cfg)
+    matcher = BenchVenue(cfg) if cfg.risk else BenchMatcher(cfg)
     sampler = Sampler()
     task = asyncio.create_task(matcher.run())
     await matcher.ready.wait()
@@ -342,34 +367,40 @@ def run_from_args(args: argparse.Namespace) -> int:
     commands: int = args.commands or 1_000_000
     if commands >= PER_MS << SEQ_BITS:
         raise SystemExit(f"at most {(PER_MS << SEQ_BITS) - 1:,} commands")
-    _say(quiet, f"cme bench matcher: {commands:,} commands, seed {args.seed}, batch {args.batch}")
+    risk = getattr(args, "risk", None) == "on"
+    mode = "balances on (venue matcher)" if risk else "balances off"
+    _say(quiet, f"cme bench matcher: {commands:,} commands, seed {args.seed}, batch {args.batch}, {mode}")
     _, steps = generate(FlowConfig(commands, args.seed), progress=not quiet)
+    first = funding(Instrument(SYMBOL)) if risk else []
+    total = len(first) + commands
     tmp = Path(tempfile.mkdtemp(prefix="cme-bench-matcher-"))
     redis = RedisServer(tmp / "redis")
     try:
         redis.start()
         assert redis.proc is not None
-        preload(redis.host, redis.port, steps, quiet)
+        preload(redis.host, redis.port, steps, quiet, first)
         del steps
         gc.collect()
         gc.freeze()
         cfg = Config(
             redis_url=redis.url, instruments=(Instrument(SYMBOL),), data_dir=tmp / "matcher",
-            batch=max(1, args.batch), instance="bench-matcher",
+            batch=max(1, args.batch), instance="bench-matcher", risk=risk,
         )  # fmt: skip
         cfg.data_dir.mkdir()
-        result = asyncio.run(_measure(cfg, redis, redis.proc.pid, commands, quiet))
+        result = asyncio.run(_measure(cfg, redis, redis.proc.pid, total, quiet))
     except (RuntimeError, OSError) as exc:
         print(f"cme bench matcher: {exc}", file=sys.stderr)
         return 2
     finally:
         redis.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    report = summarize(result, commands, args)
+    report = summarize(result, total, args)
+    report["balances"] = risk
+    report["funding_entries"] = len(first)
     print_table(report)
     if args.json:
         Path(args.json).write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
-    return 0 if report["applied"] == commands else 1
+    return 0 if report["applied"] == total else 1
 
 
 def summarize(result: dict[str, Any], commands: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -423,7 +454,9 @@ def summarize(result: dict[str, Any], commands: int, args: argparse.Namespace) -
 def print_table(r: dict[str, Any]) -> None:
     met = "MET" if r["target_met"] else "NOT MET"
     print(
-        f"cme bench matcher  (one symbol, CPython {r['python']}, {r['cpus']} CPUs, load {r['load_average']})"
+        f"cme bench matcher  (one symbol, balances {'on' if r.get('balances') else 'off'},"
+        f" CPython {r['python']},"
+        f" {r['cpus']} CPUs, load {r['load_average']})"
     )
     print(
         f"{r['commands']:,} commands in {r['seconds']:.2f} s: {r['commands_per_s']:,} commands/s"

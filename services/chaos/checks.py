@@ -27,6 +27,7 @@ import redis
 from services.chaos.flow import Trader
 from services.matcher.engine import Engine
 from services.matcher.events import TRADE, Event
+from services.matcher.service import durable_events
 from shared import keys
 from shared.ids import SEQ_BITS, entry_to_seq
 from shared.instruments import Instrument
@@ -204,14 +205,14 @@ def check_acked(traders: Iterable[Trader], tapped: dict[str, set[str]], found: A
 
 
 def check_events(r: redis.Redis, symbol: str, rep: Replay, found: Anomalies) -> None:
-    """The matcher's events stream holds each command's events once, equal to the replay's, and the
-    replay's trade ids run 1..N."""
+    """The matcher's events stream holds each command's events once (but its balance events, see
+    durable_events), equal to the replay's, and the replay's trade ids run 1..N."""
     entries = cast(list[tuple[bytes, dict[bytes, bytes]]], r.xrange(keys.events(symbol)))
     got = [pair for _, fields in entries for pair in decode_events(fields[b"d"])]
     twice = sorted(i for i, n in Counter(p[0] for p in got).items() if n > 1)
     if twice:
         found.add("command committed twice", f"{symbol}: {len(twice)} entries, first {twice[:5]}")
-    want = decode_events(encode_events([[i, events] for i, events in rep.events]))
+    want = decode_events(encode_events([[i, durable_events(events)] for i, events in rep.events]))
     if got != want:
         first = next((k for k, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), None)
         where = min(len(got), len(want)) if first is None else first

@@ -50,7 +50,7 @@ from services.matcher import readmodel
 from services.matcher.batch import Item, apply_batch
 from services.matcher.commands import Tick
 from services.matcher.engine import Engine
-from services.matcher.events import TRADE
+from services.matcher.events import BALANCE, TRADE, Event
 from services.matcher.lease import RENEW, Fenced, LeaseLost, Leases
 from services.matcher.snapshot import snapshot
 from shared import aio, keys, logs, metrics
@@ -174,6 +174,14 @@ class SymbolState:
         payload = frame([line], now_ns)
         assert payload is not None  # one line always makes a payload
         return payload
+
+
+def durable_events(events: list[Event]) -> list[Event]:
+    """What the events stream keeps of a command's events: all but the `balance` ones. Those follow
+    from the commands (a replay makes them again), reach their owners as exec lines (the exec log keeps
+    them) and the balances read model; encoding their wide integers cost the matcher more than every
+    other event of the command together (stdlib JSON, since orjson refuses beyond 64 bits)."""
+    return [e for e in events if e[0] != BALANCE]
 
 
 def commit_block(

@@ -46,6 +46,7 @@ from services.matcher.service import (
     SymbolState,
     _entry_seq,
     commit_block,
+    durable_events,
 )
 from services.matcher.snapshot import restore, snapshot
 from shared import keys, metrics
@@ -116,6 +117,8 @@ class _Block:
 
 def _crosses_symbols(rows: list[tuple[SymbolState, bytes, int, int]], results: list[list[Event]]) -> bool:
     """Did one (account, asset) balance change on two symbols among these rows?"""
+    if len({row[0] for row in rows}) < 2:
+        return False
     seen: dict[tuple[str, str], SymbolState] = {}
     for st, _, index, _ in rows:
         if index >= 0:
@@ -239,6 +242,8 @@ class VenueMatcher(Matcher):
                     break
                 run.append((prev, order, st, entry))
             runs.append(run)
+        if len(runs) == 1:
+            return runs[0]
         return list(heapq.merge(*runs, key=lambda m: (m[0], m[1])))
 
     # Live -------------------------------------------------------------------------------------
@@ -281,7 +286,7 @@ class VenueMatcher(Matcher):
         split = _crosses_symbols(rows, results)
         blocks: list[_Block] = []
         by_state: dict[SymbolState, _Block] = {}
-        balances: dict[str, dict[str, bytes]] = {}
+        balances: dict[str, dict[str, tuple[int, int]]] = {}  # the chunk's last state of each
         records = readmodel.Records()
         for st, raw_id, index, recv_ns in rows:
             block = (blocks[-1] if blocks and blocks[-1].st is st else None) if split else by_state.get(st)
@@ -289,14 +294,14 @@ class VenueMatcher(Matcher):
                 block = by_state[st] = _Block(st)
                 blocks.append(block)
             events: list[Event] = results[index] if index >= 0 else []
-            block.pairs.append([raw_id.decode(), events])
+            block.pairs.append([raw_id.decode(), durable_events(events)])
             if index >= 0:
                 ts = items[index][2]
                 render(events, st.inst, ts, block.rendered, recv_ns, now_ns, self.scales)
                 records.add(events, st.inst, ts)
                 for e in events:
                     if e[0] == BALANCE:
-                        balances.setdefault(e[2], {})[e[3]] = b"%d %d" % (e[4], e[5])
+                        balances.setdefault(e[2], {})[e[3]] = (e[4], e[5])
             st.last_id = raw_id
             st.applied += 1
             st.exec_seq = block.rendered.exec_seq
@@ -317,7 +322,7 @@ class VenueMatcher(Matcher):
                 st.m_trades.inc(len(rendered.trades))
         for account, assets in balances.items():
             keys_.append(keys.balances(account).encode())
-            flat = [v for asset, value in assets.items() for v in (asset.encode(), value)]
+            flat = [v for asset, (a, h) in assets.items() for v in (asset.encode(), b"%d %d" % (a, h))]
             args += [b"%d" % len(flat), *flat]
         args += records.records()
         first = blocks[0].st

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import orjson
 
-from services.bench.flow import FlowConfig, FlowGenerator
-from services.bench.matcher import entry_id, matcher_seq
+from services.bench.flow import SYMBOL, FlowConfig, FlowGenerator
+from services.bench.matcher import entry_id, funding, matcher_seq
 from services.cli import main
 from shared.ids import entry_to_seq
+from shared.instruments import Instrument
 
 
 def test_entry_ids_map_to_the_seqs_cancels_name() -> None:
@@ -34,6 +35,22 @@ def test_bench_matcher_commits_the_whole_flow_with_the_cores_outcome(tmp_path: P
     cpu = report["cpu_us_per_command"]
     assert cpu["matcher"] > 0 and cpu["redis"] >= 0
     assert {"decode", "core", "render", "redis client"} <= set(cpu["matcher_split"])
+
+
+def test_bench_matcher_with_balances_runs_the_venue_matcher_to_the_same_trades(tmp_path: Path) -> None:
+    """--risk on: funded accounts first, then the same flow through the venue matcher; the deposits
+    are so large that no order is refused, so the trades are the flow's own."""
+    out = tmp_path / "bench.json"
+    argv = ["bench", "matcher", "-n", "2000", "--batch", "500", "--risk", "on", "--quiet", "--json", str(out)]
+    assert main(argv) == 0
+    report = orjson.loads(out.read_bytes())
+    flow = FlowGenerator(FlowConfig(2000, 42))
+    for _ in flow.flow():
+        pass
+    assert report["balances"] is True and report["funding_entries"] == len(funding(Instrument(SYMBOL)))
+    assert report["applied"] == 2000 + report["funding_entries"]
+    assert report["trades"] == flow.book.trade_seq > 0
+    assert "read model" in report["cpu_us_per_command"]["matcher_split"]
 
 
 def test_the_sampler_disarms_its_timer() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from decimal import Decimal
+from decimal import Context, Decimal
 from typing import Any
 
 import pytest
@@ -15,11 +15,13 @@ from shared.instruments import (
     JsonNumber,
     OffGrid,
     default_instruments,
+    fmt_trimmed,
     load_instruments,
     plain_units,
     scale_of,
     to_decimal,
     to_units,
+    units_to_amount,
     units_to_str,
 )
 
@@ -470,3 +472,19 @@ def test_to_units_directly() -> None:
         to_units("1.25", Decimal("0.5"), Decimal("10"))
     with pytest.raises(OffGrid):
         to_units("10.5", Decimal("0.5"), Decimal("10"))
+
+
+@given(st.integers(min_value=-(10**32), max_value=10**32), st.sampled_from([0, 1, 2, 5, 8, 15, 18]))
+def test_units_to_amount_is_the_trimmed_decimal(units: int, places: int) -> None:
+    """The fast digits-and-slices rendering of balances agrees with fmt_trimmed and reads back exact."""
+    text = units_to_amount(units, places)
+    assert text == fmt_trimmed(units, places, 0)
+    assert Decimal(text).scaleb(places, Context(prec=100)) == units
+    assert not ("." in text and text.endswith(("0", ".")))
+
+
+def test_units_to_amount_edges() -> None:
+    assert [units_to_amount(u, 15) for u in (0, 1, 10**15, 10**15 + 1, 5 * 10**14)] == [
+        "0", "0.000000000000001", "1", "1.000000000000001", "0.5",
+    ]  # fmt: skip
+    assert units_to_amount(-25, 1) == "-2.5" and units_to_amount(1200, 0) == "1200"
