@@ -15,11 +15,11 @@ import resource
 import sys
 import time
 import tracemalloc
-from typing import Any, Final
+from typing import Any
 
 import orjson
 
-from services.bench.flow import ACCOUNTS, ORDER_TYPES, SYMBOL, FlowConfig, Step, generate
+from services.bench.flow import ACCOUNTS, ORDER_TYPES, SYMBOL, FlowConfig, Step, funding_units, generate
 from services.matcher.commands import BUY, GTC, LIMIT, SELL, NewOrder
 from services.matcher.engine import Engine
 from shared.instruments import Instrument
@@ -32,16 +32,13 @@ def _progress(label: str, done: int, total: int, quiet: bool) -> None:
         print(f"\r  {label}: {done * 100 // max(total, 1):3d}%", end="", file=sys.stderr, flush=True)
 
 
-RICH: Final = 10**30  # asset units every account starts with when balances are on: no order is refused
-
-
 def _fresh(pre: list[Step], risk: bool = False) -> Engine:
     """An engine with the preload applied. With balances on, every account of the flow starts funded
     far beyond what it trades, so the flow's outcomes are the same with and without (set directly, as a
     snapshot would: deposits on the stream would need seqs before the flow's first)."""
     engine = Engine([Instrument(SYMBOL)], risk=risk)
     if engine.ledger is not None:
-        rich = {asset: [RICH, 0] for asset in engine.ledger.scales}
+        rich = {asset: [units, 0] for asset, units in funding_units(engine.ledger.scales).items()}
         engine.ledger.set_balances({account: rich for account in ACCOUNTS})
     for cmd, seq in pre:
         engine.apply(cmd, seq, TS0 + seq)

@@ -21,6 +21,7 @@ import random
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Final
 
 from services.matcher.book import BookSide
 from services.matcher.commands import (
@@ -44,6 +45,15 @@ from shared.instruments import Instrument
 SYMBOL = "BTC-USDT"
 START_MID = 3_000_000  # 30000.00 in ticks of 0.01
 ACCOUNTS = tuple(f"acct{i:03d}" for i in range(50))
+FUNDED_WHOLE_UNITS: Final = 10**7  # each account's balance of each asset when balances are on
+
+
+def funding_units(scales: dict[str, int]) -> dict[str, int]:
+    """With balances on, each account of the flow starts with ten million of each asset, in asset units
+    (shared.instruments.asset_scales): far beyond what the flow trades, so no order is refused and the
+    outcome is the one without balances, at the magnitudes a real venue holds (BTC in machine-size
+    integers, USDT with its 15 places beyond 64 bits)."""
+    return {asset: FUNDED_WHOLE_UNITS * 10**places for asset, places in scales.items()}
 
 
 @dataclass(frozen=True)

@@ -40,13 +40,13 @@ from typing import Any
 import hiredis
 import orjson
 
-from services.bench.flow import ACCOUNTS, SYMBOL, FlowConfig, Step, generate
+from services.bench.flow import ACCOUNTS, SYMBOL, FlowConfig, Step, funding_units, generate
 from services.matcher.commands import Cancel, Command, Deposit
 from services.matcher.service import Config, Entry, Matcher
 from services.matcher.venue import VenueMatcher
 from shared import keys
 from shared.ids import SEQ_BITS
-from shared.instruments import Instrument
+from shared.instruments import Instrument, asset_scales
 from shared.redis_server import RedisServer
 from shared.resp import pack
 from shared.stream import FIELD, encode
@@ -57,7 +57,6 @@ T0_MS = 1_700_000_000_000
 SAMPLE_SECONDS = 0.001  # SIGPROF interval (process CPU time)
 POLL_SECONDS = 0.001  # the subscriber's progress poll
 TARGET_PER_S = 150_000
-RICH_UNITS = 10**27  # each account's deposit of each asset with --risk on (below MAX_AMOUNT_UNITS)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # The sampler's categories: the innermost frame of the matcher's stack that matches decides.
@@ -119,11 +118,8 @@ def _roundtrip(sock: socket.socket, payload: bytes, n: int) -> list[Any]:
 def funding(instrument: Instrument) -> list[Command]:
     """With balances on, every account of the flow first deposits far more of each asset than the flow
     trades, so the matcher does the same matching as with balances off, plus the ledger's work."""
-    return [
-        Deposit(account, asset, RICH_UNITS)
-        for account in ACCOUNTS
-        for asset in (instrument.base_asset, instrument.quote_asset)
-    ]
+    units = funding_units(asset_scales([instrument]))
+    return [Deposit(account, asset, units[asset]) for account in ACCOUNTS for asset in units]
 
 
 def preload(host: str, port: int, steps: list[Step], quiet: bool, first: Sequence[Command] = ()) -> None:

@@ -50,7 +50,18 @@ class Market:
     """One instrument as the ledger sees it: its two assets and the factors from ticks and lots to
     asset units."""
 
-    __slots__ = ("base", "bf", "buy_rate", "notional", "qf", "quote", "taker_cost")
+    __slots__ = (
+        "base",
+        "bf",
+        "buy_rate",
+        "fees_due",
+        "maker_q",
+        "notional",
+        "qf",
+        "quote",
+        "taker_cost",
+        "taker_q",
+    )
 
     def __init__(self, inst: Instrument, scales: dict[str, int]) -> None:
         if inst.maker_rate < 0 or inst.taker_rate < 0:
@@ -62,9 +73,11 @@ class Market:
         self.bf = qm * _pow10(scales[self.base] - qk)  # base units per lot
         self.qf = pm * qm * _pow10(scales[self.quote] - pk - qk - fee_places)  # quote units per fee unit
         self.notional = FEE_DENOM * self.qf  # quote units per tick x lot
+        self.maker_q, self.taker_q = inst.maker_rate * self.qf, inst.taker_rate * self.qf  # fees, the same
         # A resting buy may fill as maker or taker: it holds at the higher rate of the two.
         self.buy_rate = (FEE_DENOM + max(inst.maker_rate, inst.taker_rate)) * self.qf
         self.taker_cost = (FEE_DENOM + inst.taker_rate) * self.qf  # a market buy's cost per tick x lot
+        self.fees_due = 0  # the current command's fees on this market, in quote units (Ledger.flush)
 
     def hold_for(self, side: str, price: int | None, lots: int) -> int:
         """What an open order of `lots` needs held: in quote for a priced buy, in base for a sell,
@@ -92,7 +105,7 @@ class Ledger:
         self.touched: list[Balance] = []
         self.commands = 0  # flushes so far: the mark of this command's touched balances
         self.granted: set[str] = set()  # accounts the faucet has funded
-        self.fees_due: dict[str, int] = {}  # quote asset -> fees of this command's fills, not credited yet
+        self.fees_due: list[Market] = []  # the markets whose fills' fees this command has not credited
 
     def balances(self) -> dict[str, dict[str, list[int]]]:
         """Every pair ever touched, as [available, held] (a snapshot's form)."""
@@ -108,6 +121,8 @@ class Ledger:
             for account, assets in balances.items()
         }
         self.touched.clear()
+        for m in self.fees_due:
+            m.fees_due = 0
         self.fees_due.clear()
 
     def available(self, account: str, asset: str) -> int:
@@ -117,9 +132,16 @@ class Ledger:
 
     def _get(self, account: str, asset: str) -> Balance:
         """The pair's balance (created at zero), recorded as touched by this command."""
+        return self._touch(self._wallet(account), account, asset)
+
+    def _wallet(self, account: str) -> dict[str, Balance]:
         assets = self.accounts.get(account)
         if assets is None:
             assets = self.accounts[account] = {}
+        return assets
+
+    def _touch(self, assets: dict[str, Balance], account: str, asset: str) -> Balance:
+        """_get with the account's wallet already at hand (a fill touches two assets of each side)."""
         bal = assets.get(asset)
         if bal is None:
             bal = assets[asset] = Balance(account, asset)
@@ -158,31 +180,34 @@ class Ledger:
         maker: str,
         taker: str,
         taker_price: int | None,
-        maker_fee: int,
-        taker_fee: int,
     ) -> None:
-        """Settle one fill (fees in fee units). The buyer's limit is its own price as taker (None:
-        a market order, which holds nothing) or the trade price as maker."""
-        notional = price * fill * FEE_DENOM
+        """Settle one fill. The buyer's limit is its own price as taker (None: a market order, which
+        holds nothing) or the trade price as maker. Every amount is price x fill times a per-market
+        factor in quote units: the same integers as the fee units x qf, by products of small factors
+        (the compiled build multiplies those natively, not as Python ints)."""
+        pf = price * fill
+        notional, maker_fee, taker_fee = pf * m.notional, pf * m.maker_q, pf * m.taker_q
         if taker_buys:
             buyer, seller, buyer_fee, seller_fee, limit = taker, maker, taker_fee, maker_fee, taker_price
         else:
             buyer, seller, buyer_fee, seller_fee, limit = maker, taker, maker_fee, taker_fee, price
-        qf, base_units = m.qf, fill * m.bf
-        pay = (notional + buyer_fee) * qf
-        bal = self._get(buyer, m.quote)
+        base_units, quote, base = fill * m.bf, m.quote, m.base
+        wallet = self._wallet(buyer)
+        bal = self._touch(wallet, buyer, quote)
         if limit is not None:
             freed = limit * fill * m.buy_rate
             bal.held -= freed
-            bal.available += freed - pay
+            bal.available += freed - notional - buyer_fee
         else:
-            bal.available -= pay
-        self._get(buyer, m.base).available += base_units
-        self._get(seller, m.base).held -= base_units
-        self._get(seller, m.quote).available += (notional - seller_fee) * qf
+            bal.available -= notional + buyer_fee
+        self._touch(wallet, buyer, base).available += base_units
+        wallet = self._wallet(seller)
+        self._touch(wallet, seller, base).held -= base_units
+        self._touch(wallet, seller, quote).available += notional - seller_fee
         # The venue's fees are credited once per command (flush): one balance for every fill.
-        fees = self.fees_due
-        fees[m.quote] = fees.get(m.quote, 0) + (maker_fee + taker_fee) * qf
+        if not m.fees_due:
+            self.fees_due.append(m)
+        m.fees_due += maker_fee + taker_fee
 
     # Funding ----------------------------------------------------------------------------------
     def fund(self, op: str, account: Any, asset: Any, amount: Any, request_id: Any) -> Event:
@@ -242,10 +267,12 @@ class Ledger:
     def flush(self, symbol: str | None, out: list[Event]) -> None:
         """Credit the command's fees, append its `balance` events and start the next command's list."""
         if self.fees_due:
-            for asset, amount in self.fees_due.items():
-                self._get(FEES_ACCOUNT, asset).available += amount
+            for m in self.fees_due:
+                self._get(FEES_ACCOUNT, m.quote).available += m.fees_due
+                m.fees_due = 0
             self.fees_due.clear()
-        out += [(BALANCE, symbol, bal.account, bal.asset, bal.available, bal.held) for bal in self.touched]
+        for bal in self.touched:
+            out.append((BALANCE, symbol, bal.account, bal.asset, bal.available, bal.held))
         self.touched.clear()
         self.commands += 1
 

@@ -458,8 +458,7 @@ class Engine:
                 trade_seq += 1
                 traded_at = price
                 if market is not None:
-                    ledger.trade(market, price, fill, taker_buys, m_account, account, t_price,  # type: ignore[union-attr]
-                                 notional * maker_rate, notional * taker_rate)  # fmt: skip
+                    ledger.trade(market, price, fill, taker_buys, m_account, account, t_price)  # type: ignore[union-attr]
                 # fmt: off
                 append((TRADE, symbol, trade_seq, price, fill, t_side,
                         m_id, m_account, m_cid, m_qty, m_rest, notional * maker_rate,
