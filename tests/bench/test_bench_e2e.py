@@ -24,6 +24,8 @@ def test_bench_e2e_reports_cpu_per_command_of_every_process(tmp_path: Path) -> N
     for kind in ("matcher", "gateway", "feeds"):
         assert any(n.startswith(kind) for n in names), (kind, names)
     assert cpu["load generator"] > 0 and all(us >= 0 for us in cpu.values())
+    # Balances are on in the stack the bench starts: their lines are counted apart, not as reports.
+    assert report["balance_lines"] > 0 and report["reports"] >= report["acks"] > 0
 
 
 def test_all_order_types_go_over_the_wire_and_every_order_gets_its_ack_and_reports(tmp_path: Path) -> None:
