@@ -19,7 +19,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import orjson
-from websockets.typing import Subprotocol
 
 from services.gateway import validation
 from services.gateway.sessions import Session
@@ -28,7 +27,7 @@ from services.matcher.commands import BUY, FOK, GTC, IOC, LIMIT, MARKET, SELL, N
 from shared import codes
 from shared.instruments import Instrument, JsonNumber
 
-SUBPROTOCOL: Final = Subprotocol("order-submission")
+SUBPROTOCOL: Final = "order-submission"
 DEFAULT_SYMBOL: Final = "BTC-USDT"
 ORDER_TYPE: Final = "order_type"  # the key that marks a message without "op" as a seed order
 
@@ -49,9 +48,9 @@ def is_seed(msg: Mapping[str, Any]) -> bool:
     return ORDER_TYPE in msg and "op" not in msg
 
 
-def select_subprotocol(_connection: object, offered: Sequence[Subprotocol]) -> Subprotocol | None:
-    """websockets' subprotocol choice: the seed's when offered; a client offering none (or only
-    others) still connects, without one."""
+def select_subprotocol(_request: object, offered: Sequence[str]) -> str | None:
+    """The subprotocol choice (shared/wsserver.py): the seed's when offered; a client offering none
+    (or only others) still connects, without one."""
     return SUBPROTOCOL if SUBPROTOCOL in offered else None
 
 

@@ -5,6 +5,10 @@ connection never waits for Redis between two of its messages; acks are written w
 returns. Everything a connection is sent goes through its outbox, written once per event-loop tick
 (one socket write for many messages) and in order: a reply waits behind an earlier order's pending
 ack, so on the connection that placed an order its ack always comes before its execution reports.
+
+An order's way: the frame is parsed and decoded by shared/wsserver.py (Connection.on_ws_frame), then
+Client.on_text -> Gateway.on_text (session rules, validation) -> a PendingOrder in the outbox and
+Appender.submit -> PendingOrder.appended (the ack, once Redis answered) -> Client.flush (the write).
 """
 
 from __future__ import annotations
@@ -17,18 +21,12 @@ import signal
 import socket
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
-from http import HTTPStatus
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from typing import Any, Final
 
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import NoPermissionError, RedisError
-from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
-from websockets.frames import CloseCode, Frame, Opcode
-from websockets.http11 import Request, Response
-from websockets.protocol import State
 
 from services.gateway import executions, orders, seed, validation
 from services.gateway.appender import Appender, Waiter
@@ -49,7 +47,7 @@ from services.gateway.validation import (
     Submission,
 )
 from services.matcher.commands import Grant, NewOrder
-from shared import aio, codes, keys, logs, metrics, stream, wsguard
+from shared import aio, codes, keys, logs, metrics, stream, wsguard, wsserver
 from shared.gcpolicy import quiet_gc
 from shared.ids import entry_to_seq, seq_to_entry
 from shared.instruments import Instrument, asset_scales, load_instruments
@@ -81,38 +79,6 @@ _ORDER_TYPES: Final = {"limit": "limit", "market": "market", "ioc": "limit", "fo
 # The session's non-order answers.
 _REQUESTS: Final = frozenset((ExecutionsQuery, BalancesQuery, Submission, OrderStatusQuery, OpenOrdersQuery))
 MAX_GRANTED_MEMO: Final = 100_000  # accounts this process remembers as granted by the faucet
-
-
-class GatewayConnection(wsguard.GuardedConnection):
-    """Handles each complete text frame right where it is parsed, in data_received.
-
-    The default path queues every frame, wakes the handler task and reassembles the message in
-    recv(): a few microseconds per message, the largest cost after validation. Frames handled here
-    are the complete text frames that arrive while nothing is waiting in recv()'s queue and no
-    fragmented message is in progress; everything else (binary frames, fragments, invalid UTF-8)
-    takes the library's path, so the order of messages is kept and the library's close rules apply.
-    """
-
-    on_text: Callable[[str], None] | None = None
-    _fragmented = False
-
-    def process_event(self, event: Any) -> None:
-        if type(event) is not Frame or self.request is None:
-            super().process_event(event)
-            return
-        opcode = event.opcode
-        if opcode is Opcode.TEXT or opcode is Opcode.BINARY or opcode is Opcode.CONT:
-            if self._fragmented or not event.fin:
-                self._fragmented = not event.fin
-            elif opcode is Opcode.TEXT and self.on_text is not None and not self.recv_messages.frames.queue:
-                try:
-                    text = bytes(event.data).decode()
-                except UnicodeDecodeError:
-                    pass  # recv() raises it and the library closes with 1007
-                else:
-                    self.on_text(text)
-                    return
-        super().process_event(event)
 
 
 class PendingOrder:
@@ -243,7 +209,7 @@ class PendingReply:
 
 
 class Client:
-    """One WebSocket connection: its session and its ordered outbox."""
+    """One WebSocket connection: its session and its ordered outbox (the wsserver.Handler of it)."""
 
     __slots__ = (
         "_barriers",
@@ -252,6 +218,7 @@ class Client:
         "cells",
         "closing",
         "completed",
+        "deadline",
         "dirty",
         "gateway",
         "seed",
@@ -260,7 +227,7 @@ class Client:
         "ws",
     )
 
-    def __init__(self, gateway: Gateway, ws: ServerConnection, session: Session) -> None:
+    def __init__(self, gateway: Gateway, ws: wsserver.Connection, session: Session) -> None:
         self.gateway, self.ws, self.session = gateway, ws, session
         self.account: str | None = None  # the account it is registered under for execution reports
         self.cells: deque[bytes | PendingOrder | PendingReply | PendingSubmission] = deque()
@@ -275,6 +242,7 @@ class Client:
         # It sent a valid seed order: the seed's dialect has no auth message (each order names its
         # account), so such a connection is exempt from the auth deadline, as an authenticated one is.
         self.seed = False
+        self.deadline: asyncio.TimerHandle | None = None  # the auth deadline
 
     def submit(self, symbol: str, entry: bytes, waiter: Waiter) -> None:
         self.submitted += 1
@@ -297,7 +265,7 @@ class Client:
             await fut
 
     def on_text(self, data: str) -> None:
-        """One text frame of this connection (called synchronously, from data_received or recv)."""
+        """One text message of this connection (called synchronously, from the socket read)."""
         if self.closing or self.gateway.stopping:
             return  # not answered, not queued: a close frame is on its way
         try:
@@ -310,18 +278,24 @@ class Client:
             self.push(orjson.dumps(self.session.handle(None, time.monotonic())))
         reason = self.session.close_reason
         if reason is not None:
-            self.close(CloseCode.POLICY_VIOLATION, reason)
+            self.close(wsserver.POLICY_VIOLATION, reason)
+
+    def on_binary(self, data: bytes) -> None:
+        self.close(wsserver.UNSUPPORTED_DATA, "text frames only")
+
+    def on_closed(self) -> None:
+        self.gateway.disconnected(self)
 
     def auth_expired(self) -> None:
         if self.account is None and not self.seed and self.session.admin is None:
-            self.close(CloseCode.POLICY_VIOLATION, AUTH_TIMEOUT_REASON)
+            self.close(wsserver.POLICY_VIOLATION, AUTH_TIMEOUT_REASON)
 
     def close(self, code: int, reason: str) -> None:
         """Send what is ready, then close with a reason; later messages are ignored."""
         if not self.closing:
             self.closing = True
             self.flush()
-            self.gateway.close_later(self.ws, code, reason)
+            self.ws.close(code, reason)
 
     def push(self, data: bytes) -> None:
         self.cells.append(data)
@@ -336,11 +310,10 @@ class Client:
         """Write every ready message at the head of the outbox in one socket write."""
         self.dirty = False
         ws, cells = self.ws, self.cells
-        protocol = ws.protocol
-        if protocol.state is not State.OPEN:
+        if not ws.open:
             cells.clear()
             return
-        sent = 0
+        ready: list[bytes] = []
         while cells:
             item = cells[0]
             if isinstance(item, bytes):
@@ -351,17 +324,13 @@ class Client:
                     break  # Redis has not answered yet: later messages wait behind this ack
                 data = pending
             cells.popleft()
-            protocol.send_text(data)  # already UTF-8 JSON: no re-encoding
-            sent += 1
-        if not sent:
+            ready.append(data)  # already UTF-8 JSON: no re-encoding
+        if not ready:
             return
-        # As websockets.broadcast() does, but one write for all frames instead of one per frame.
-        # (data_to_send() holds no end-of-stream marker: the connection is OPEN and we only sent text.)
-        transport = ws.transport
-        transport.write(b"".join(protocol.data_to_send()))
-        if transport.get_write_buffer_size() > MAX_WRITE_BUFFER and not self.closing:
+        ws.send_texts(ready)  # one socket write for all of them
+        if ws.transport.get_write_buffer_size() > MAX_WRITE_BUFFER and not self.closing:
             self.closing = True
-            self.gateway.close_later(ws, CloseCode.POLICY_VIOLATION, SLOW_CLIENT_REASON)
+            ws.close(wsserver.POLICY_VIOLATION, SLOW_CLIENT_REASON)
 
 
 class Gateway:
@@ -431,7 +400,7 @@ class Gateway:
         self._dirty: list[Client] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._closers: set[asyncio.Task[None]] = set()
-        self._server: Server | None = None
+        self._server: wsserver.Server | None = None
         self._loop = asyncio.get_running_loop()
         self._order_counts: dict[tuple[str, str, str], int] = {}
         self.ack_seconds = {op: GATEWAY_ACK_SECONDS.labels(op) for op in validation.ORDER_OPS}
@@ -445,23 +414,17 @@ class Gateway:
         self._tasks.append(self._loop.create_task(metrics.HEARTBEAT.run(), name="heartbeat"))
         metrics.HEALTH.source = self
         self._tasks.append(self._loop.create_task(self.exec_router.run(), name="exec-router"))
-        self._server = await serve(
-            self._handle,
+        self._server = await wsserver.serve(  # SO_REUSEPORT, no compression, the guard's limits
+            self._connect,
             host,
             port,
-            reuse_port=True,
+            guard=self.guard,
             max_size=self.max_frame,
-            max_queue=128,
-            compression=None,  # deflate costs more CPU than these small messages save in bytes
-            process_request=self._health_request,
-            server_header=None,
-            create_connection=wsguard.guarded(GatewayConnection, self.guard),
-            subprotocols=[seed.SUBPROTOCOL],
-            select_subprotocol=seed.select_subprotocol,  # offering none still connects
             close_timeout=CLOSE_TIMEOUT,
-            open_timeout=self.policy.handshake_timeout,
+            process_request=self._health_request,
+            select_subprotocol=seed.select_subprotocol,  # offering none still connects
         )
-        bound = int(self._server.sockets[0].getsockname()[1])
+        bound = self._server.port
         log.info(
             "gateway listening on %s:%d (%d symbols, %s mode, balances %s, faucet %s)",
             host,
@@ -485,7 +448,7 @@ class Gateway:
         deadline = started + timeout
         server = self._server
         if server is not None:
-            server.server.close()  # no new connections; open ones stay until their acks are out
+            server.stop_accepting()  # no new connections; open ones stay until their acks are out
         try:
             async with asyncio.timeout_at(deadline):
                 await self.safety.stop()  # a shutdown ends every leased connection: cancels go out now
@@ -495,18 +458,24 @@ class Gateway:
         self._flush()
         log.debug("appends drained after %.3f s", self._loop.time() - started)
         if server is not None:
-            server.close(code=CloseCode.GOING_AWAY, reason=SHUTDOWN_REASON)
+            server.close(wsserver.GOING_AWAY, SHUTDOWN_REASON)
             try:
                 async with asyncio.timeout_at(max(deadline, self._loop.time() + 1.0)):
                     await server.wait_closed()
             except TimeoutError:
-                log.warning("%d connections did not close in time; aborting them", len(self.clients))
-                for client in list(self.clients):
-                    client.ws.transport.abort()
+                log.warning("%d connections did not close in time; aborting them", len(server.connections))
+                for conn in list(server.connections):
+                    conn.transport.abort()
         log.debug("connections closed after %.3f s", self._loop.time() - started)
-        for task in [*self._tasks, *self._closers]:
-            task.cancel()
-        await asyncio.gather(*self._tasks, *self._closers, return_exceptions=True)
+        tasks = [*self._tasks, *self._closers]
+        pending = set(tasks)
+        while pending:
+            # Again for a task still running: redis-py 8.1's blocking pub/sub read can swallow a
+            # cancel that lands at the wrong moment (the exec router then never ends; a second works).
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.5)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self.publish_counts()
         if metrics.HEALTH.source is self:
             metrics.HEALTH.source = metrics.AlwaysHealthy()
@@ -515,10 +484,9 @@ class Gateway:
         log.debug("stopped after %.3f s", self._loop.time() - started)
 
     # Connections ------------------------------------------------------------------------------
-    async def _handle(self, ws: ServerConnection) -> None:
-        peer = ws.remote_address[0] if ws.remote_address else None
-        where = _address(ws)
-        log.info("connection from %s", where)
+    def _connect(self, ws: wsserver.Connection) -> Client:
+        """A connection past its handshake: its session; its messages go to Client.on_text."""
+        log.info("connection from %s", _address(ws))
         session = Session(
             self.auth,
             self.instruments,
@@ -526,43 +494,31 @@ class Gateway:
             time.monotonic(),
             max_bad=self.max_bad,
             throttle=self.login_throttle,  # failed logins count per IP across connections
-            peer=peer,
+            peer=ws.peer_ip,
             balances=self.scales if self.risk else None,
         )
         client = Client(self, ws, session)
         self.clients.add(client)
-        deadline = None
-        if self.auth_timeout > 0 and isinstance(ws, GatewayConnection):
-            deadline = self._loop.call_at(ws.accepted_at + self.auth_timeout, client.auth_expired)
+        if self.auth_timeout > 0:
+            client.deadline = self._loop.call_at(ws.accepted_at + self.auth_timeout, client.auth_expired)
         CONNECTIONS.labels("gateway").inc()
-        try:
-            if isinstance(ws, GatewayConnection):
-                ws.on_text = client.on_text  # from now on text frames are handled as they arrive
-            while True:  # what the fast path leaves: binary frames, fragmented messages
-                data = await ws.recv()
-                if type(data) is not str:
-                    client.flush()
-                    await ws.close(CloseCode.UNSUPPORTED_DATA, "text frames only")
-                    return
-                client.on_text(data)
-        except ConnectionClosed:
-            pass
-        finally:
-            if isinstance(ws, GatewayConnection):
-                ws.on_text = None
-            if deadline is not None:
-                deadline.cancel()
-            self.clients.discard(client)
-            log.info(
-                "connection from %s closed (account %s): %s %s",
-                where,
-                client.account or "-",
-                ws.close_code,
-                ws.close_reason or "",
-            )
-            self._register(client, None)
-            self.safety.release(client)
-            CONNECTIONS.labels("gateway").dec()
+        return client
+
+    def disconnected(self, client: Client) -> None:
+        ws = client.ws
+        if client.deadline is not None:
+            client.deadline.cancel()
+        self.clients.discard(client)
+        log.info(
+            "connection from %s closed (account %s): %s %s",
+            _address(ws),
+            client.account or "-",
+            ws.close_code,
+            ws.close_reason,
+        )
+        self._register(client, None)
+        self.safety.release(client)
+        CONNECTIONS.labels("gateway").dec()
 
     def on_text(self, client: Client, data: str) -> None:
         """One text frame: answer it, or submit its command to the appender. Never blocks."""
@@ -712,11 +668,6 @@ class Gateway:
             except Exception:  # one broken transport must not starve the others
                 log.exception("write to a client failed")
 
-    def close_later(self, ws: ServerConnection, code: int, reason: str) -> None:
-        task = self._loop.create_task(ws.close(code, reason))
-        self._closers.add(task)
-        task.add_done_callback(self._closers.discard)
-
     # Execution reports ------------------------------------------------------------------------
     def deliver(self, payload: bytes) -> int:
         """Route one exec payload that carries no exec ids; returns its publish time (ns, 0 if unknown)."""
@@ -828,7 +779,7 @@ class Gateway:
             REDIS_ERRORS.labels("safety").inc()
             cell.done(orjson.dumps(validation.reject(codes.INTERNAL_ERROR, "auth", None, f"Redis: {exc}")))
             self.safety.release(client)
-            client.close(CloseCode.INTERNAL_ERROR, "cancel on disconnect unavailable")
+            client.close(wsserver.INTERNAL_ERROR, "cancel on disconnect unavailable")
             return
         cell.done(reply)
 
@@ -930,8 +881,8 @@ class Gateway:
             return "execution reports not subscribed yet"
         return None
 
-    def _health_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        return _health(connection, request, self)
+    def _health_request(self, request: wsserver.Request) -> wsserver.HttpResponse | None:
+        return _health(request, self)
 
     def _set_lag(self, symbol: str, lag: int) -> None:
         self.lag[symbol] = lag
@@ -981,7 +932,7 @@ def _labels(
     return (symbol if type(symbol) is str and symbol in instruments else "unknown"), label
 
 
-def _health(connection: ServerConnection, request: Request, source: metrics.HealthSource) -> Response | None:
+def _health(request: wsserver.Request, source: metrics.HealthSource) -> wsserver.HttpResponse | None:
     """Plain HTTP GET /healthz and /readyz: 200, or 503 with the reason (load balancers, compose)."""
     if "Upgrade" in request.headers:
         return None
@@ -989,10 +940,10 @@ def _health(connection: ServerConnection, request: Request, source: metrics.Heal
     if answer is None:
         return None
     status, body = answer
-    return connection.respond(HTTPStatus(status), body)
+    return wsserver.HttpResponse(status, body.encode())
 
 
-def _address(ws: ServerConnection) -> str:
+def _address(ws: wsserver.Connection) -> str:
     """host:port of the peer, for log lines."""
     peer = ws.remote_address
     return f"{peer[0]}:{peer[1]}" if peer else "?"
