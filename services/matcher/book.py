@@ -8,7 +8,10 @@ The layout is chosen for CPython speed, because the core must apply about a mill
 - Each side keeps ``levels`` (key -> Level) and a binary heap of keys with the best level at ``heap[0]``.
   A key is the price for asks and minus the price for bids, so on both sides "better" means "smaller"
   and one matching loop serves both.
-- Cancels are lazy and O(1): the order's leaves drop to 0 and it stays in its level's deque until it
+- A level's queue is a list read from ``head``: taking the oldest order moves ``head`` on, and the
+  matching loop cuts the entries before it off in bulk once they outnumber the rest. (A list, not a
+  deque: the compiled build appends to and indexes a list inline; deque methods are generic calls.)
+- Cancels are lazy and O(1): the order's leaves drop to 0 and it stays in its level's queue until it
   reaches the head. A level is compacted when dead entries outnumber live ones.
 - The heap is lazy too: an emptied level leaves its key behind, stale keys are popped when they reach
   the top, and the heap is rebuilt when stale keys outnumber live ones.
@@ -28,7 +31,6 @@ plain order pays nothing for them:
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterator
 from heapq import heapify, heappop, heappush
 from typing import Any, Final
@@ -58,23 +60,37 @@ S_STOP: Final = 8
 S_STP: Final = 9
 Stop = list[Any]  # an untriggered stop order; see S_* for the slots
 
+# (bid price|None, bid total, ask price|None, ask total). Typed as a tuple of any length so that the
+# compiled build keeps it as the one tuple object the book events share: a fixed-length tuple type
+# is a C struct of native ints there, boxed into a new tuple (and new ints) at every read.
+Bbo = tuple[Any, ...]
+
 MAX_KEY: Final = 1 << 62  # beyond any price key: the limit of a market order
-_STALE_SLACK: Final = 64
+STALE_SLACK: Final = 64
 
 
 class Level:
-    """All resting orders at one price, oldest first. ``total`` is the sum of their leaves."""
+    """All resting orders at one price, oldest first. ``total`` is the sum of their leaves.
 
-    __slots__ = ("dead", "orders", "price", "total")
+    ``price`` is typed Any on purpose: it is the one int object that every order and event at this
+    level refers to. As a native int field the compiled build would box a new one at each read, which
+    costs an allocation per event and 28 bytes per resting order."""
 
-    def __init__(self, price: int) -> None:
+    __slots__ = ("dead", "head", "orders", "price", "total")
+
+    def __init__(self, price: Any) -> None:
         self.price = price
         self.total = 0
-        self.orders: deque[Order] = deque()
-        self.dead = 0  # cancelled entries still in `orders`
+        self.orders: list[Order] = []  # the queue is orders[head:]; what is before head is done with
+        self.head = 0
+        self.dead = 0  # cancelled entries still in the queue
+
+    def queue(self) -> list[Order]:
+        """The queue, oldest first, cancelled entries included."""
+        return self.orders[self.head :]
 
     def live_orders(self) -> Iterator[Order]:
-        return (o for o in self.orders if o[O_LEAVES])
+        return (o for o in self.queue() if o[O_LEAVES])
 
 
 class BookSide:
@@ -100,10 +116,10 @@ class BookSide:
         level.total += order[O_LEAVES]
         return level
 
-    def new_level(self, key: int, price: int) -> Level:
+    def new_level(self, key: int, price: Any) -> Level:
         level = self.levels[key] = Level(price)
         heappush(self.heap, key)
-        if len(self.heap) > 2 * len(self.levels) + _STALE_SLACK:
+        if len(self.heap) > 2 * len(self.levels) + STALE_SLACK:
             self.rebuild_heap()
         return level
 
@@ -117,9 +133,9 @@ class BookSide:
             self.drop(key)
         else:
             level.dead += 1
-            if level.dead > _STALE_SLACK and level.dead * 2 > len(level.orders):
-                level.orders = deque(level.live_orders())
-                level.dead = 0
+            if level.dead > STALE_SLACK and level.dead * 2 > len(level.orders) - level.head:
+                level.orders = list(level.live_orders())
+                level.head = level.dead = 0
         return level
 
     def drop(self, key: int) -> None:
@@ -156,7 +172,7 @@ class BookSide:
             key += 1
             if level is None:
                 misses += 1
-                if misses > _STALE_SLACK:
+                if misses > STALE_SLACK:
                     break
                 continue
             misses = 0
@@ -212,7 +228,7 @@ class OrderBook:
         self.book_seq = 0
         # (bid price|None, bid total, ask price|None, ask total); the engine refreshes it whenever a
         # command touches a best level, so most commands reuse it instead of recomputing.
-        self.bbo: tuple[int | None, int, int | None, int] = (None, 0, None, 0)
+        self.bbo: Bbo = (None, 0, None, 0)
         self.last_price: int | None = None  # of the last trade: what stops trigger on
         self.stops: dict[int, Stop] = {}
         self.icebergs: dict[int, list[int]] = {}  # id -> [display_quantity, hidden]
@@ -222,7 +238,7 @@ class OrderBook:
     def side_of(self, side: str) -> BookSide:
         return self.bids if side == BUY else self.asks
 
-    def refresh_bbo(self) -> tuple[int | None, int, int | None, int]:
+    def refresh_bbo(self) -> Bbo:
         bid, ask = self.bids.best(), self.asks.best()
         self.bbo = (
             bid.price if bid else None,

@@ -50,6 +50,7 @@ from services.matcher.book import (
     S_ID,
     S_SIDE,
     S_STOP,
+    STALE_SLACK,
     BookSide,
     Order,
     OrderBook,
@@ -101,15 +102,20 @@ _TIFS: Final[dict[str, tuple[str, ...]]] = {
     STOP_MARKET: (IOC,),
 }
 
-# Every valid (side, type, tif, stp) of a new order -> (is it a buy, is it a limit order).
-_SHAPES: Final[dict[tuple[str, str, str, str], tuple[bool, bool]]] = {
-    (side, otype, tif, stp): (side == BUY, otype == LIMIT)
+# Every valid (side, type, tif, stp) of a new order -> (is it a buy, is it a limit order, is it GTC).
+# The flags spare the hot path comparisons of fields typed Any (generic calls in the compiled build).
+_SHAPES: Final[dict[tuple[str, str, str, str], tuple[bool, bool, bool]]] = {
+    (side, otype, tif, stp): (side == BUY, otype == LIMIT, tif == GTC)
     for side in (BUY, SELL)
     for otype, tifs in ((LIMIT, (GTC, IOC, FOK)), (MARKET, (IOC, FOK)))
     for tif in tifs
     for stp in STP_MODES
 }
 
+
+# A level a command changed, as the book event lists it: (side, price, new total). The price is
+# typed Any so that the compiled build stores the level's own int object instead of boxing a new one.
+Change = tuple[str, Any, int]
 
 # The commands whose first field is a symbol.
 _SYMBOLED: Final = (NewOrder, Cancel, Amend, Tick, CancelAll)
@@ -268,37 +274,47 @@ class Engine:
         # goes to _new_order_error, which re-checks in a fixed order to name the exact reject code.
         try:
             book = self.books[symbol]
-            buy, is_limit = _SHAPES[side, otype, tif, stp]
+            buy, is_limit, gtc = _SHAPES[side, otype, tif, stp]
         except (KeyError, TypeError):  # TypeError: an unhashable field
             return [_rejected(symbol, "new", seq, account, cid, _new_order_error(self.books, cmd, ts))]
         if (
             type(account) is not str
             or not 0 < len(account) <= _MAX_ACCOUNT
-            or type(qty) is not int
+            or (
+                cid is not None
+                and (type(cid) is not str or not 0 < len(cid) <= _MAX_CID or not cid.isprintable())
+            )
+            or (post_only is not False and (post_only is not True or not gtc))
+        ):
+            return [_rejected(symbol, "new", seq, account, cid, _new_order_error(self.books, cmd, ts))]
+        # The numbers are checked into a flag, not by an `if` of their own: after such an `if` mypy
+        # narrows price and qty to int, and the compiled build would then box a new int wherever one
+        # is stored (the order, its events). Left as the command's own objects, they are shared.
+        bad_numbers = (
+            type(qty) is not int
             or not book.min_qty <= qty <= book.max_qty
             or (
                 type(price) is not int or not 0 < price <= book.max_price or price * qty < book.min_notional
                 if is_limit
                 else price is not None
             )
-            or (
-                cid is not None
-                and (type(cid) is not str or not 0 < len(cid) <= _MAX_CID or not cid.isprintable())
-            )
-            or (post_only is not False and (post_only is not True or not is_limit or tif != GTC))
-        ):
+        )
+        if bad_numbers:
             return [_rejected(symbol, "new", seq, account, cid, _new_order_error(self.books, cmd, ts))]
         by_cid = book.cids.get(account)
         if cid is not None and by_cid is not None and cid in by_cid:
             return [_rejected(symbol, "new", seq, account, cid, codes.DUPLICATE_CLIENT_ORDER_ID)]
 
         # On both sides a smaller key is a better price (see book.py); a market order has no limit.
+        # `ticks` and `lots` are the price and quantity as native ints, for the arithmetic.
+        ticks: int = 0 if price is None else price
+        lots: int = qty
         if buy:
             own, opp = book.bids, book.asks
-            limit_key = MAX_KEY if price is None else price
+            limit_key = MAX_KEY if price is None else ticks
         else:
             own, opp = book.asks, book.bids
-            limit_key = MAX_KEY if price is None else -price
+            limit_key = MAX_KEY if price is None else -ticks
         heap = opp.heap
         ledger = self.ledger
         if ledger is not None and account.startswith(RESERVED_PREFIX):  # the venue's own never trade
@@ -309,26 +325,25 @@ class Engine:
             code = self._hold_new(book, account, buy, price, qty, stp)
             if code is not None:
                 return [_rejected(symbol, "new", seq, account, cid, code)]
-        accepted = (ACCEPTED, symbol, seq, account, cid, side, otype, tif, price, qty)
+        oid: Any = seq  # one int object for the order, its index and its events (else boxed at each)
+        accepted = (ACCEPTED, symbol, oid, account, cid, side, otype, tif, price, qty)
 
         if not heap or heap[0] > limit_key:  # nothing to trade against
-            if tif != GTC:
+            if not gtc:
                 if self.ledger is not None:
-                    self._release(book, account, side, price, qty)
+                    self._release(book, account, side, price, lots)
                 reason = codes.REASON_FOK if tif == FOK else _unfilled(otype)
-                return [accepted, (CANCELLED, symbol, seq, account, cid, side, price, qty, qty, reason)]
+                return [accepted, (CANCELLED, symbol, oid, account, cid, side, price, qty, qty, reason)]
             # The common case, a passive limit order joining the book: BookSide.add, OrderBook.index
             # and the best-bid/offer update written out, since this path is most of the flow.
             key = -limit_key
             level = own.levels.get(key)
             if level is None:
                 level = own.new_level(key, price)
-                order: Order = [seq, account, cid, side, price, qty, qty]
-            else:
-                order = [seq, account, cid, side, level.price, qty, qty]
+            order: Order = [oid, account, cid, side, level.price, qty, qty]
             level.orders.append(order)
-            total = level.total = level.total + qty
-            book.orders[seq] = order
+            total = level.total = level.total + lots
+            book.orders[oid] = order
             if cid is not None:
                 if by_cid is None:
                     by_cid = book.cids[account] = {}
@@ -337,25 +352,25 @@ class Engine:
             bbo = book.bbo
             if own.heap[0] == key:  # the order is at the best price of its side
                 bbo = book.bbo = (
-                    (level.price, total, bbo[2], bbo[3]) if buy else (*bbo[:2], level.price, total)
+                    (level.price, total, bbo[2], bbo[3]) if buy else (bbo[0], bbo[1], level.price, total)
                 )
             return [accepted, (BOOK, symbol, book.book_seq, [(side, level.price, total)], bbo)]
 
         out: list[Event] = [accepted]
-        if tif == FOK and not _fillable(opp, limit_key, account, stp, qty, book.icebergs):
+        if tif == FOK and not _fillable(opp, limit_key, account, stp, lots, book.icebergs):
             if self.ledger is not None:
-                self._release(book, account, side, price, qty)
-            out.append((CANCELLED, symbol, seq, account, cid, side, price, qty, qty, codes.REASON_FOK))
+                self._release(book, account, side, price, lots)
+            out.append((CANCELLED, symbol, oid, account, cid, side, price, qty, qty, codes.REASON_FOK))
             return out
 
-        order = [seq, account, cid, side, price, qty, qty]
-        changes: list[tuple[str, int, int]] = []
+        order = [oid, account, cid, side, price, qty, qty]
+        changes: list[Change] = []
         stopped = self._match(book, opp, order, limit_key, stp, ts, out, changes)
         leaves = order[O_LEAVES]
         if leaves:
             if stopped:
                 reason = codes.REASON_STP
-            elif tif == GTC:
+            elif gtc:
                 level = own.add(order)
                 book.index(order)
                 changes.append((side, level.price, level.total))
@@ -365,7 +380,7 @@ class Engine:
             if reason:
                 if self.ledger is not None:
                     self._release(book, account, side, price, leaves)
-                out.append((CANCELLED, symbol, seq, account, cid, side, price, qty, leaves, reason))
+                out.append((CANCELLED, symbol, oid, account, cid, side, price, qty, leaves, reason))
         if changes:
             book.book_seq += 1
             out.append((BOOK, symbol, book.book_seq, changes, book.refresh_bbo()))
@@ -380,11 +395,14 @@ class Engine:
         stp: str,
         ts: int,
         out: list[Event],
-        changes: list[tuple[str, int, int]],
+        changes: list[Change],
     ) -> bool:
         """Trade the taker against `opp` best first. True if self-trade prevention stopped the taker."""
         symbol = book.symbol
         maker_rate, taker_rate = book.maker_rate, book.taker_rate
+        # Typed locals: the compiled build compares and adds them natively (an Any goes the generic way).
+        account: str
+        t_leaves: int
         t_id, account, t_cid, t_side, t_price, t_qty, t_leaves = taker
         levels, heap, opp_side = opp.levels, opp.heap, opp.side
         orders, cids, icebergs = book.orders, book.cids, book.icebergs
@@ -395,25 +413,28 @@ class Engine:
         ledger = self.ledger
         market = ledger.markets[symbol] if ledger is not None else None
         taker_buys = t_side == BUY
+        stamp: Any = ts  # one int object for all the trades (the compiled build would box ts per trade)
         while heap and heap[0] <= limit_key:
             key = heap[0]
             level = levels[key]
-            q = level.orders
-            price = level.price
+            q, head = level.orders, level.head  # the queue is q[head:] (see book.py)
+            price = level.price  # the level's int object, which the events share
+            ticks: int = price  # and as a native int, for the arithmetic
             total = before = level.total  # kept in a local while this level trades
             while True:
-                maker = q[0]
-                m_leaves = maker[O_LEAVES]
+                maker = q[head]
+                m_leaves: int = maker[O_LEAVES]
                 if not m_leaves:  # lazily cancelled
-                    q.popleft()
+                    head += 1
                     level.dead -= 1
                     continue
+                m_account: str
                 m_id, m_account, m_cid, _, _, m_qty, _ = maker
                 if m_account == account:
                     if stp == STP_CANCEL_TAKER:
                         stopped = True
                         break
-                    q.popleft()
+                    head += 1
                     total -= m_leaves
                     maker[O_LEAVES] = 0
                     book.unindex(maker)
@@ -433,7 +454,7 @@ class Engine:
                 ice = icebergs.get(m_id) if icebergs else None
                 if m_leaves <= t_leaves:  # the maker's (shown) quantity is filled
                     fill = m_leaves
-                    q.popleft()
+                    head += 1
                     if ice is not None and ice[1]:  # an iceberg refills at the back of its level
                         m_rest = ice[1]
                         m_leaves = ice[0] if ice[0] < m_rest else m_rest
@@ -454,23 +475,26 @@ class Engine:
                 t_leaves -= fill
                 maker[O_LEAVES] = m_leaves
                 total -= fill
-                notional = price * fill
+                notional = ticks * fill
                 trade_seq += 1
                 traded_at = price
                 if market is not None:
-                    ledger.trade(market, price, fill, taker_buys, m_account, account, t_price)  # type: ignore[union-attr]
+                    ledger.trade(market, ticks, fill, taker_buys, m_account, account, t_price)  # type: ignore[union-attr]
                 # fmt: off
                 append((TRADE, symbol, trade_seq, price, fill, t_side,
                         m_id, m_account, m_cid, m_qty, m_rest, notional * maker_rate,
-                        t_id, account, t_cid, t_price, t_qty, t_leaves, notional * taker_rate, ts))
+                        t_id, account, t_cid, t_price, t_qty, t_leaves, notional * taker_rate, stamp))
                 # fmt: on
                 if not t_leaves or not total:
                     break
-            level.total = total
+            level.total, level.head = total, head
             if total != before:
                 changes.append((opp_side, price, total))
             if not total:
                 opp.drop(key)
+            elif head > STALE_SLACK and head * 2 > len(q):  # cut off the taken entries (see book.py)
+                del q[:head]
+                level.head = 0
             if stopped or not t_leaves:
                 break
         if trade_seq != first_trade:
@@ -498,25 +522,25 @@ class Engine:
             if stop is None:
                 return [_rejected(symbol, "cancel", order_id, account, cid, codes.UNKNOWN_ORDER)]
             return [self._drop_stop(book, stop)]
-        side, price, leaves = order[O_SIDE], order[O_PRICE], order[O_LEAVES]
+        side: str = order[O_SIDE]
+        price, leaves = order[O_PRICE], order[O_LEAVES]
         if book.icebergs:
             ice = book.icebergs.pop(order[O_ID], None)
             if ice is not None:
                 leaves += ice[1]
         if self.ledger is not None:
             self._release(book, account, side, price, leaves)
-        own = book.bids if side == BUY else book.asks
-        key = price * own.sign
-        was_best = own.heap[0] == key
-        level = own.remove(order)
+        buy = side == BUY
+        bbo = book.bbo
+        was_best = price == (bbo[0] if buy else bbo[2])
+        level = (book.bids if buy else book.asks).remove(order)
         book.unindex(order)
         book.book_seq += 1
         total = level.total
-        bbo = book.bbo
         if was_best:
             if not total:
                 bbo = book.refresh_bbo()
-            elif side == BUY:
+            elif buy:
                 bbo = book.bbo = (price, total, bbo[2], bbo[3])
             else:
                 bbo = book.bbo = (bbo[0], bbo[1], price, total)
@@ -833,7 +857,7 @@ def _reachable(
     the whole level is passed. The walk ends with the first level where the taker is stopped."""
     for level in opp.iter_levels(limit_key):
         avail = hidden = 0
-        for maker in level.orders:
+        for maker in level.queue():
             leaves = maker[O_LEAVES]
             if not leaves:  # lazily cancelled
                 continue

@@ -327,3 +327,23 @@ def run_stream(seed: int, n: int, profile: Profile = NARROW) -> Iterator[tuple[C
 
 def stream(seed: int, n: int, profile: Profile = NARROW) -> list[tuple[Command, int, int]]:
     return list(run_stream(seed, n, profile))
+
+
+def test_level_taken_one_order_at_a_time() -> None:
+    """One level filled order by order while it stays alive, with orders joining its back and being
+    cancelled in between: the taken entries are cut off in bulk (engine._match), and the queue,
+    its lazily cancelled entries and time priority must come through every cut."""
+    rng = random.Random(11)
+    insts = instruments()
+    engine, ref = Engine(insts), Reference(insts)
+    cmds: list[Any] = [NewOrder(BTC, ACCOUNTS[k % 3], SELL, LIMIT, GTC, 10_000, 10) for k in range(300)]
+    seq = _compare(engine, ref, cmds, 0)
+    for round_ in range(400):
+        cmds = [NewOrder(BTC, "dave", BUY, LIMIT, IOC, 10_000, rng.choice((5, 10, 10, 15)))]
+        if round_ % 3 == 0:
+            cmds.append(NewOrder(BTC, ACCOUNTS[round_ % 3], SELL, LIMIT, GTC, 10_000, 10))
+        live = [o for o in ref.books[BTC].resting if o.side == SELL]
+        if round_ % 4 == 0 and live:
+            victim = rng.choice(live)
+            cmds.append(Cancel(BTC, victim.account, victim.oid))
+        seq = _compare(engine, ref, cmds, seq)
