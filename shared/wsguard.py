@@ -1,31 +1,28 @@
 """Connection limits of the WebSocket servers (gateway and feeds), in small pieces.
 
-The pure pieces (`ConnectionLimiter`, `ReadGate`, `connection_cap`, `Throttled`) know nothing of the
-WebSocket library; `GuardedConnection` applies them to a websockets 17 server connection:
+The pieces (`Policy`, `Guard`, `ConnectionLimiter`, `ReadGate`, `connection_cap`, `Throttled`) know
+nothing of the WebSocket library; shared/wsserver.py applies them to every connection:
 
 - At accept time, before any byte of the handshake is read, a connection over the global cap or over
   its IP's cap is aborted (`connection_made`): a refused connection costs an accept and a close.
 - The global cap stays below the file-descriptor limit minus `FD_RESERVE`, so a connection flood
   never takes the descriptors Redis, the metrics thread and the logs need.
 - Reading stops while the write side is paused (the transport's buffer is above its high-water
-  mark): websockets writes pongs and close replies on its own, from data_received, so a client that
-  sends pings and never reads would otherwise make the server buffer pongs without end.
-- Every byte queued for a connection counts, control frames included: after each data_received that
-  leaves more than `max_queued` bytes in the transport, the connection is aborted and its buffer freed.
+  mark): pongs and close replies are written from reads, so a client that sends pings and never
+  reads would otherwise make the server buffer pongs without end.
+- Every byte queued for a connection counts, control frames included: after each read that leaves
+  more than `max_queued` bytes in the transport, the connection is aborted and its buffer freed.
 - A connection whose write side stays paused for `send_timeout` seconds (its client reads nothing) is
   aborted: a close frame could not reach it either.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import resource
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final, TypeVar, cast
-
-from websockets.asyncio.server import ServerConnection
+from typing import Any, Final
 
 log = logging.getLogger("cme.wsguard")
 
@@ -120,10 +117,10 @@ class ConnectionLimiter:
 
 
 class ReadGate:
-    """Reading is paused while any reason holds (the message queue is full, the writes are paused)."""
+    """Reading is paused while any reason (a bit) holds; shared/wsserver.py holds WRITE while the
+    writes are paused."""
 
     __slots__ = ("held", "pause", "resume")
-    QUEUE: Final = 1
     WRITE: Final = 2
 
     def __init__(self, pause: Any, resume: Any) -> None:
@@ -172,81 +169,3 @@ class Guard:
         self.limiter = ConnectionLimiter(cap, policy.max_connections_per_ip)
         self.refused = Throttled(log)
         self.aborted = Throttled(log)
-
-
-class GuardedConnection(ServerConnection):
-    """A websockets server connection under a `Guard` (set on a subclass by `guarded`)."""
-
-    guard: ClassVar[Guard]
-    peer_ip: str | None = None  # None: refused at accept time
-    accepted_at = 0.0  # loop time of the accept
-    _gate: ReadGate
-    _stall: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
-        peer = transport.get_extra_info("peername")
-        ip = str(peer[0]) if isinstance(peer, tuple) else ""
-        guard = self.guard
-        refusal = guard.limiter.admit(ip)
-        if refusal is not None:
-            guard.refused.warning("%s: refused a connection from %s: %s", guard.name, ip, refusal)
-            transport.abort()  # no handler task, no handshake: connection_lost only
-            return
-        self.peer_ip = ip
-        self.accepted_at = self.loop.time()
-        super().connection_made(transport)
-        gate = self._gate = ReadGate(transport.pause_reading, transport.resume_reading)
-        queue = self.recv_messages  # its own flow control goes through the gate too
-        queue.pause = lambda: gate.hold(ReadGate.QUEUE)
-        queue.resume = lambda: gate.release(ReadGate.QUEUE)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        ip = self.peer_ip
-        if ip is None:
-            return  # refused: websockets never saw it
-        self.peer_ip = None
-        self.guard.limiter.release(ip)
-        if self._stall is not None:
-            self._stall.cancel()
-            self._stall = None
-        super().connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        super().pause_writing()
-        self._gate.hold(ReadGate.WRITE)
-        timeout = self.guard.policy.send_timeout
-        if timeout > 0:
-            self._stall = self.loop.call_later(timeout, self._stalled)
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        if self._stall is not None:
-            self._stall.cancel()
-            self._stall = None
-        self._gate.release(ReadGate.WRITE)
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        queued = self.transport.get_write_buffer_size()
-        if queued > self.guard.policy.max_queued:
-            self.abort(f"{queued} bytes queued, over the limit of {self.guard.policy.max_queued}")
-
-    def _stalled(self) -> None:
-        self._stall = None
-        self.abort(f"read nothing for {self.guard.policy.send_timeout:g} s with its send buffer full")
-
-    def abort(self, why: str) -> None:
-        """Cut the TCP connection now, freeing what is queued for it."""
-        if not self.transport.is_closing():
-            guard = self.guard
-            guard.aborted.warning("%s: aborted the connection of %s: %s", guard.name, self.peer_ip, why)
-        self.transport.abort()
-
-
-C = TypeVar("C", bound=GuardedConnection)
-
-
-def guarded(cls: type[C], guard: Guard) -> type[C]:
-    """A subclass of `cls` whose connections are under `guard` (websockets instantiates the class)."""
-    return type(cls.__name__, (cls,), {"guard": guard})

@@ -25,12 +25,13 @@ Interface: `serve(on_connect, host, port, guard=..., max_size=..., close_timeout
 `Server` (`port`, `connections`, `stop_accepting()`, `close(code, reason)`, `wait_closed()`). Each
 connection past its handshake is a `Connection` (`transport`, `peer_ip`, `remote_address`,
 `accepted_at`, `subprotocol`, `request`, `open`, `paused` (writes), `close_code`, `close_reason`;
-`send_texts`, `write`, `close`, `abort`) handed to `on_connect`, which returns its `Handler`
-(`on_text`, `on_binary`, `on_closed`), called synchronously from the socket read.
+`send_texts`, `write`, `writelines`, `drain`, `close`, `abort`) handed to `on_connect`, which returns
+its `Handler` (`on_text`, `on_binary`, `on_closed`), called synchronously from the socket read.
 
 Writes: `send_texts` frames several messages and writes them in one transport write (one syscall for
-everything a connection is sent in one event-loop tick); `write` takes frames already built
-(`text_frame`, `frames`), so a message framed once can be written to many connections.
+everything a connection is sent in one event-loop tick); `write` and `writelines` take frames already
+built (`text_frame`, `frames`), so a message framed once can be written to many connections. A writer
+that keeps its own bounded queue (the feeds' fan-out) stops writing while `paused` and awaits `drain()`.
 
 picows' own log lines (a line per connection, and ERROR for a client's protocol error) are kept at
 CRITICAL; this module logs what matters through `cme.wsserver` and the guard's throttled warnings.
@@ -186,6 +187,7 @@ class Connection(WSListener):
     true between the handshake and the first close frame either way."""
 
     __slots__ = (
+        "_drainers",
         "_gate",
         "_keepalive",
         "_parts",
@@ -231,6 +233,7 @@ class Connection(WSListener):
         self._gate: ReadGate | None = None
         self.paused = False  # the transport's buffer is over its high-water mark
         self._pong: bytes | None = None  # the payload of the latest ping not answered while paused
+        self._drainers: list[asyncio.Future[None]] | None = None  # drain() calls waiting for a resume
 
     # Accept and handshake (called by _Protocol and picows) --------------------------------------
     def _admit(self, transport: asyncio.Transport) -> bool:
@@ -401,6 +404,31 @@ class Connection(WSListener):
         if self.open and ws is not None and not ws.is_close_frame_sent:
             self.transport.write(data)
 
+    def writelines(self, blobs: Iterable[bytes]) -> None:
+        """Several blobs of frames already built, in one transport write (no join: each blob may be
+        shared with other connections), while the connection is open."""
+        ws = self.ws
+        if self.open and ws is not None and not ws.is_close_frame_sent:
+            self.transport.writelines(blobs)
+
+    async def drain(self) -> None:
+        """Until the writes are no longer paused (at once if they are not), or the connection is gone:
+        the caller checks `open` before it writes again. Several callers may wait at once."""
+        if not self.paused or self.transport.is_closing():
+            return
+        waiter: asyncio.Future[None] = self.server.loop.create_future()
+        if self._drainers is None:
+            self._drainers = [waiter]
+        else:
+            self._drainers.append(waiter)
+        await waiter
+
+    def _drained(self) -> None:
+        waiters, self._drainers = self._drainers, None
+        for waiter in waiters or ():
+            if not waiter.done():  # a cancelled drain()
+                waiter.set_result(None)
+
     # Closing ------------------------------------------------------------------------------------
     def close(self, code: int, reason: str) -> None:
         """Send a close frame; the connection is aborted if the peer has not closed within close_timeout."""
@@ -494,6 +522,8 @@ class Connection(WSListener):
             cast(WSTransport, self.ws).send_pong(pong)
         assert self._gate is not None
         self._gate.release(ReadGate.WRITE)
+        if self._drainers is not None:
+            self._drained()
 
     def _stalled(self) -> None:
         self._timer = None
@@ -518,6 +548,8 @@ class Connection(WSListener):
             if timer is not None:
                 timer.cancel()
         self._timer = self._keepalive = None
+        if self._drainers is not None:  # a lost connection never resumes its writes
+            self._drained()
         self.server.forget(self)
 
 

@@ -29,9 +29,10 @@ def test_limiter_counts_per_address_and_in_total() -> None:
 def test_read_gate_resumes_only_when_every_reason_is_gone() -> None:
     calls: list[str] = []
     gate = ReadGate(lambda: calls.append("pause"), lambda: calls.append("resume"))
+    other = 1  # any other bit
     gate.hold(ReadGate.WRITE)
-    gate.hold(ReadGate.QUEUE)
-    gate.release(ReadGate.QUEUE)  # the message queue drained, but writes are still paused
+    gate.hold(other)
+    gate.release(other)  # that reason is gone, but writes are still paused
     assert calls == ["pause"]
     gate.release(ReadGate.WRITE)
     gate.release(ReadGate.WRITE)

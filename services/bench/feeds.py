@@ -35,7 +35,6 @@ from typing import Any, cast
 
 import orjson
 import redis.asyncio as aioredis
-from websockets.protocol import State
 
 from services.bench.flow import ORDER_TYPES, SYMBOL, FlowConfig, generate
 from services.feeds.fanout import L2, TRADES
@@ -91,30 +90,25 @@ def build(commands: int, seed: int, order_types: str, per_payload: int, warmup: 
 
 
 class _Transport:
-    """Takes the fan-out's writes and drops them."""
-
-    def write(self, data: bytes) -> None:
-        pass
-
-    def writelines(self, data: list[bytes]) -> None:
-        pass
-
     def is_closing(self) -> bool:
         return False
 
 
-class _Protocol:
-    state = State.OPEN
-
-
 class _Connection:
-    """What services.feeds.fanout reads and writes of a subscriber's connection."""
+    """What services.feeds.fanout reads of a subscriber's shared.wsserver.Connection; its writes
+    are dropped."""
 
     def __init__(self) -> None:
         self.transport = _Transport()
-        self.protocol = _Protocol()
+        self.open = True
         self.paused = False
         self.remote_address = ("127.0.0.1", 0)
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def writelines(self, blobs: list[bytes]) -> None:
+        pass
 
 
 def _feed(payloads: Payloads, subscribers: int, checksums: bool) -> FeedServer:

@@ -1,21 +1,19 @@
 """Fan-out of pre-encoded WebSocket frames to many clients, each with a bounded outbox.
 
-Why not `websockets.broadcast` or `connection.send` per message: both frame and write every message for
-every client separately (one transport write, usually one syscall, each), which measured 1.8k distinct
-messages/s to 100 clients. Here a message is framed once per process (`frames`), a batch of messages
+Why not frame and send every message for every client separately: that is one transport write (usually
+one syscall) per message per client, which measured 1.8k distinct messages/s to 100 clients. Here a
+message is framed once per process (shared.wsserver's `text_frame`, `frames`), a batch of messages
 becomes one shared bytes object, a client's outbox holds references to such blobs, and one flusher
-writes every client's whole outbox in one `transport.writelines` per loop tick.
+writes every client's whole outbox in one `Connection.writelines` per loop tick.
 
-Frames are plain text frames (no compression extension is negotiated: the server disables it, since
-compressing per client would undo the sharing). Data frames go straight to the transport, past the
-websockets protocol object, which keeps no state about complete unfragmented data frames; we write
-only while the connection is OPEN, as `websockets.broadcast` does. Control frames (ping, pong, close)
-still go through websockets, and frames never interleave since every write is one whole frame or more.
-Measured on a 2-core VM shared with Redis, the publisher and the clients: 10k distinct messages/s to
-100 clients at about 2 ms mean publish-to-write.
+Frames are plain text frames (shared.wsserver never negotiates compression, which per client would
+undo the sharing). They are written only while the connection is open; control frames (ping, pong,
+close) are shared.wsserver's own, and frames never interleave since every write is one whole frame or
+more. Measured on a 2-core VM shared with Redis, the publisher and the clients: 10k distinct
+messages/s to 100 clients at about 2 ms mean publish-to-write.
 
 A client whose socket cannot keep up stops being written to once the transport's buffer passes its
-high-water mark (asyncio pauses the protocol); its outbox then grows and, past `max_buffer` messages,
+high-water mark (the connection is `paused`); its outbox then grows and, past `max_buffer` messages,
 the client is closed with 1008 "slow consumer: send buffer full". Nothing here ever awaits a client,
 so one slow client never delays the others.
 """
@@ -26,14 +24,12 @@ import asyncio
 import logging
 import struct
 import time
-from collections.abc import Coroutine, Iterable
+from collections.abc import Coroutine
 from typing import Any
-
-from websockets.asyncio.server import ServerConnection
-from websockets.protocol import State
 
 from services.feeds.candles import INTERVALS
 from shared import metrics
+from shared.wsserver import Connection
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +44,7 @@ SLOW_CONSUMER = "slow consumer: send buffer full"
 IDLE = "idle: no subscription"
 POLICY_VIOLATION = 1008
 Tally = dict[tuple[str, int], int]  # (channel, publish ns) -> messages written in one flush
-CLOSE_TIMEOUT = 5.0  # seconds a dropped client gets to read up to our close frame
-
-
-def text_frame(data: bytes) -> bytes:
-    """One unmasked, unfragmented text frame (RFC 6455 5.2), as a server sends it."""
-    n = len(data)
-    if n < 126:
-        return bytes((0x81, n)) + data
-    if n < 65536:
-        return struct.pack("!BBH", 0x81, 126, n) + data
-    return struct.pack("!BBQ", 0x81, 127, n) + data
+CLOSE_TIMEOUT = 5.0  # seconds a closed client gets to answer our close frame before it is cut
 
 
 def text_frame_ending(data: bytes, end: bytes) -> bytes:
@@ -74,17 +60,12 @@ def text_frame_ending(data: bytes, end: bytes) -> bytes:
     return b"%b%b%b" % (head, data[:-1], end)
 
 
-def frames(messages: Iterable[bytes]) -> bytes:
-    """Several messages as one blob of consecutive text frames."""
-    return b"".join([text_frame(m) for m in messages])
-
-
 class Client:
     """One WebSocket connection of the md or trades server and what is queued for it."""
 
     __slots__ = ("bad", "conn", "dropped", "idle", "outbox", "pending", "server", "subs", "waiting")
 
-    def __init__(self, conn: ServerConnection, server: str) -> None:
+    def __init__(self, conn: Connection, server: str) -> None:
         self.conn = conn
         self.server = server  # "md" | "trades", for logs and the connections gauge
         # (blob of frames, messages in it, channel label, publish ns or 0)
@@ -121,7 +102,7 @@ class Fanout:
         self._dropped = metrics.FEED_DROPPED.labels("buffer_full")
 
     # Clients and subscriptions -------------------------------------------------------------------
-    def register(self, conn: ServerConnection, server: str) -> Client:
+    def register(self, conn: Connection, server: str) -> Client:
         client = Client(conn, server)
         self.clients.add(client)
         self._arm_idle(client)
@@ -238,8 +219,8 @@ class Fanout:
     def _write(self, client: Client, tally: Tally) -> None:
         """Hand a client's whole outbox to its transport, unless the transport is backed up."""
         conn = client.conn
-        if conn.protocol.state is not State.OPEN or conn.transport.is_closing():
-            # Closing or closed: the data would be refused anyway; the handler unregisters it.
+        if not conn.open or conn.transport.is_closing():
+            # Closing, aborted or closed: the data would be refused anyway; on_closed unregisters it.
             client.outbox.clear()
             client.pending = 0
             return
@@ -249,9 +230,9 @@ class Fanout:
             return
         outbox = client.outbox
         if len(outbox) == 1:
-            conn.transport.write(outbox[0][0])
+            conn.write(outbox[0][0])
         else:
-            conn.transport.writelines([item[0] for item in outbox])
+            conn.writelines([item[0] for item in outbox])
         for _blob, count, channel, pub_ns in outbox:
             if channel:
                 key = (channel, pub_ns)
@@ -278,9 +259,7 @@ class Fanout:
 
     async def _drained(self, client: Client) -> None:
         try:
-            await client.conn.drain()
-        except Exception:  # the connection died: the handler cleans up
-            pass
+            await client.conn.drain()  # also returns once the connection is gone: _write clears then
         finally:
             client.waiting = False
         if client.outbox and not client.dropped:
@@ -299,20 +278,19 @@ class Fanout:
         level = logging.INFO if reason == IDLE else logging.WARNING
         log.log(level, "dropping %r: %s (%d messages queued)", client, reason, client.pending)
         self.unregister(client)
-        self._spawn(close(client.conn, code, reason))
+        client.conn.close(code, reason)  # after what its transport holds; cut if unanswered in time
 
-    async def close_all(self, code: int, reason: str) -> None:
-        """Close every client (shutdown), bounded by CLOSE_TIMEOUT."""
+    def close_all(self, code: int, reason: str) -> None:
+        """Close every client (shutdown) after writing what is queued for it; the connections end
+        once their close is answered, or CLOSE_TIMEOUT (the server's close_timeout) after it."""
         self.flush()
-        conns = [c.conn for c in self.clients]
         for client in list(self.clients):
             client.dropped = True
             self.unregister(client)
-        if conns:
-            await asyncio.gather(*(close(c, code, reason) for c in conns))
+            client.conn.close(code, reason)
 
     async def wait_idle(self) -> None:
-        """Wait for the background close/drain tasks (tests and shutdown)."""
+        """Wait for the background drain tasks (tests and shutdown)."""
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
@@ -320,17 +298,3 @@ class Fanout:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-
-async def close(conn: ServerConnection, code: int, reason: str, timeout: float = CLOSE_TIMEOUT) -> None:
-    """Close with a code and reason; abort the TCP connection if the peer does not read it in time.
-
-    websockets' close() waits for the write buffer to drain first, which a client that stopped
-    reading never lets happen, hence the bound.
-    """
-    try:
-        await asyncio.wait_for(conn.close(code, reason), timeout)
-    except TimeoutError:
-        conn.transport.abort()
-    except Exception:  # already gone
-        conn.transport.abort()

@@ -8,7 +8,7 @@
 - /v1/ticker?symbol=S                      a ticker message
 
 A bad parameter gets 400 and an unknown symbol 404, each with {"type":"error","code","reason"}.
-Pure apart from the clock the caller passes: the server calls answer() from websockets'
+Pure apart from the clock the caller passes: the server calls answer() from shared.wsserver's
 process_request hook, on the event loop, so it reads the state between two updates, never during one.
 """
 

@@ -27,8 +27,9 @@ from typing import Any, Final
 
 import orjson
 
-from services.feeds.fanout import SEED_L2, SEED_TRADES, Client, Fanout, frames, text_frame
+from services.feeds.fanout import SEED_L2, SEED_TRADES, Client, Fanout
 from services.feeds.views import BookView
+from shared.wsserver import frames, text_frame
 
 log = logging.getLogger("cme.feeds.seed")
 

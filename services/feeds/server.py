@@ -12,6 +12,8 @@ the process keeps a BookView (services.feeds.views):
 - trades: the matcher's trade lines, raw, with duplicates (trade_id at or below the last) dropped.
 
 Writing to clients goes through services.feeds.fanout: bounded outboxes, one write per client per tick.
+The WebSocket side is shared/wsserver.py's, as the gateway's (the wsguard limits, RFC 6455, keepalive,
+plain HTTP answers); a client's messages reach FeedServer.on_text synchronously from the socket read.
 Any number of these processes may run side by side: they share nothing but Redis, and the listening
 sockets use SO_REUSEPORT so several on one host share the md and trades ports.
 """
@@ -26,21 +28,18 @@ import math
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
-from http import HTTPStatus
+from collections.abc import Callable
 from typing import Any, Final
 
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import NoPermissionError, RedisError
-from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
-from websockets.http11 import Request, Response
 
 from services.feeds import http as md_http
 from services.feeds.candles import INTERVALS
 from services.feeds.fanout import (
     CANDLES,
+    CLOSE_TIMEOUT,
     CONTROL,
     DEPTH,
     L2,
@@ -51,19 +50,17 @@ from services.feeds.fanout import (
     TRADES,
     Client,
     Fanout,
-    close,
-    frames,
-    text_frame,
     text_frame_ending,
 )
 from services.feeds.market import MarketData, catch_up
 from services.feeds.seed import DEFAULT_SYMBOL, SeedFeed
 from services.feeds.views import Applied, BookView, Malformed
-from shared import aio, codes, keys, logs, metrics, wsguard
+from shared import aio, codes, keys, logs, metrics, wsguard, wsserver
 from shared.gcpolicy import quiet_gc
 from shared.instruments import Instrument, load_instruments
 from shared.resp import client_options
 from shared.wire import unframe
+from shared.wsserver import frames, text_frame
 
 log = logging.getLogger("cme.feeds")
 REDIS_TIMEOUT: Final = 5.0  # seconds for a Redis command or connect before it counts as failed
@@ -75,8 +72,9 @@ LEASE_POLL = 1.0  # seconds between reads of the matcher leases (health)
 MAX_FRAME = 4096  # largest client frame: subscribe messages are tiny
 MAX_BAD = 20  # invalid client messages before we give up on the connection
 DEFAULT_DEPTH, MAX_DEPTH = 10, 1000
-UNSUPPORTED_DATA = 1003
-GOING_AWAY = 1001
+UNSUPPORTED_DATA = wsserver.UNSUPPORTED_DATA
+GOING_AWAY = wsserver.GOING_AWAY
+SHUTDOWN_REASON: Final = "server shutting down"
 IDLE_TIMEOUT = 60.0  # seconds a connection may hold no subscription
 HEARTBEAT_AFTER = 1.0  # seconds of l2 silence on a symbol before a heartbeat
 CANDLE_EVERY = 0.25  # seconds between candle messages for one bar while it changes
@@ -143,7 +141,7 @@ class FeedServer:
         self.no_matcher: list[str] = list(self.views)  # symbols no matcher holds the lease of
         self._redis_failed = wsguard.Throttled(log, 30.0)  # Redis down: a line per 30 s, not per retry
         self._request_failed = wsguard.Throttled(log, 30.0)
-        self._servers: list[Server] = []
+        self._servers: list[wsserver.Server] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._resyncs = {sym: metrics.FEED_RESYNCS.labels(sym) for sym in self.views}
         self._connections = {name: metrics.CONNECTIONS.labels(name) for name in (MD, TRADES_SERVER)}
@@ -155,23 +153,22 @@ class FeedServer:
         """Listen and subscribe; wait up to `wait` seconds for Redis to confirm the subscriptions (so
         nothing published afterwards is missed), but serve anyway if Redis is not there yet."""
         self._redis = aioredis.Redis.from_url(self.redis_url, **client_options(REDIS_TIMEOUT))
-        connection = wsguard.guarded(wsguard.GuardedConnection, self.guard)
+        answers = {MD: self._md_request, TRADES_SERVER: self._health_request}
         for name, port in ((MD, md_port), (TRADES_SERVER, trades_port)):
-            server = await serve(
-                self._handler(name),
+            # SO_REUSEPORT (N feed processes on one host share the ports), no compression (frames are
+            # shared between clients), the guard's limits.
+            server = await wsserver.serve(
+                self._connector(name),
                 host,
                 port,
-                reuse_port=True,  # N feed processes on one host share the ports
-                compression=None,  # frames are shared between clients: no per-client compression
+                guard=self.guard,
                 max_size=MAX_FRAME,
-                close_timeout=5.0,
-                open_timeout=self.policy.handshake_timeout,
-                create_connection=connection,
-                process_request=self._health_request,
+                close_timeout=CLOSE_TIMEOUT,
+                process_request=answers[name],
             )
             self._servers.append(server)
-        self.md_port = _bound_port(self._servers[0])
-        self.trades_port = _bound_port(self._servers[1])
+        self.md_port = self._servers[0].port
+        self.trades_port = self._servers[1].port
         self._tasks.append(asyncio.create_task(self._watch_matcher()))
         metrics.HEALTH.source = self
         for coro in (
@@ -193,14 +190,27 @@ class FeedServer:
     async def stop(self) -> None:
         """Close every client with 1001, stop the servers and background tasks."""
         for server in self._servers:
-            server.close(close_connections=False)  # stop accepting; we close the clients ourselves
-        await self.fanout.close_all(GOING_AWAY, "server shutting down")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*(s.wait_closed() for s in self._servers)), 5.0)
-        readers = list(self._catch_ups.values())  # events stream readers still at it
-        for task in (*self._tasks, *readers):
-            task.cancel()
-        await asyncio.gather(*self._tasks, *readers, return_exceptions=True)
+            server.stop_accepting()
+        self.fanout.close_all(GOING_AWAY, SHUTDOWN_REASON)  # what is queued first, then the close frame
+        for server in self._servers:
+            server.close(GOING_AWAY, SHUTDOWN_REASON)  # the rest: connections still in their handshake
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT + 1.0):  # each is cut CLOSE_TIMEOUT after its close
+                await asyncio.gather(*(s.wait_closed() for s in self._servers))
+        except TimeoutError:
+            for server in self._servers:
+                for conn in list(server.connections):
+                    conn.transport.abort()
+        tasks = [*self._tasks, *self._catch_ups.values()]  # with the events stream readers still at it
+        pending = set(tasks)
+        while pending:
+            # Again for a task still running: redis-py 8.1 can swallow a cancel that lands during a
+            # command (a snapshot request's PUBLISH returned normally, in about half of the stops
+            # right after a start) or during its blocking pub/sub read, as the gateway found.
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.5)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.fanout.wait_idle()
         if metrics.HEALTH.source is self:
             metrics.HEALTH.source = metrics.AlwaysHealthy()
@@ -543,48 +553,47 @@ class FeedServer:
                     self.fanout.send(client, blob, 1, TICKER)
 
     # Client side --------------------------------------------------------------------------------
-    def _handler(self, server: str) -> Callable[[ServerConnection], Awaitable[None]]:
-        async def handler(conn: ServerConnection) -> None:
-            await self._serve_client(conn, server)
+    def _connector(self, server: str) -> Callable[[wsserver.Connection], ClientHandler]:
+        def connect(conn: wsserver.Connection) -> ClientHandler:
+            client = self.fanout.register(conn, server)
+            self.seed.connected(client)
+            self._connections[server].inc()
+            log.info("%s connection from %s", server, _address(conn))
+            return ClientHandler(self, client)
 
-        return handler
+        return connect
 
-    async def _serve_client(self, conn: ServerConnection, server: str) -> None:
-        client = self.fanout.register(conn, server)
-        self.seed.connected(client)
-        gauge = self._connections[server]
-        gauge.inc()
-        where = _address(conn)
-        log.info("%s connection from %s", server, where)
+    def on_text(self, client: Client, text: str) -> None:
+        """One message of a client, called synchronously from the socket read."""
+        if client.dropped:
+            return  # the drop is closing it
         try:
-            async for raw in conn:
-                if client.dropped:
-                    continue  # the drop is closing it; websockets ends this loop when it is closed
-                if not isinstance(raw, str):
-                    await close(conn, UNSUPPORTED_DATA, "binary frames are not supported")
-                    break
-                try:
-                    self._on_client_message(client, raw)
-                except Exception as exc:
-                    # Input that makes handling fail is invalid input: a reject, never a traceback.
-                    _HANDLING_FAILED.warning(
-                        "a message could not be handled: %s: %.200s", type(exc).__name__, exc
-                    )
-                    log.debug("client message handling failed", exc_info=True)
-                    self._reject(client, None, codes.INVALID_MESSAGE, "message could not be handled")
-                if client.bad > MAX_BAD:
-                    self.fanout.flush()  # the last reject goes out before the close frame
-                    await close(conn, POLICY_VIOLATION, "too many invalid messages")
-                    break
-        except ConnectionClosed:
-            pass
-        finally:
-            self.seed.gone(client)
-            self.fanout.unregister(client)
-            gauge.dec()
-            log.info(
-                "%s connection from %s closed: %s %s", server, where, conn.close_code, conn.close_reason or ""
-            )
+            self._on_client_message(client, text)
+        except Exception as exc:
+            # Input that makes handling fail is invalid input: a reject, never a traceback.
+            _HANDLING_FAILED.warning("a message could not be handled: %s: %.200s", type(exc).__name__, exc)
+            log.debug("client message handling failed", exc_info=True)
+            self._reject(client, None, codes.INVALID_MESSAGE, "message could not be handled")
+        if client.bad > MAX_BAD:
+            self.fanout.flush()  # the last reject goes out before the close frame
+            client.conn.close(POLICY_VIOLATION, "too many invalid messages")
+
+    def on_binary(self, client: Client) -> None:
+        if not client.dropped:
+            client.conn.close(UNSUPPORTED_DATA, "binary frames are not supported")
+
+    def disconnected(self, client: Client) -> None:
+        self.seed.gone(client)
+        self.fanout.unregister(client)
+        self._connections[client.server].dec()
+        conn = client.conn
+        log.info(
+            "%s connection from %s closed: %s %s",
+            client.server,
+            _address(conn),
+            conn.close_code,
+            conn.close_reason,
+        )
 
     def _on_client_message(self, client: Client, text: str) -> None:
         self.seed.heard(client)
@@ -705,29 +714,27 @@ class FeedServer:
             return f"waiting for the matcher's book snapshot of {', '.join(unsynced)}"
         return None
 
-    def _health_request(self, connection: ServerConnection, request: Request) -> Response | None:
+    def _health_request(self, request: wsserver.Request) -> wsserver.HttpResponse | None:
         """Plain HTTP GET /healthz and /readyz on either port: 200, or 503 with the reason."""
         if "Upgrade" in request.headers:
             return None
         answer = metrics.HEALTH.answer(request.path, self)
         if answer is None:
-            return self._md_request(connection, request)
-        status, body = answer
-        return connection.respond(HTTPStatus(status), body)
-
-    def _md_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        """GET /v1/... on the market-data port (services.feeds.http); None lets the handshake go on."""
-        local = connection.local_address
-        if not local or local[1] != self.md_port:
             return None
+        status, body = answer
+        return wsserver.HttpResponse(status, body.encode())
+
+    def _md_request(self, request: wsserver.Request) -> wsserver.HttpResponse | None:
+        """The market-data port's: health, then GET /v1/... (services.feeds.http); None lets the
+        handshake go on (a plain GET of any other path gets 426)."""
+        answer = self._health_request(request)
+        if answer is not None or "Upgrade" in request.headers:
+            return answer
         routed = md_http.answer(request.path, self.views, self.market, time.time_ns() // 1_000_000)
         if routed is None:
             return None
         status, body = routed
-        response = connection.respond(HTTPStatus(status), body.decode())
-        del response.headers["Content-Type"]
-        response.headers["Content-Type"] = "application/json"
-        return response
+        return wsserver.HttpResponse(status, body, "application/json")
 
     def _reject(
         self, client: Client, op: str | None, code: str, reason: str, symbol: str | None = None
@@ -746,17 +753,28 @@ class FeedServer:
         return blob
 
 
-def _address(conn: ServerConnection) -> str:
+class ClientHandler:
+    """The wsserver.Handler of one client connection: its messages go to its FeedServer."""
+
+    __slots__ = ("client", "feeds")
+
+    def __init__(self, feeds: FeedServer, client: Client) -> None:
+        self.feeds, self.client = feeds, client
+
+    def on_text(self, text: str) -> None:
+        self.feeds.on_text(self.client, text)
+
+    def on_binary(self, data: bytes) -> None:
+        self.feeds.on_binary(self.client)
+
+    def on_closed(self) -> None:
+        self.feeds.disconnected(self.client)
+
+
+def _address(conn: wsserver.Connection) -> str:
     """host:port of the peer, for log lines."""
     peer = conn.remote_address
     return f"{peer[0]}:{peer[1]}" if peer else "?"
-
-
-def _bound_port(server: Server) -> int:
-    for sock in server.sockets:
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            return int(sock.getsockname()[1])
-    raise RuntimeError("server has no TCP socket")
 
 
 # Entry point ------------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ import random
 import pytest
 
 from services.feeds.checksum import level_part
-from services.feeds.fanout import text_frame, text_frame_ending
+from services.feeds.fanout import text_frame_ending
 from services.feeds.views import Applied, BookView
+from shared.wsserver import text_frame
 from tests.feeds.test_views import INST, Flow
 
 Levels = list[list[str]]

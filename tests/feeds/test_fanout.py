@@ -9,66 +9,88 @@ from collections.abc import AsyncIterator
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 
-from services.feeds.fanout import L2, SLOW_CONSUMER, Fanout, frames, text_frame
-from shared import metrics
+from services.feeds.fanout import CLOSE_TIMEOUT, L2, SLOW_CONSUMER, Client, Fanout, text_frame_ending
+from shared import metrics, wsserver
+from shared.wsguard import Guard, Policy
+from shared.wsserver import frames, text_frame
 
 SYMBOL = "BTC-USDT"
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 70000])
-def test_text_frame_matches_websockets(size: int) -> None:
-    data = b"x" * size
-    assert text_frame(data) == Frame(Opcode.TEXT, data).serialize(mask=False)
+@pytest.mark.parametrize("size", [1, 74, 75, 65484, 65485, 70000])  # frames of 125, 126, 65535, 65536
+def test_text_frame_ending_matches_websockets(size: int) -> None:
+    data, end = b"{" + b"x" * size + b"}", b',"checksum":4294967295}'
+    assert text_frame_ending(data, end) == Frame(Opcode.TEXT, data[:-1] + end).serialize(mask=False)
+
+
+class Subscriber:
+    """The harness's wsserver.Handler: the connection stays subscribed to l2 until it is gone."""
+
+    def __init__(self, fanout: Fanout, client: Client) -> None:
+        self.fanout, self.client = fanout, client
+
+    def on_text(self, text: str) -> None:
+        pass
+
+    def on_binary(self, data: bytes) -> None:
+        pass
+
+    def on_closed(self) -> None:
+        self.fanout.unregister(self.client)
 
 
 class Harness:
-    """A websockets server whose handler registers each connection with a Fanout on the l2 channel."""
+    """A wsserver server whose connections are registered with a Fanout on the l2 channel."""
 
     def __init__(self, fanout: Fanout) -> None:
         self.fanout = fanout
-        self.server: Server | None = None
-        self.joined = asyncio.Event()
+        self.server: wsserver.Server | None = None
         self.count = 0
 
-    async def handler(self, conn: ServerConnection) -> None:
+    def connect(self, conn: wsserver.Connection) -> Subscriber:
         client = self.fanout.register(conn, "md")
         self.fanout.subscribe(client, L2, SYMBOL)
         self.count += 1
-        self.joined.set()
-        try:
-            async for _ in conn:
-                pass
-        except ConnectionClosed:
-            pass
-        finally:
-            self.fanout.unregister(client)
+        return Subscriber(self.fanout, client)
 
     @property
     def url(self) -> str:
         assert self.server is not None
-        port = self.server.sockets[0].getsockname()[1]
-        return f"ws://127.0.0.1:{port}"
+        return f"ws://127.0.0.1:{self.server.port}"
 
 
 @pytest.fixture()
 async def harness() -> AsyncIterator[Harness]:
     h = Harness(Fanout(max_buffer=200))
-    h.server = await serve(h.handler, "127.0.0.1", 0, compression=None)
+    h.server = await wsserver.serve(
+        h.connect,
+        "127.0.0.1",
+        0,
+        guard=Guard(Policy(), "test"),
+        max_size=4096,
+        close_timeout=CLOSE_TIMEOUT,
+    )
     yield h
-    await h.fanout.close_all(1001, "test over")
-    h.server.close()
+    h.fanout.close_all(1001, "test over")
+    h.server.close(1001, "test over")
     await asyncio.wait_for(h.server.wait_closed(), 10)
+    await h.fanout.wait_idle()
 
 
 async def join(h: Harness, ws: ClientConnection, n: int) -> None:
     async with asyncio.timeout(5):
         while h.count < n:
             await asyncio.sleep(0.01)
+
+
+def peer_port(client: Client) -> int:
+    peer = client.conn.remote_address
+    assert peer is not None
+    return int(peer[1])
 
 
 def dropped() -> float:
@@ -105,7 +127,7 @@ async def test_slow_client_is_dropped_and_the_fast_one_gets_everything(harness: 
 
     assert [int(m[:6]) for m in received] == list(range(total))
     assert dropped() == before + 1
-    slow_clients = [c for c in harness.fanout.clients if c.conn.remote_address[1] == sock.getsockname()[1]]
+    slow_clients = [c for c in harness.fanout.clients if peer_port(c) == sock.getsockname()[1]]
     assert slow_clients == []  # unregistered at once: publishing to it costs nothing any more
 
     # The slow client, reading at last, finds the close frame with the reason after what it was sent.
@@ -141,7 +163,7 @@ async def test_unsubscribed_and_departed_clients_get_nothing(harness: Harness) -
     await join(harness, a, 1)
     b = await connect(harness.url, compression=None)
     await join(harness, b, 2)
-    client_a = next(c for c in harness.fanout.clients if c.conn.remote_address[1] == a.local_address[1])
+    client_a = next(c for c in harness.fanout.clients if peer_port(c) == a.local_address[1])
     assert harness.fanout.unsubscribe(client_a, L2, SYMBOL)
     assert not harness.fanout.unsubscribe(client_a, L2, SYMBOL)  # idempotent
     harness.fanout.publish(L2, SYMBOL, text_frame(b"hello"), 1)
@@ -154,3 +176,30 @@ async def test_unsubscribed_and_departed_clients_get_nothing(harness: Harness) -
             await asyncio.sleep(0.01)
     harness.fanout.publish(L2, SYMBOL, text_frame(b"nobody"), 1)  # no subscriber left: a no-op
     await a.close()
+
+
+async def test_a_client_that_reads_late_gets_everything_once_its_writes_resume(harness: Harness) -> None:
+    """Its transport pauses: its outbox waits (bounded, under max_buffer) for the drain, then goes out."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", int(harness.url.rsplit(":", 1)[1])))
+    ws = await connect(harness.url, sock=sock, max_queue=1, compression=None, max_size=None)
+    await join(harness, ws, 1)
+    client = next(iter(harness.fanout.clients))
+    before = dropped()
+    total, size = 150, 60_000  # 9 MB: far past the socket buffers, under max_buffer messages
+    for i in range(total):
+        harness.fanout.publish(L2, SYMBOL, text_frame(b"%06d" % i + b"." * size), 1)
+        await asyncio.sleep(0)
+    async with asyncio.timeout(5):
+        while not client.waiting:
+            await asyncio.sleep(0.01)
+    assert client.conn.paused and client.pending
+    got: list[int] = []
+    async with asyncio.timeout(20):
+        while len(got) < total:
+            msg = await ws.recv()
+            got.append(int(msg[:6]))
+    assert got == list(range(total))
+    assert dropped() == before and not client.dropped and not client.waiting
+    await ws.close()

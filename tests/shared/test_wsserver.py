@@ -347,6 +347,66 @@ async def test_while_writes_are_paused_only_the_latest_ping_is_answered(start: S
     assert await raw.until_eof() == [(PONG, b"p4"), close_frame(1000, "bye")]
 
 
+# Writes of frames built once, flow control for writers with their own queue ---------------------------
+async def only_connection(s: Started) -> wsserver.Connection:
+    async with asyncio.timeout(5):
+        while not s.server.connections or not next(iter(s.server.connections)).open:
+            await asyncio.sleep(0.01)
+    return next(iter(s.server.connections))
+
+
+async def test_writelines_writes_blobs_of_frames_in_order_while_open(start: Start) -> None:
+    s = await start()
+    async with connect(s.url, compression=None) as ws:
+        conn = await only_connection(s)
+        shared = wsserver.frames([b"b", b"c"])  # as one blob is written to many connections
+        conn.writelines([wsserver.text_frame(b"a"), shared, shared])
+        assert [await ws.recv() for _ in range(5)] == ["a", "b", "c", "b", "c"]
+        await ws.send("close")
+        assert await closed_with(ws) == (1000, "bye")
+        conn.writelines([wsserver.text_frame(b"late")])  # after the close frame: nothing
+    assert not conn.open and s.server.connections == set()
+
+
+async def test_drain_waits_until_the_client_reads_what_is_queued(start: Start) -> None:
+    s = await start(send_timeout=0)
+    raw, _ = await Raw.open(s.server.port)
+    conn = await only_connection(s)
+    await conn.drain()  # not paused: at once
+    blob, sent = wsserver.text_frame(b"x" * 60_000), 0
+    while not conn.paused:  # the kernel's buffers fill up first
+        conn.write(blob)
+        sent += len(blob)
+    for _ in range(32):  # and then 2 MB more, far past what the client may buffer without reading
+        conn.write(blob)
+        sent += len(blob)
+    drained = asyncio.ensure_future(conn.drain())
+    again = asyncio.ensure_future(conn.drain())  # several writers may wait
+    await asyncio.sleep(0)
+    assert not drained.done() and conn.paused
+    got = 0
+    async with asyncio.timeout(10):
+        while got < sent:
+            got += len(await raw.reader.read(1 << 20))
+        await asyncio.gather(drained, again)
+    assert not conn.paused and conn.open
+    raw.writer.close()
+
+
+async def test_drain_returns_when_the_connection_is_lost(start: Start) -> None:
+    s = await start(send_timeout=0)
+    raw, _ = await Raw.open(s.server.port)
+    conn = await only_connection(s)
+    conn.pause_writing()  # as the transport does when its buffer passes the high-water mark
+    drained = asyncio.ensure_future(conn.drain())
+    await asyncio.sleep(0)
+    assert not drained.done()
+    conn.abort("test")
+    await asyncio.wait_for(drained, 5)
+    assert not conn.open
+    raw.writer.close()
+
+
 # HTTP, subprotocols, headers, ports ------------------------------------------------------------------
 async def test_plain_http_gets_the_process_request_answer_or_426(start: Start) -> None:
     s = await start()
