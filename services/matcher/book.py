@@ -13,9 +13,12 @@ The layout is chosen for CPython speed, because the core must apply about a mill
   deque: the compiled build appends to and indexes a list inline; deque methods are generic calls.)
 - Cancels are lazy and O(1): the order's leaves drop to 0 and it stays in its level's queue until it
   reaches the head. A level is compacted when dead entries outnumber live ones.
-- The heap is lazy too: an emptied level leaves its key behind, stale keys are popped when they reach
-  the top, and the heap is rebuilt when stale keys outnumber live ones.
-  Invariant: ``heap[0]``, when the heap is not empty, is the key of a live level.
+- The heap is lazy too: an emptied level leaves its key behind and in ``stale``, stale keys are popped
+  when they reach the top, and the heap is rebuilt when stale keys outnumber live ones. A level that
+  comes back at a stale key takes that key over instead of pushing it again, so a key is in the heap
+  at most once (levels that empty and come back below the top cost set operations, not heap pushes).
+  Invariants: ``heap[0]``, when the heap is not empty, is the key of a live level; the heap holds
+  exactly the keys of ``levels`` and of ``stale``, each once.
 
 The order types beyond plain limit and market orders keep their extra state beside the book, so a
 plain order pays nothing for them:
@@ -65,7 +68,9 @@ Stop = list[Any]  # an untriggered stop order; see S_* for the slots
 # is a C struct of native ints there, boxed into a new tuple (and new ints) at every read.
 Bbo = tuple[Any, ...]
 
-MAX_KEY: Final = 1 << 62  # beyond any price key: the limit of a market order
+# Beyond any price key: the limit of a market order. The largest int the compiled build keeps unboxed
+# (its native ints are 63-bit tagged): at 1 << 62 every compare with it took the slow path.
+MAX_KEY: Final = (1 << 62) - 1
 STALE_SLACK: Final = 64
 
 
@@ -96,13 +101,14 @@ class Level:
 class BookSide:
     """One side of the book: levels by key and a heap of keys, best first."""
 
-    __slots__ = ("heap", "levels", "side", "sign")
+    __slots__ = ("heap", "levels", "side", "sign", "stale")
 
     def __init__(self, side: str) -> None:
         self.side = side
         self.sign = -1 if side == BUY else 1
         self.levels: dict[int, Level] = {}
         self.heap: list[int] = []
+        self.stale: set[int] = set()  # keys in the heap whose level has gone
 
     def add(self, order: Order) -> Level:
         """Append a resting order at the back of its price level, creating the level if needed."""
@@ -113,21 +119,27 @@ class BookSide:
         else:
             order[O_PRICE] = level.price  # one shared int per level instead of one per order
         level.orders.append(order)
-        level.total += order[O_LEAVES]
+        leaves: int = order[O_LEAVES]  # typed: the compiled build then adds natively, not generically
+        level.total += leaves
         return level
 
-    def new_level(self, key: int, price: Any) -> Level:
+    def new_level(self, key: Any, price: Any) -> Level:
+        # key is typed Any so that the compiled build boxes it once, at the call, rather than once
+        # for each of the dict, the stale set and the heap.
         level = self.levels[key] = Level(price)
-        heappush(self.heap, key)
-        if len(self.heap) > 2 * len(self.levels) + STALE_SLACK:
-            self.rebuild_heap()
+        stale = self.stale
+        if key in stale:
+            stale.remove(key)  # its key is in the heap already
+        else:
+            heappush(self.heap, key)
         return level
 
     def remove(self, order: Order) -> Level:
         """Take a resting order out of its level in O(1); drops the level when it empties."""
         key = order[O_PRICE] * self.sign
         level = self.levels[key]
-        level.total -= order[O_LEAVES]
+        leaves: int = order[O_LEAVES]  # typed, as in add
+        level.total -= leaves
         order[O_LEAVES] = 0
         if level.total == 0:
             self.drop(key)
@@ -140,20 +152,30 @@ class BookSide:
 
     def drop(self, key: int) -> None:
         """Forget an empty level and keep heap[0] live."""
-        del self.levels[key]
-        heap = self.heap
+        levels, heap, stale = self.levels, self.heap, self.stale
+        del levels[key]
         if heap[0] == key:
-            levels = self.levels
             heappop(heap)
-            while heap and heap[0] not in levels:
-                heappop(heap)
+            while heap and heap[0] in stale:
+                stale.remove(heappop(heap))
+        else:
+            stale.add(key)
+            if len(stale) > len(levels) + STALE_SLACK:
+                self.rebuild_heap()
 
     def rebuild_heap(self) -> None:
-        self.heap = list(self.levels)
-        heapify(self.heap)
+        # In place: the matching loop holds the heap in a local while it drops levels.
+        heap = self.heap
+        heap[:] = self.levels
+        heapify(heap)
+        self.stale.clear()
 
     def best(self) -> Level | None:
-        return self.levels[self.heap[0]] if self.heap else None
+        # The heap typed as a list of objects, so that heap[0] is the heap's own int object, which is
+        # also levels' key (see new_level): read from a list[int], the compiled build would unbox it and
+        # box a new one, and the lookup would then compare values instead of matching identity.
+        heap: list[Any] = self.heap
+        return self.levels[heap[0]] if heap else None
 
     def iter_levels(self, limit_key: int = MAX_KEY) -> Iterator[Level]:
         """Levels best first, up to limit_key, without consuming the heap.

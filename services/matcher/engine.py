@@ -93,7 +93,13 @@ _MAX_ACCOUNT: Final = 64
 _INT64: Final = 1 << 63
 _NO_CIDS: Final[dict[str, Order]] = {}
 _STOP_TYPES: Final = (STOP_LIMIT, STOP_MARKET)
-_NEVER: Final = 1 << 62  # later than any expire_time
+# 'No expiry due': soonest's value with no GTD order. An upper bound of realistic times, kept unboxed
+# in the compiled build like MAX_KEY (apply compares ts with soonest at every command); an expire_time
+# beyond it only makes expiry checks run early, since soonest stays a lower bound.
+NEVER: Final = MAX_KEY
+# Called as a function: the compiled build then calls the method object directly instead of looking
+# `isprintable` up on the string at every new order (a third of the check's cost).
+_isprintable: Final = str.isprintable
 # Per order type: the tifs it takes.
 _TIFS: Final[dict[str, tuple[str, ...]]] = {
     LIMIT: (GTC, IOC, FOK, GTD),
@@ -135,7 +141,7 @@ class Engine:
         self.last_seq = 0
         # Kept so that a plain command checks two ints instead of its book's extra state.
         self.n_stops = 0  # untriggered stops, all books
-        self.soonest = _NEVER  # no GTD order of any book expires before this (a lower bound)
+        self.soonest = NEVER  # no GTD order of any book expires before this (a lower bound)
 
     # ------------------------------------------------------------------------------------------
     def apply(self, cmd: Command | object, seq: int, ts: int) -> list[Event]:
@@ -196,7 +202,7 @@ class Engine:
         out: list[Event] = []
         if book is not None and book.expiries and book.expiries[0][0] <= ts:
             self._expire(book, ts, out)
-            self.soonest = min((b.expiries[0][0] for b in self.books.values() if b.expiries), default=_NEVER)
+            self.soonest = min((b.expiries[0][0] for b in self.books.values() if b.expiries), default=NEVER)
         if kind is NewOrder:
             traded = book.trade_seq if book is not None else 0
             events = self._new(cmd, seq, ts)  # type: ignore[arg-type]
@@ -282,22 +288,23 @@ class Engine:
             or not 0 < len(account) <= _MAX_ACCOUNT
             or (
                 cid is not None
-                and (type(cid) is not str or not 0 < len(cid) <= _MAX_CID or not cid.isprintable())
+                and (type(cid) is not str or not 0 < len(cid) <= _MAX_CID or not _isprintable(cid))
             )
             or (post_only is not False and (post_only is not True or not gtc))
         ):
             return [_rejected(symbol, "new", seq, account, cid, _new_order_error(self.books, cmd, ts))]
-        # The numbers are checked into a flag, not by an `if` of their own: after such an `if` mypy
-        # narrows price and qty to int, and the compiled build would then box a new int wherever one
-        # is stored (the order, its events). Left as the command's own objects, they are shared.
-        bad_numbers = (
-            type(qty) is not int
-            or not book.min_qty <= qty <= book.max_qty
-            or (
-                type(price) is not int or not 0 < price <= book.max_price or price * qty < book.min_notional
-                if is_limit
-                else price is not None
-            )
+        # `lots` and `ticks` are the quantity and price as native ints, for the checks and the
+        # arithmetic: compared as fields typed Any, each bound would be boxed and compared generically.
+        # A field that is no int gives 0, which the checks refuse (min_qty and a price are at least 1).
+        # qty and price themselves are not narrowed by an `if` on their type: mypy would then type them
+        # int, and the compiled build would box a new int wherever one is stored (the order, its
+        # events). Left as the command's own objects, they are shared.
+        lots: int = qty if type(qty) is int else 0
+        ticks: int = price if type(price) is int else 0
+        bad_numbers = not book.min_qty <= lots <= book.max_qty or (
+            not 0 < ticks <= book.max_price or ticks * lots < book.min_notional
+            if is_limit
+            else price is not None
         )
         if bad_numbers:
             return [_rejected(symbol, "new", seq, account, cid, _new_order_error(self.books, cmd, ts))]
@@ -306,9 +313,6 @@ class Engine:
             return [_rejected(symbol, "new", seq, account, cid, codes.DUPLICATE_CLIENT_ORDER_ID)]
 
         # On both sides a smaller key is a better price (see book.py); a market order has no limit.
-        # `ticks` and `lots` are the price and quantity as native ints, for the arithmetic.
-        ticks: int = 0 if price is None else price
-        lots: int = qty
         if buy:
             own, opp = book.bids, book.asks
             limit_key = MAX_KEY if price is None else ticks
@@ -399,7 +403,12 @@ class Engine:
     ) -> bool:
         """Trade the taker against `opp` best first. True if self-trade prevention stopped the taker."""
         symbol = book.symbol
-        maker_rate, taker_rate = book.maker_rate, book.taker_rate
+        # The fees are typed Any, so their products are plain Python multiplications: the compiled
+        # build takes a slow path (boxing both sides, ~800 instructions) for any native product with a
+        # factor of 2**30 or more, which a notional (ticks x lots) mostly is at real magnitudes; the
+        # result is boxed for the event anyway.
+        maker_rate: Any = book.maker_rate
+        taker_rate: Any = book.taker_rate
         # Typed locals: the compiled build compares and adds them natively (an Any goes the generic way).
         account: str
         t_leaves: int
@@ -414,8 +423,12 @@ class Engine:
         market = ledger.markets[symbol] if ledger is not None else None
         taker_buys = t_side == BUY
         stamp: Any = ts  # one int object for all the trades (the compiled build would box ts per trade)
+        # The heap again, typed as a list of objects: read through it, heap[0] is the heap's own int
+        # object, which is also levels' key; read from a list[int], the compiled build would unbox it
+        # and box a new one for levels[], whose lookup would then compare values, not identities.
+        keys: list[Any] = heap
         while heap and heap[0] <= limit_key:
-            key = heap[0]
+            key = keys[0]
             level = levels[key]
             q, head = level.orders, level.head  # the queue is q[head:] (see book.py)
             price = level.price  # the level's int object, which the events share
@@ -475,7 +488,7 @@ class Engine:
                 t_leaves -= fill
                 maker[O_LEAVES] = m_leaves
                 total -= fill
-                notional = ticks * fill
+                notional: Any = ticks * fill  # see maker_rate
                 trade_seq += 1
                 traded_at = price
                 if market is not None:
@@ -732,7 +745,7 @@ class Engine:
                 if s[S_CID] is not None:
                     del book.cids[s[S_ACCOUNT]][s[S_CID]]
             self.n_stops -= len(wave)
-            lo, hi = _NEVER, -1
+            lo, hi = NEVER, -1
             for oid, account, cid, side, otype, tif, price, qty, stop_price, stp in wave:
                 kind = LIMIT if otype == STOP_LIMIT else MARKET
                 out.append((TRIGGERED, symbol, oid, account, cid, side, kind, tif, price, stop_price, qty))

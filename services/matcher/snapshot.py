@@ -18,11 +18,10 @@ from typing import Any
 
 from services.matcher.book import O_ACCOUNT, O_CID, O_ID, O_LEAVES, O_QTY, BookSide, OrderBook
 from services.matcher.commands import BUY, SELL, STOP_LIMIT, STOP_MARKET
-from services.matcher.engine import Engine
+from services.matcher.engine import NEVER, Engine
 
 FORMAT_VERSION = 3
 _READABLE = (1, 2, 3)
-_NEVER = 1 << 62
 
 
 def _dump_side(side: BookSide) -> list[Any]:
@@ -110,7 +109,7 @@ def restore(engine: Engine, snap: dict[str, Any]) -> None:
         engine.books[symbol] = book
     engine.last_seq = last_seq
     engine.n_stops = sum(len(b.stops) for b in engine.books.values())
-    engine.soonest = min((b.expiries[0][0] for b in engine.books.values() if b.expiries), default=_NEVER)
+    engine.soonest = min((b.expiries[0][0] for b in engine.books.values() if b.expiries), default=NEVER)
 
 
 def _restore_balances(engine: Engine, snap: dict[str, Any]) -> None:

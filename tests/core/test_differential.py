@@ -311,6 +311,11 @@ def test_many_levels_created_and_emptied() -> None:
             NewOrder(BTC, "carol", BUY, LIMIT, FOK, 11_000 + 200, 60),
         ]
         seq = _compare(engine, ref, cancels + sweep, seq)
+        for side in (engine.books[BTC].bids, engine.books[BTC].asks):
+            # Each key at most once: the heap holds exactly the live and the stale keys.
+            assert sorted(side.heap) == sorted([*side.levels, *side.stale])
+            assert not side.stale & side.levels.keys()
+            assert not side.heap or side.heap[0] in side.levels
 
 
 def run_stream(seed: int, n: int, profile: Profile = NARROW) -> Iterator[tuple[Command, int, int]]:
