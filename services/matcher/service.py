@@ -236,11 +236,8 @@ def _due_ticks(
 
 
 def _check_commits(replies: list[Any], n: int) -> None:
-    """The first n replies of a round trip, one per fenced script call, must all be successes (an
-    append under the venue clock answers a list: one reply per entry)."""
+    """The first n replies of a round trip, one per fenced script call, must all be successes."""
     for reply in replies[:n]:
-        if type(reply) is list and len(reply) == 1:
-            reply = reply[0]
         if isinstance(reply, hiredis.ReplyError):
             raise _fence_error(reply) or CommitFailed(f"Redis refused a commit: {reply}")
 

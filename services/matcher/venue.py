@@ -257,7 +257,7 @@ class VenueMatcher(Matcher):
 
     def _append(self, st: SymbolState, entry: bytes) -> bytes:
         """Under the venue clock's ids (shared.stream.APPEND_SCRIPT), as the gateways append."""
-        return pack(b"EVALSHA", APPEND_SHA, b"2", keys.id_clock().encode(), st.k_orders.encode(), b"2", entry)
+        return pack(b"EVALSHA", APPEND_SHA, b"2", keys.id_clock().encode(), st.k_orders.encode(), entry)
 
     def _process_merged(self, chunk: list[Merged], read_ns: int) -> bytes:
         """Apply merged entries in order, render each symbol's part, and return the one commit."""

@@ -47,9 +47,7 @@ COIN = 10**5  # units of 1 BTC or ETH (lot 0.00001)
 def append(r: redis.Redis, items: list[tuple[str, Command]], record: list[tuple[str, str, Command]]) -> None:
     """Append as a gateway with balances on does: under the venue clock's ids."""
     for symbol, cmd in items:
-        entry_id = r.eval(
-            APPEND_SCRIPT, 2, keys.id_clock(), keys.orders(symbol), 2, encode(cmd, time.time_ns())
-        )[0]
+        entry_id = r.eval(APPEND_SCRIPT, 2, keys.id_clock(), keys.orders(symbol), encode(cmd, time.time_ns()))
         r.incr(keys.appended(symbol))
         record.append((symbol, cast(bytes, entry_id).decode(), cmd))
 
