@@ -228,3 +228,56 @@ async def test_one_accounts_balance_lines_from_two_symbols_arrive_in_command_ord
     one = MID * 10_000 * (10**8 + 200_000) * 10**15 // (100 * 10**5 * 10**8)  # 30000 x 0.1 x 1.002 USDT
     assert [Decimal(h) for h in got] == [Decimal(0), Decimal(one) / 10**15, 2 * Decimal(one) / 10**15,
                                          Decimal(one) / 10**15]  # fmt: skip
+
+
+class _Acked:
+    def __init__(self) -> None:
+        self.done = asyncio.Event()
+        self.entry_id: str | None = None
+
+    def appended(self, entry_id: str, now_ns: int) -> None:
+        self.entry_id = entry_id
+        self.done.set()
+
+    def failed(self, reason: str) -> None:
+        self.done.set()
+
+
+async def test_a_gateways_pipelined_appends_on_both_streams_are_applied_in_id_order(
+    redis_url: str, tmp_path: Path, caplog: Any
+) -> None:
+    """The venue relies on every read seeing a prefix of the venue clock's ids, even a blocked XREAD
+    woken and answered with one stream only: so each append must be its own call (a batched script
+    giving a whole batch its ids at once broke this: the entries of the other stream were skipped)."""
+    from services.gateway.appender import Appender
+
+    r = redis.Redis.from_url(redis_url)
+    appender = Appender(redis_url, id_clock=True)
+    appender.start()
+    acked: list[_Acked] = []
+
+    def submit(symbol: str, cmd: Command) -> None:
+        acked.append(_Acked())
+        appender.submit(symbol, encode(cmd, 0), acked[-1])
+
+    try:
+        async with in_process(config(redis_url, tmp_path, risk=True, batch=64)):
+            for account in ("a", "b"):
+                for asset in ("BTC", "ETH", "USDT"):
+                    submit(BTC, Deposit(account, asset, 10**20))
+            for i in range(400):
+                symbol = BTC if i % 3 else ETH
+                side = "buy" if i % 4 < 2 else "sell"
+                submit(symbol, NewOrder(symbol, "ab"[i % 2], side, "limit", "gtc", 3_000_000 + i % 7, 10))
+                if i % 50 == 0:
+                    await asyncio.sleep(0.001)  # a new batch, often while the matcher is blocked
+            await asyncio.gather(*(a.done.wait() for a in acked))
+            assert all(a.entry_id is not None for a in acked)
+            total = len(acked)
+            await await_until(
+                lambda: sum(int(progress(r, s).get("applied", 0)) for s in (BTC, ETH)) >= total,
+                what="applied",
+            )
+    finally:
+        await appender.close()
+    assert not [m for m in caplog.messages if "skipping entry" in m]
