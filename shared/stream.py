@@ -19,20 +19,38 @@ FIELD = b"d"
 _FUNDING: Final = frozenset(("Deposit", "Withdraw", "Grant"))  # the commands with amounts in asset units
 _LONG_NUMBER: Final = re.compile(rb"[0-9]{19}")
 
-# Append one entry under the venue clock's next id (shared.keys.id_clock): with balances on, one
+# Append entries under the venue clock's next ids (shared.keys.id_clock): with balances on, one
 # matcher applies every symbol's stream in entry-id order, so ids must be unique and rise across all
-# streams, and every append after another must get a larger id whatever stream it goes to. The clock
-# stream keeps only its newest entry. An orders stream whose top is ahead of the clock (an entry
-# appended with XADD * directly) gets the entry under its own next id, and the clock follows.
-# KEYS: clock, orders stream. ARGV: the entry's `d` value. Returns the entry id.
+# streams, and every append after another must get a larger id whatever stream it goes to. One call
+# appends a whole batch: the clock gives the first id (XADD *), the next entries take the following
+# sequence numbers of that millisecond, and the clock is moved to the last id given. The clock stream
+# keeps only its newest entry. An orders stream whose top is ahead of the clock (an entry appended
+# with XADD * directly) gets the entry under its own next id, and the clock follows.
+# Measured on this machine, 100k entries in batches of 500: Redis spends 2.3-2.4 us per entry this
+# way, against 6.3-8.0 us with one script call per entry (plain XADD: 1.5-2.5).
+# KEYS: clock, then the orders streams. ARGV: per entry, the index of its stream in KEYS and its `d`
+# value. Returns one reply per entry: its id, or the error that refused it.
 APPEND_SCRIPT: Final = """
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '1', '*', 'c', '')
-local added = redis.pcall('XADD', KEYS[2], id, 'd', ARGV[1])
-if type(added) == 'table' and added.err then
-  added = redis.call('XADD', KEYS[2], '*', 'd', ARGV[1])
-  redis.call('XADD', KEYS[1], 'MAXLEN', '1', added, 'c', '')
+local clock = redis.call('XADD', KEYS[1], 'MAXLEN', '1', '*', 'c', '')
+local ms, seq = string.match(clock, '^(%d+)-(%d+)$')
+seq = tonumber(seq)
+local out, last = {}, clock
+for i = 1, #ARGV, 2 do
+  local key = KEYS[tonumber(ARGV[i])]
+  local added = redis.pcall('XADD', key, ms .. '-' .. seq, 'd', ARGV[i + 1])
+  if type(added) == 'table' and added.err then
+    added = redis.pcall('XADD', key, '*', 'd', ARGV[i + 1])
+    if type(added) ~= 'table' then
+      ms, seq = string.match(added, '^(%d+)-(%d+)$')
+      seq = tonumber(seq)
+    end
+  end
+  out[#out + 1] = added
+  if type(added) ~= 'table' then last = added end
+  seq = seq + 1
 end
-return added
+if last ~= clock then redis.call('XADD', KEYS[1], 'MAXLEN', '1', last, 'c', '') end
+return out
 """
 APPEND_SHA: Final = hashlib.sha1(APPEND_SCRIPT.encode()).hexdigest().encode()
 

@@ -3,7 +3,8 @@
 Awaiting one XADD per order caps a connection near 20k orders/s, so every order submitted while the
 previous round trip was in flight (or during the current event-loop tick) goes out in the next one:
 one write of pipelined `XADD cme:{SYM}:orders * d <entry>` commands plus one `INCRBY
-cme:{SYM}:appended n` per symbol, then one read of all replies. When idle an order goes alone at once:
+cme:{SYM}:appended n` per symbol, then one read of all replies (with balances on, the XADDs are one
+call of the venue clock's script instead, shared.stream.APPEND_SCRIPT). When idle an order goes alone at once:
 there is no timer, only "whatever queued up while we were busy".
 
 The commands are encoded here as RESP and the replies parsed with hiredis: redis-py's per-command
@@ -119,17 +120,28 @@ class Appender:
 
     # ------------------------------------------------------------------------------------------
     def _prefix(self, symbol: str) -> bytes:
-        """`XADD <key> * d` (or the id-clock script's EVALSHA) as RESP, up to the entry's bulk string."""
+        """`XADD <key> * d` as RESP, up to the entry's bulk string."""
         prefix = self._prefixes.get(symbol)
         if prefix is None:
             key = keys.orders(symbol).encode()
-            if self.id_clock:
-                # The entry's bulk string is the script call's last argument; cut the placeholder.
-                prefix = pack(b"EVALSHA", APPEND_SHA, b"2", keys.id_clock().encode(), key, b"")[:-6]
-            else:
-                prefix = b"*5\r\n$4\r\nXADD\r\n$%d\r\n%s\r\n$1\r\n*\r\n$1\r\nd\r\n" % (len(key), key)
+            prefix = b"*5\r\n$4\r\nXADD\r\n$%d\r\n%s\r\n$1\r\n*\r\n$1\r\nd\r\n" % (len(key), key)
             self._prefixes[symbol] = prefix
         return prefix
+
+    @staticmethod
+    def _clock_call(batch: list[tuple[str, bytes, Waiter]]) -> bytes:
+        """The whole batch as one call of the id-clock script (shared.stream.APPEND_SCRIPT)."""
+        streams: dict[str, bytes] = {}  # symbol -> its index in KEYS, as the script's ARGV says it
+        args: list[bytes] = []
+        for symbol, entry, _ in batch:
+            index = streams.get(symbol)
+            if index is None:
+                index = streams[symbol] = b"%d" % (len(streams) + 2)
+            args += (index, entry)
+        stream_keys = [keys.orders(symbol).encode() for symbol in streams]
+        return pack(
+            b"EVALSHA", APPEND_SHA, b"%d" % (len(streams) + 1), keys.id_clock().encode(), *stream_keys, *args
+        )
 
     async def _connect(self) -> RespConnection | None:
         if self._conn is not None:
@@ -162,22 +174,40 @@ class Appender:
             return
         parts: list[bytes] = []
         counts: dict[str, int] = {}
-        prefixes = self._prefixes
-        for symbol, entry, _ in batch:
-            prefix = prefixes.get(symbol) or self._prefix(symbol)
-            parts.append(b"%s$%d\r\n%s\r\n" % (prefix, len(entry), entry))
-            counts[symbol] = counts.get(symbol, 0) + 1
+        if self.id_clock:
+            parts.append(self._clock_call(batch))
+            for symbol, _, _ in batch:
+                counts[symbol] = counts.get(symbol, 0) + 1
+        else:
+            prefixes = self._prefixes
+            for symbol, entry, _ in batch:
+                prefix = prefixes.get(symbol) or self._prefix(symbol)
+                parts.append(b"%s$%d\r\n%s\r\n" % (prefix, len(entry), entry))
+                counts[symbol] = counts.get(symbol, 0) + 1
+        calls = len(parts)
         for symbol, n in counts.items():
             parts.append(pack(b"INCRBY", keys.appended(symbol).encode(), b"%d" % n))
         try:
             async with asyncio.timeout(self.timeout):
-                replies = await conn.roundtrip(b"".join(parts), len(batch) + len(counts))
+                replies = await conn.roundtrip(b"".join(parts), calls + len(counts))
         except (OSError, TimeoutError, ConnectionError, hiredis.ProtocolError) as exc:
             REDIS_ERRORS.labels("xadd").inc()
             log.warning("append of %d orders failed, outcome unknown: %s", len(batch), exc)
             self._drop_connection()
             _fail(batch, OUTCOME_UNKNOWN)
             return
+        if self.id_clock:  # one reply per entry, in a list; an error instead: the script failed midway
+            script, counters = replies[0], replies[1:]
+            if type(script) is not list:
+                REDIS_ERRORS.labels("xadd").inc()
+                log.error("the id-clock append of %d orders failed, outcome unknown: %s", len(batch), script)
+                _fail(batch, OUTCOME_UNKNOWN)
+                # Most likely NOSCRIPT, with nothing written: count nothing, and reconnect (which
+                # loads the script again).
+                await self._correct_counters(conn, counts)
+                self._drop_connection()
+                return
+            replies = [*script, *counters]
         REDIS_ROUNDTRIPS.labels("xadd").inc()
         APPEND_BATCH.labels().observe(len(batch))
         now_ns = time.time_ns()

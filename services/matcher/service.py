@@ -236,8 +236,11 @@ def _due_ticks(
 
 
 def _check_commits(replies: list[Any], n: int) -> None:
-    """The first n replies of a round trip, one per fenced script call, must all be successes."""
+    """The first n replies of a round trip, one per fenced script call, must all be successes (an
+    append under the venue clock answers a list: one reply per entry)."""
     for reply in replies[:n]:
+        if type(reply) is list and len(reply) == 1:
+            reply = reply[0]
         if isinstance(reply, hiredis.ReplyError):
             raise _fence_error(reply) or CommitFailed(f"Redis refused a commit: {reply}")
 
@@ -471,8 +474,6 @@ class Matcher:
         conn = await RespConnection.open(
             cfg.redis_url, connect_timeout=cfg.redis_timeout, read_timeout=read_timeout
         )
-        head = [b"XREAD", b"COUNT", b"%d" % self.cfg.batch, b"BLOCK", b"%d" % self.cfg.block_ms, b"STREAMS"]
-        head += [st.k_orders.encode() for st in states]
         publish_sha, renew_sha = self.sha["publish"], self.sha["renew"]
         commits: list[bytes] = []  # one fenced script call each
         next_poll = 0.0
@@ -485,12 +486,11 @@ class Matcher:
                 if stopping and not commits:
                     return
                 renewal = self.leases.renewal(renew_sha) if not stopping and self.leases.renew_due() else []
-                payload = b"".join(commits + renewal)
-                if not stopping:
-                    payload += pack(*head, *(st.last_id for st in states))
+                reads = [] if stopping else self._reads(states)
+                payload = b"".join(commits + renewal + reads)
                 self._rt("commit" if commits else "xread")  # a commit round trip also reads
                 n = len(commits)
-                replies = await conn.roundtrip(payload, n + len(renewal) + (not stopping))
+                replies = await conn.roundtrip(payload, n + len(renewal) + len(reads))
                 _check_commits(replies, n)
                 if renewal:
                     self.leases.check_renewals(replies[n : n + len(renewal)])
@@ -513,6 +513,12 @@ class Matcher:
                 commits += self._due_ticks(states, read_ns // 1_000_000)
         finally:
             conn.close()
+
+    def _reads(self, states: list[SymbolState]) -> list[bytes]:
+        """The round trip's reads; the last one's reply is what _apply_read gets. Here one blocking
+        XREAD of every stream from its position: each symbol's stream stands alone."""
+        head = (b"XREAD", b"COUNT", b"%d" % self.cfg.batch, b"BLOCK", b"%d" % self.cfg.block_ms, b"STREAMS")
+        return [pack(*head, *(st.k_orders.encode() for st in states), *(st.last_id for st in states))]
 
     def _apply_read(self, streams: list[tuple[bytes, list[Entry]]], read_ns: int) -> list[bytes]:
         """Apply what one XREAD returned; returns the commits (fenced script calls) to send."""

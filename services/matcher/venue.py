@@ -247,6 +247,20 @@ class VenueMatcher(Matcher):
         return list(heapq.merge(*runs, key=lambda m: (m[0], m[1])))
 
     # Live -------------------------------------------------------------------------------------
+    def _reads(self, states: list[SymbolState]) -> list[bytes]:
+        """A blocking XREAD of one entry as the doorbell, then the read that counts, without BLOCK.
+
+        A blocked XREAD over several streams is answered with the one stream whose append woke it, and
+        one append call gives a whole batch its ids across streams (shared.stream.APPEND_SCRIPT): that
+        answer would be no prefix of the venue clock's ids. The second XREAD runs right after the
+        first returns, in the same round trip, and sees every stream at one instant: whole batches."""
+        streams = [st.k_orders.encode() for st in states]
+        ids = [st.last_id for st in states]
+        doorbell = pack(
+            b"XREAD", b"COUNT", b"1", b"BLOCK", b"%d" % self.cfg.block_ms, b"STREAMS", *streams, *ids
+        )
+        return [doorbell, pack(b"XREAD", b"COUNT", b"%d" % self.cfg.batch, b"STREAMS", *streams, *ids)]
+
     def _apply_read(self, streams: list[tuple[bytes, list[Entry]]], read_ns: int) -> list[bytes]:
         batch = self.cfg.batch
         merged = self._merge([(self.by_stream[k], e, len(e) >= batch) for k, e in streams if e])
@@ -257,7 +271,7 @@ class VenueMatcher(Matcher):
 
     def _append(self, st: SymbolState, entry: bytes) -> bytes:
         """Under the venue clock's ids (shared.stream.APPEND_SCRIPT), as the gateways append."""
-        return pack(b"EVALSHA", APPEND_SHA, b"2", keys.id_clock().encode(), st.k_orders.encode(), entry)
+        return pack(b"EVALSHA", APPEND_SHA, b"2", keys.id_clock().encode(), st.k_orders.encode(), b"2", entry)
 
     def _process_merged(self, chunk: list[Merged], read_ns: int) -> bytes:
         """Apply merged entries in order, render each symbol's part, and return the one commit."""

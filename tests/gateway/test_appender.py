@@ -1,5 +1,5 @@
-"""The appender on a real redis-server: plain XADDs, and with balances on the venue clock's script
-(ids unique and rising across every stream, errors per entry)."""
+"""The appender on a real redis-server: plain XADDs, and one id-clock script call per batch with
+balances on (ids unique and rising across every stream, errors per entry)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import asyncio
 import pytest
 import redis
 
-from services.gateway.appender import Appender
+from services.gateway.appender import OUTCOME_UNKNOWN, Appender
 from shared import keys
 from shared.ids import entry_to_seq
 
@@ -76,16 +76,21 @@ async def test_id_clock_follows_a_stream_whose_top_is_ahead(redis_url: str) -> N
     assert second.entry_id is not None and entry_to_seq(second.entry_id) > entry_to_seq(first.entry_id)
 
 
-async def test_id_clock_refuses_per_entry(redis_url: str) -> None:
+async def test_id_clock_refuses_per_entry_and_survives_a_script_flush(redis_url: str) -> None:
     r = redis.Redis.from_url(redis_url)
     r.set(keys.orders("ETH-USDT"), b"not a stream")
     appender = Appender(redis_url, id_clock=True)
     appender.start()
     try:
         ok, refused = await _append_all(appender, [("BTC-USDT", b"[1]"), ("ETH-USDT", b"[2]")])
+        assert ok.entry_id is not None and refused.entry_id is None
+        assert refused.reason is not None and "WRONGTYPE" in refused.reason
+        assert int(r.get(keys.appended("ETH-USDT")) or 0) == 0  # the refused entry is not counted
+        r.script_flush()  # as after a Redis restart: the script is gone from the server
+        (lost,) = await _append_all(appender, [("BTC-USDT", b"[3]")])
+        assert lost.reason == OUTCOME_UNKNOWN and r.xlen(keys.orders("BTC-USDT")) == 1
+        (again,) = await _append_all(appender, [("BTC-USDT", b"[4]")])  # reconnected, script loaded
+        assert again.entry_id is not None and r.xlen(keys.orders("BTC-USDT")) == 2
     finally:
         await appender.close()
-    assert ok.entry_id is not None and refused.entry_id is None
-    assert refused.reason is not None and "WRONGTYPE" in refused.reason
-    assert int(r.get(keys.appended("ETH-USDT")) or 0) == 0  # the refused entry is not counted
-    assert int(r.get(keys.appended("BTC-USDT")) or 0) == 1
+    assert int(r.get(keys.appended("BTC-USDT")) or 0) == 2

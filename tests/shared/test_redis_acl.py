@@ -313,7 +313,7 @@ async def test_the_real_matcher_and_gateway_queries_run_as_their_users(tmp_path:
     def append(cmd: Any) -> str:
         data = encode(cmd, 0)
         if risk:
-            return str(admin.eval(APPEND_SCRIPT, 2, keys.id_clock(), keys.orders(sym), data).decode())
+            return str(admin.eval(APPEND_SCRIPT, 2, keys.id_clock(), keys.orders(sym), 2, data)[0].decode())
         return str(admin.xadd(keys.orders(sym), {b"d": data}).decode())
 
     gateway = aioredis.Redis.from_url(server.url_for("gateway"), socket_timeout=5)
