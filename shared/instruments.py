@@ -144,17 +144,16 @@ def fmt_fixed(n: int, places: int) -> str:
 
 
 def fmt_trimmed(n: int, places: int, min_places: int) -> str:
-    """Like fmt_fixed, without trailing zeros beyond min_places."""
+    """Like fmt_fixed, without trailing zeros beyond min_places. One conversion to digits and slices,
+    no division: balances (two amounts per line, beyond 64 bits) render at 0.35 us instead of 0.58."""
     if n < 0:
         return "-" + fmt_trimmed(-n, places, min_places)
-    extra = places - min_places
-    if extra <= 0:
+    if places <= min_places:
         return fmt_fixed(n, places)
-    head, tail = divmod(n, 10**extra)
-    text = fmt_fixed(head, min_places)
-    if tail:  # fmt_fixed(head, 0) has no decimal point yet
-        text += ("" if min_places else ".") + str(tail).rjust(extra, "0").rstrip("0")
-    return text
+    digits = str(n).rjust(places + 1, "0")
+    decimals = digits[-places:]
+    kept = decimals[:min_places] + decimals[min_places:].rstrip("0")
+    return digits[:-places] + "." + kept if kept else digits[:-places]
 
 
 def units_to_str(units: int, increment: Decimal) -> str:
@@ -374,17 +373,8 @@ def amount_to_units(value: Any, places: int) -> int:
 
 
 def units_to_amount(units: int, places: int) -> str:
-    """Asset units as a trimmed decimal string ("1000", "0.5"): fmt_trimmed(units, places, 0), by one
-    conversion to digits and slicing (two balance amounts per line: 0.58 -> 0.35 us each)."""
-    if units < 0:
-        return "-" + units_to_amount(-units, places)
-    digits = str(units)
-    if not places:
-        return digits
-    if len(digits) <= places:
-        digits = digits.rjust(places + 1, "0")
-    tail = digits[-places:].rstrip("0")
-    return digits[:-places] + "." + tail if tail else digits[:-places]
+    """Asset units as a trimmed decimal string ("1000", "0.5")."""
+    return fmt_trimmed(units, places, 0)
 
 
 def default_instruments() -> dict[str, Instrument]:

@@ -474,13 +474,20 @@ def test_to_units_directly() -> None:
         to_units("10.5", Decimal("0.5"), Decimal("10"))
 
 
-@given(st.integers(min_value=-(10**32), max_value=10**32), st.sampled_from([0, 1, 2, 5, 8, 15, 18]))
-def test_units_to_amount_is_the_trimmed_decimal(units: int, places: int) -> None:
-    """The fast digits-and-slices rendering of balances agrees with fmt_trimmed and reads back exact."""
-    text = units_to_amount(units, places)
-    assert text == fmt_trimmed(units, places, 0)
+@given(
+    st.integers(min_value=-(10**32), max_value=10**32),
+    st.sampled_from([0, 1, 2, 5, 8, 15, 18]),
+    st.integers(min_value=0, max_value=8),
+)
+def test_fmt_trimmed_is_exact_and_trimmed(units: int, places: int, min_places: int) -> None:
+    """Digits and slices (balances, fees): exact, no trailing zero beyond min_places, never fewer."""
+    text = fmt_trimmed(units, places, min_places)
     assert Decimal(text).scaleb(places, Context(prec=100)) == units
-    assert not ("." in text and text.endswith(("0", ".")))
+    decimals = text.partition(".")[2]
+    assert len(decimals) >= min(min_places, places)
+    assert len(decimals) <= max(min_places, 0) or not decimals.endswith("0")
+    if places <= min_places:
+        assert len(decimals) == places
 
 
 def test_units_to_amount_edges() -> None:
