@@ -145,6 +145,10 @@ class Ledger:
         bal = assets.get(asset)
         if bal is None:
             bal = assets[asset] = Balance(account, asset)
+        return self._mark(bal)
+
+    def _mark(self, bal: Balance) -> Balance:
+        """Record `bal` as changed by this command, once, in first-touch order."""
         if bal.seen != self.commands:
             bal.seen = self.commands
             self.touched.append(bal)
@@ -160,9 +164,7 @@ class Ledger:
             return False
         bal.available -= amount
         bal.held += amount
-        if bal.seen != self.commands:
-            bal.seen = self.commands
-            self.touched.append(bal)
+        self._mark(bal)
         return True
 
     def release(self, account: str, asset: str, amount: int) -> None:
