@@ -335,20 +335,44 @@ class Instrument:
 MAX_AMOUNT_UNITS: Final = 1 << 96  # a deposit or withdrawal below 2^96 units: far beyond any real sum
 
 
-def asset_scales(instruments: Iterable[Instrument]) -> dict[str, int]:
+def asset_scales(instruments: Iterable[Instrument], fee_places: int | None = None) -> dict[str, int]:
     """Decimal places of each asset's balance unit: fine enough for every instrument that trades it.
 
-    A base asset counts lots; a quote asset pays notional plus fees exactly, so its unit is at most one
-    fee unit (tick x lot / FEE_DENOM). Balances are integers of 10^-places of the asset.
+    A base asset counts lots; a quote asset pays notional plus fees exactly, so its unit is at most
+    tick x lot x 10^-(the places its fee rates need): USDT 2 + 5 + 3 = 10 with the default instruments
+    (0.1 % and 0.2 %), which keeps balances far beyond any real sum below 2^62, where the compiled
+    core does integer arithmetic natively. Balances are integers of 10^-places of the asset.
+    `fee_places` overrides the rates' places: LEGACY_FEE_PLACES gives the scales that stream entries
+    and snapshots written before the scales followed the rates used.
     """
-    fee_places = len(str(FEE_DENOM)) - 1
     scales: dict[str, int] = {}
     for inst in instruments:
         lot_places, tick_places = inst._qty_fmt[1], inst._price_fmt[1]
         base, quote = inst.base_asset, inst.quote_asset
+        fees = rate_places(inst.maker_rate, inst.taker_rate) if fee_places is None else fee_places
         scales[base] = max(scales.get(base, 0), lot_places)
-        scales[quote] = max(scales.get(quote, 0), tick_places + lot_places + fee_places)
+        scales[quote] = max(scales.get(quote, 0), tick_places + lot_places + fees)
     return scales
+
+
+LEGACY_FEE_PLACES: Final = 8  # a quote unit was one fee unit (tick x lot / FEE_DENOM), whatever the rates
+
+
+def rate_places(*rates: int) -> int:
+    """The fewest decimal places that makes every rate (an integer over FEE_DENOM) a whole number:
+    3 for 0.1 % and 0.2 %, 8 for 0.00000001."""
+    places = len(str(FEE_DENOM)) - 1
+    while places and all(rate % 10 ** (len(str(FEE_DENOM)) - places) == 0 for rate in rates):
+        places -= 1
+    return places
+
+
+def rescale(units: int, from_places: int, to_places: int) -> int | None:
+    """`units` of 10^-from_places as units of 10^-to_places; None if the amount is finer than that."""
+    if to_places >= from_places:
+        return units * int(10 ** (to_places - from_places))
+    whole, rest = divmod(units, int(10 ** (from_places - to_places)))
+    return None if rest else whole
 
 
 def funding_symbol(instruments: Iterable[Instrument], asset: str) -> str | None:

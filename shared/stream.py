@@ -2,6 +2,12 @@
 
 recv_ns is the gateway's wall-clock receive time (for the order-to-publish latency metric and the
 trade message's latency_us); it never reaches the core, which takes its time from the entry id.
+
+Funding amounts (deposit, withdraw, faucet) are decimal strings in the entry ("1000.5"), not asset
+units: an asset's places follow the instruments (tick, lot and fee rates, see
+shared.instruments.asset_scales), so units written under one configuration would mean other amounts
+under the next. The reader turns them into its own units (`decode(fields, scales)`). Entries written
+before carry integers: units of the legacy scales (shared.instruments.LEGACY_FEE_PLACES).
 """
 
 from __future__ import annotations
@@ -9,14 +15,16 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from typing import Any, Final
 
 import orjson
 
 from services.matcher.commands import CoreCommand, command_from_list, command_to_list
+from shared.instruments import amount_to_units, rescale, units_to_amount
 
 FIELD = b"d"
-_FUNDING: Final = frozenset(("Deposit", "Withdraw", "Grant"))  # the commands with amounts in asset units
+_FUNDING: Final = frozenset(("Deposit", "Withdraw", "Grant"))  # the commands with amounts
 _LONG_NUMBER: Final = re.compile(rb"[0-9]{19}")
 
 # Append entries under the venue clock's next ids (shared.keys.id_clock): with balances on, one
@@ -55,19 +63,26 @@ return out
 APPEND_SHA: Final = hashlib.sha1(APPEND_SCRIPT.encode()).hexdigest().encode()
 
 
-def encode(cmd: CoreCommand, recv_ns: int) -> bytes:
-    """Funding amounts are asset units (USDT has 15 places), often beyond the 64 bits orjson takes:
-    those rare entries fall back to the stdlib encoder (same JSON), as encode_events does."""
-    data = [command_to_list(cmd), recv_ns]
-    try:
-        return orjson.dumps(data)
-    except TypeError:
-        return json.dumps(data, separators=(",", ":")).encode()
+def encode(cmd: CoreCommand, recv_ns: int, scales: Mapping[str, int] | None = None) -> bytes:
+    """The entry's `d` value. A funding command's amounts (asset units) go as decimal strings, which
+    needs the writer's asset places (`scales`); other commands need none."""
+    data = command_to_list(cmd)
+    if data[0] in _FUNDING:
+        if scales is None:
+            raise ValueError(f"{data[0]} needs the asset scales")
+        _convert(data, lambda asset, units: units_to_amount(units, scales[asset]))
+    return orjson.dumps([data, recv_ns])
 
 
-def decode(fields: dict[Any, Any] | list[Any]) -> tuple[CoreCommand | None, int]:
+def decode(
+    fields: dict[Any, Any] | list[Any],
+    scales: Mapping[str, int] | None = None,
+    legacy: Mapping[str, int] | None = None,
+) -> tuple[CoreCommand | None, int]:
     """(command, recv_ns) of an entry's fields (a dict from redis-py, or the flat [field, value, ...]
-    list of a raw RESP reply); command is None for an entry that is not ours (it is then skipped)."""
+    list of a raw RESP reply); command is None for an entry that is not ours (it is then skipped).
+    Funding amounts become units of `scales` (an integer amount: units of `legacy`); one that cannot
+    (no scales, unknown asset, off the grid) stays text or becomes None, which the core refuses."""
     if isinstance(fields, list):
         fields = dict(zip(fields[::2], fields[1::2], strict=False))
     raw = fields.get(FIELD, fields.get("d"))
@@ -75,11 +90,36 @@ def decode(fields: dict[Any, Any] | list[Any]) -> tuple[CoreCommand | None, int]
         return None, 0
     try:
         data, recv_ns = orjson.loads(raw)
-        if data[0] in _FUNDING:  # orjson reads integers beyond 64 bits as floats: read those exactly
+        if data[0] in _FUNDING:  # orjson reads integers beyond 64 bits (legacy units) as floats
             data, recv_ns = json.loads(raw)
+            _convert(data, lambda asset, amount: _units(asset, amount, scales, legacy))
         return command_from_list(data), int(recv_ns)
     except (TypeError, ValueError, KeyError):  # JSONDecodeError is a ValueError
         return None, 0
+
+
+def _convert(data: list[Any], amount: Any) -> None:
+    """Replace, in a funding command's list form, each amount by amount(asset, value)."""
+    if data[0] == "Grant":
+        data[2] = [[asset, amount(asset, value)] for asset, value in data[2]]
+    else:  # Deposit, Withdraw: [kind, account, asset, amount, request_id]
+        data[3] = amount(data[2], data[3])
+
+
+def _units(
+    asset: Any, amount: Any, scales: Mapping[str, int] | None, legacy: Mapping[str, int] | None
+) -> Any:
+    places = scales.get(asset) if scales is not None and type(asset) is str else None
+    if places is None:
+        return amount
+    if type(amount) is str:
+        try:
+            return amount_to_units(amount, places)
+        except ValueError:
+            return amount
+    if type(amount) is int and legacy is not None and type(asset) is str:
+        return rescale(amount, legacy.get(asset, places), places)
+    return amount
 
 
 def encode_events(obj: Any) -> bytes:

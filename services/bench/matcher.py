@@ -115,23 +115,32 @@ def _roundtrip(sock: socket.socket, payload: bytes, n: int) -> list[Any]:
     return replies
 
 
-def funding(instrument: Instrument) -> list[Command]:
+def funding(scales: dict[str, int]) -> list[Command]:
     """With balances on, every account of the flow first deposits far more of each asset than the flow
     trades, so the matcher does the same matching as with balances off, plus the ledger's work."""
-    units = funding_units(asset_scales([instrument]))
+    units = funding_units(scales)
     return [Deposit(account, asset, units[asset]) for account in ACCOUNTS for asset in units]
 
 
-def preload(host: str, port: int, steps: list[Step], quiet: bool, first: Sequence[Command] = ()) -> None:
-    """XADD `first` and then every step to the orders stream, with the gateway's entry encoding and
-    appended counter; the flow's seqs (and the order ids its cancels name) move up by len(first)."""
+def preload(
+    host: str,
+    port: int,
+    steps: list[Step],
+    quiet: bool,
+    first: Sequence[Command] = (),
+    scales: dict[str, int] | None = None,
+) -> None:
+    """XADD `first` and then every step to the orders stream, with the gateway's entry encoding (the
+    asset `scales` for funding) and appended counter; the flow's seqs (and the order ids its cancels
+    name) move up by len(first)."""
     key = keys.orders(SYMBOL).encode()
     recv_ns = time.time_ns()
     shift = len(first)
     with socket.create_connection((host, port)) as sock:
         if first:
             parts = [
-                pack(b"XADD", key, entry_id(i), FIELD, encode(cmd, recv_ns)) for i, cmd in enumerate(first, 1)
+                pack(b"XADD", key, entry_id(i), FIELD, encode(cmd, recv_ns, scales))
+                for i, cmd in enumerate(first, 1)
             ]
             _roundtrip(sock, b"".join(parts), len(parts))
         for start in range(0, len(steps), PRELOAD_CHUNK):
@@ -367,14 +376,15 @@ def run_from_args(args: argparse.Namespace) -> int:
     mode = "balances on (venue matcher)" if risk else "balances off"
     _say(quiet, f"cme bench matcher: {commands:,} commands, seed {args.seed}, batch {args.batch}, {mode}")
     _, steps = generate(FlowConfig(commands, args.seed), progress=not quiet)
-    first = funding(Instrument(SYMBOL)) if risk else []
+    scales = asset_scales([Instrument(SYMBOL)])
+    first = funding(scales) if risk else []
     total = len(first) + commands
     tmp = Path(tempfile.mkdtemp(prefix="cme-bench-matcher-"))
     redis = RedisServer(tmp / "redis")
     try:
         redis.start()
         assert redis.proc is not None
-        preload(redis.host, redis.port, steps, quiet, first)
+        preload(redis.host, redis.port, steps, quiet, first, scales)
         del steps
         gc.collect()
         gc.freeze()

@@ -161,7 +161,7 @@ def replay_streams(
     )  # fmt: skip
     for seq, symbol, entry_id, data in merged:
         rep = out[symbol]
-        cmd = decode({b"d": data})[0]
+        cmd = decode({b"d": data}, scales)[0]
         if cmd is None or seq <= rep.engine.last_seq:
             continue
         ts = seq >> SEQ_BITS

@@ -576,7 +576,7 @@ class Gateway:
             if pending.data is not None:  # nothing to append (no instruments)
                 client.wake()
             for symbol, cmd in request.entries:
-                client.submit(symbol, stream.encode(cmd, recv_ns), pending)
+                client.submit(symbol, stream.encode(cmd, recv_ns, self.scales), pending)
             return
         cell = PendingReply(client)
         client.cells.append(cell)
@@ -596,7 +596,7 @@ class Gateway:
         grants once per account ever, so a grant this process forgot and sends again is harmless."""
         if not self.faucet or account in self.granted:
             return
-        entry = stream.encode(Grant(account, self.faucet), time.time_ns())
+        entry = stream.encode(Grant(account, self.faucet), time.time_ns(), self.scales)
         symbol = next(iter(self.instruments))
         client.submit(symbol, entry, FaucetGrant(self, account, client, symbol))
 

@@ -57,7 +57,6 @@ class Market:
         "fees_due",
         "maker_q",
         "notional",
-        "qf",
         "quote",
         "taker_cost",
         "taker_q",
@@ -68,22 +67,21 @@ class Market:
             raise ValueError(f"{inst.symbol}: balances need fee rates of at least 0")
         pm, pk = scale_of(inst.tick_size)
         qm, qk = scale_of(inst.lot_size)
-        fee_places = len(str(FEE_DENOM)) - 1
         self.base, self.quote = inst.base_asset, inst.quote_asset
         self.bf = qm * _pow10(scales[self.base] - qk)  # base units per lot
-        self.qf = pm * qm * _pow10(scales[self.quote] - pk - qk - fee_places)  # quote units per fee unit
-        self.notional = FEE_DENOM * self.qf  # quote units per tick x lot
-        self.maker_q, self.taker_q = inst.maker_rate * self.qf, inst.taker_rate * self.qf  # fees, the same
+        self.notional = pm * qm * _pow10(scales[self.quote] - pk - qk)  # quote units per tick x lot
+        self.maker_q = _per_tick_lot(inst.maker_rate, self.notional)  # fees, the same
+        self.taker_q = _per_tick_lot(inst.taker_rate, self.notional)
         # A resting buy may fill as maker or taker: it holds at the higher rate of the two.
-        self.buy_rate = (FEE_DENOM + max(inst.maker_rate, inst.taker_rate)) * self.qf
-        self.taker_cost = (FEE_DENOM + inst.taker_rate) * self.qf  # a market buy's cost per tick x lot
+        self.buy_rate = self.notional + max(self.maker_q, self.taker_q)
+        self.taker_cost = self.notional + self.taker_q  # a market buy's cost per tick x lot
         self.fees_due = 0  # the current command's fees on this market, in quote units (Ledger.flush)
 
     def hold_for(self, side: str, price: int | None, lots: int) -> int:
         """What an open order of `lots` needs held: in quote for a priced buy, in base for a sell,
         nothing for a market buy (it pays as it fills)."""
         if side == BUY:
-            return 0 if price is None else price * lots * self.buy_rate
+            return 0 if price is None else price * (lots * self.buy_rate)
         return lots * self.bf
 
     def asset_of(self, side: str) -> str:
@@ -187,8 +185,8 @@ class Ledger:
         holds nothing) or the trade price as maker. Every amount is price x fill times a per-market
         factor in quote units: the same integers as the fee units x qf, by products of small factors
         (the compiled build multiplies those natively, not as Python ints)."""
-        pf = price * fill
-        notional, maker_fee, taker_fee = pf * m.notional, pf * m.maker_q, pf * m.taker_q
+        notional = price * (fill * m.notional)
+        maker_fee, taker_fee = price * (fill * m.maker_q), price * (fill * m.taker_q)
         if taker_buys:
             buyer, seller, buyer_fee, seller_fee, limit = taker, maker, taker_fee, maker_fee, taker_price
         else:
@@ -197,7 +195,7 @@ class Ledger:
         wallet = self._wallet(buyer)
         bal = self._touch(wallet, buyer, quote)
         if limit is not None:
-            freed = limit * fill * m.buy_rate
+            freed = limit * (fill * m.buy_rate)
             bal.held -= freed
             bal.available += freed - notional - buyer_fee
         else:
@@ -277,6 +275,14 @@ class Ledger:
             out.append((BALANCE, symbol, bal.account, bal.asset, bal.available, bal.held))
         self.touched.clear()
         self.commands += 1
+
+
+def _per_tick_lot(rate: int, notional: int) -> int:
+    """A fee rate (over FEE_DENOM) as quote units per tick x lot: exact, as asset_scales makes it."""
+    fee, rest = divmod(rate * notional, FEE_DENOM)
+    if rest:
+        raise ValueError("quote asset scale too coarse for the fee rates")
+    return fee
 
 
 def _pow10(places: int) -> int:

@@ -5,8 +5,11 @@ per-symbol trade and book sequence numbers, and the last applied seq; and since 
 other order types add: the last trade price (stops trigger on it), the untriggered stops in the order
 they were placed, every iceberg's display quantity and hidden reserve, and every resting GTD order's
 expire_time; and since version 3, with balances on, every account's available and held amount per
-asset. Derived structures (heaps, id and client-id indexes, dead queue entries, stale expiry
-entries) are rebuilt on restore, so they are not part of it. Version 1 snapshots still restore.
+asset; and since version 4 the places of those amounts' units (`asset_scales`: they follow the
+instruments, so a snapshot restored under other instruments is rescaled, exactly or not at all;
+version 3 amounts have the legacy scales, shared.instruments.LEGACY_FEE_PLACES). Derived structures
+(heaps, id and client-id indexes, dead queue entries, stale expiry entries) are rebuilt on restore,
+so they are not part of it. Version 1 snapshots still restore.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ from typing import Any
 from services.matcher.book import O_ACCOUNT, O_CID, O_ID, O_LEAVES, O_QTY, BookSide, OrderBook
 from services.matcher.commands import BUY, SELL, STOP_LIMIT, STOP_MARKET
 from services.matcher.engine import NEVER, Engine
+from shared.instruments import LEGACY_FEE_PLACES, asset_scales, rescale
 
-FORMAT_VERSION = 3
-_READABLE = (1, 2, 3)
+FORMAT_VERSION = 4
+_READABLE = (1, 2, 3, 4)
 
 
 def _dump_side(side: BookSide) -> list[Any]:
@@ -35,6 +39,7 @@ def snapshot(engine: Engine) -> dict[str, Any]:
     snap = _books(engine)
     if engine.ledger is not None:
         snap["balances"] = engine.ledger.balances()
+        snap["asset_scales"] = dict(engine.ledger.scales)
         snap["granted"] = sorted(engine.ledger.granted)
     return snap
 
@@ -122,12 +127,21 @@ def _restore_balances(engine: Engine, snap: dict[str, Any]) -> None:
         raise ValueError(f"{with_} keeps balances and {without} does not (risk on vs off)")
     if ledger is None or data is None:
         return
+    written = snap.get("asset_scales")
+    if written is None:  # version 3
+        written = asset_scales((book.inst for book in engine.books.values()), LEGACY_FEE_PLACES)
+    if not isinstance(written, dict) or not all(type(v) is int and v >= 0 for v in written.values()):
+        raise ValueError(f"snapshot has impossible asset scales: {written!r}")
     accounts: dict[str, dict[str, list[int]]] = {}
     for account, assets in data.items():
         for asset, bal in assets.items():
-            if asset not in ledger.scales or len(bal) != 2 or not all(type(v) is int and v >= 0 for v in bal):
+            places = ledger.scales.get(asset)
+            if places is None or len(bal) != 2 or not all(type(v) is int and v >= 0 for v in bal):
                 raise ValueError(f"snapshot has an impossible balance {account!r} {asset!r}: {bal!r}")
-            accounts.setdefault(account, {})[asset] = [bal[0], bal[1]]
+            units = [rescale(v, written.get(asset, places), places) for v in bal]
+            if None in units:
+                raise ValueError(f"snapshot balance {account!r} {asset!r} is finer than {places} places")
+            accounts.setdefault(account, {})[asset] = units  # type: ignore[assignment]
     granted = snap.get("granted", [])
     if not all(type(a) is str for a in granted):
         raise ValueError("snapshot has an impossible faucet record")

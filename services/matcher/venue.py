@@ -51,6 +51,7 @@ from services.matcher.service import (
 from services.matcher.snapshot import restore, snapshot
 from shared import keys, metrics
 from shared.ids import SEQ_BITS, entry_to_seq, seq_to_entry
+from shared.instruments import LEGACY_FEE_PLACES, asset_scales
 from shared.resp import pack
 from shared.stream import APPEND_SCRIPT, APPEND_SHA, decode
 from shared.wire import Rendered, count_execs, render
@@ -99,6 +100,29 @@ local i = a
 return 1
 """
 
+# The balances read model written anew from the ledger, when recovery cannot tell that what Redis
+# holds has the ledger's scales (no checkpoint, or one written under other scales). KEYS: every
+# symbol's epoch, then one balances hash per account. ARGV[1] = the number of epochs, then the epochs
+# this matcher holds, then per hash "<count> f v f v ...". Every epoch is checked before any write.
+_REWRITE_BALANCES: Final = """
+local n = tonumber(ARGV[1])
+for i = 1, n do
+  local epoch = redis.call('GET', KEYS[i])
+  if epoch ~= ARGV[1 + i] then
+    return redis.error_reply('FENCED epoch is ' .. tostring(epoch) .. ', this matcher holds ' .. ARGV[1 + i])
+  end
+end
+local a = n + 2
+for k = n + 1, #KEYS do
+  local count = tonumber(ARGV[a])
+  redis.call('DEL', KEYS[k])
+  redis.call('HSET', KEYS[k], unpack(ARGV, a + 1, a + count))
+  a = a + count + 1
+end
+return 1
+"""
+_REWRITE_ACCOUNTS: Final = 500  # balances hashes per script call
+
 Merged = tuple[int, int, SymbolState, Entry]  # (seq, stream order, state, entry)
 
 
@@ -137,10 +161,12 @@ class VenueMatcher(Matcher):
         ledger = self.engine.ledger
         assert ledger is not None
         self.scales = ledger.scales
+        self.legacy_scales = asset_scales(cfg.instruments, LEGACY_FEE_PLACES)  # integer funding amounts
         for st in self.states.values():
             st.engine = self.engine
         self.order = {st: i for i, st in enumerate(self.states.values())}
         self.scripts["commit_many"] = _COMMIT_MANY
+        self.scripts["rewrite_balances"] = _REWRITE_BALANCES
         self.scripts["append"] = APPEND_SCRIPT
         self.k_checkpoint = keys.checkpoint(GROUP)
         self.ckpt_applied = 0  # entries of all streams applied at the last checkpoint
@@ -182,6 +208,23 @@ class VenueMatcher(Matcher):
         for st in states:
             metrics.REPLAYED.labels(st.symbol).set(replayed)
         log.info("venue: replayed %d entries up to %s", replayed, seq_to_entry(target))
+        if loaded is None or loaded[0].snapshot["engine"].get("asset_scales") != self.scales:
+            await self._rewrite_balances(states)
+
+    async def _rewrite_balances(self, states: list[SymbolState]) -> None:
+        """The balances read model from the ledger, every account, in fenced script calls."""
+        ledger = self.engine.ledger
+        assert ledger is not None
+        accounts = list(ledger.balances().items())
+        for start in range(0, len(accounts), _REWRITE_ACCOUNTS):
+            keys_, args = [st.k_epoch for st in states], [b"%d" % len(states), *(st.epoch for st in states)]
+            for account, assets in accounts[start : start + _REWRITE_ACCOUNTS]:
+                keys_.append(keys.balances(account))
+                flat = [v for asset, (a, h) in assets.items() for v in (asset.encode(), b"%d %d" % (a, h))]
+                args += [b"%d" % len(flat), *flat]
+            self._rt("recover")
+            await self._fenced("rewrite_balances", keys_, args)
+        log.info("venue: balances read model written for %d accounts", len(accounts))
 
     def _restore(self, ckpt: ck.Checkpoint) -> Engine:
         engine = Engine(self.cfg.instruments, risk=True)
@@ -213,7 +256,7 @@ class VenueMatcher(Matcher):
                     streams.append((st, entries, len(entries) >= REPLAY_CHUNK))
             for _, _, st, (raw_id, fields) in self._merge(streams):
                 seq = _entry_seq(raw_id)
-                cmd, _ = decode(fields)
+                cmd, _ = decode(fields, self.scales, self.legacy_scales)
                 engine = self.engine
                 if cmd is not None and seq is not None and seq > engine.last_seq:
                     st.exec_seq += count_execs(engine.apply(cmd, seq, seq >> SEQ_BITS))
@@ -280,7 +323,7 @@ class VenueMatcher(Matcher):
         items: list[Item] = []
         rows: list[tuple[SymbolState, bytes, int, int]] = []  # state, entry id, item index (-1), recv
         for seq, _, st, (raw_id, fields) in chunk:
-            cmd, recv_ns = decode(fields)
+            cmd, recv_ns = decode(fields, self.scales, self.legacy_scales)
             if type(cmd) is Tick:
                 st.tick_pending = False
             if cmd is None or seq <= last or _entry_seq(raw_id) is None:

@@ -11,7 +11,7 @@ from services.bench.flow import SYMBOL, FlowConfig, FlowGenerator
 from services.bench.matcher import entry_id, funding, matcher_seq
 from services.cli import main
 from shared.ids import entry_to_seq
-from shared.instruments import Instrument
+from shared.instruments import Instrument, asset_scales
 
 
 def test_entry_ids_map_to_the_seqs_cancels_name() -> None:
@@ -47,7 +47,9 @@ def test_bench_matcher_with_balances_runs_the_venue_matcher_to_the_same_trades(t
     flow = FlowGenerator(FlowConfig(2000, 42))
     for _ in flow.flow():
         pass
-    assert report["balances"] is True and report["funding_entries"] == len(funding(Instrument(SYMBOL)))
+    assert report["balances"] is True and report["funding_entries"] == len(
+        funding(asset_scales([Instrument(SYMBOL)]))
+    )
     assert report["applied"] == 2000 + report["funding_entries"]
     assert report["trades"] == flow.book.trade_seq > 0
     assert "read model" in report["cpu_us_per_command"]["matcher_split"]

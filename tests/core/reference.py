@@ -195,7 +195,7 @@ class Units:
     base: str
     quote: str
     bf: int  # base units per lot
-    qf: int  # quote units per fee unit (tick x lot / FEE_DENOM)
+    qn: int  # quote units per tick x lot
     rate: int  # the higher fee rate: what a priced buy holds for
     taker_rate: int
 
@@ -205,11 +205,17 @@ class Units:
         qm, qk = scale_of(inst.lot_size)
         base, quote = inst.symbol.split("-")
         bf = qm * 10 ** (scales[base] - qk)
-        qf = pm * qm * 10 ** (scales[quote] - pk - qk - (len(str(FEE_DENOM)) - 1))
-        return Units(base, quote, bf, qf, max(inst.maker_rate, inst.taker_rate), inst.taker_rate)
+        qn = pm * qm * 10 ** (scales[quote] - pk - qk)
+        return Units(base, quote, bf, qn, max(inst.maker_rate, inst.taker_rate), inst.taker_rate)
+
+    def quote_units(self, fee_units: int) -> int:
+        """Fee units (tick x lot / FEE_DENOM) as quote units: always whole, or the scale is wrong."""
+        units, rest = divmod(fee_units * self.qn, FEE_DENOM)
+        assert not rest, f"{fee_units} fee units are no whole number of quote units"
+        return units
 
     def buy_hold(self, price: int, lots: int) -> int:
-        return price * lots * (FEE_DENOM + self.rate) * self.qf
+        return self.quote_units(price * lots * (FEE_DENOM + self.rate))
 
     def sell_hold(self, lots: int) -> int:
         return lots * self.bf
@@ -275,9 +281,9 @@ class Reference:
             notional = price * fill * FEE_DENOM
             self.move(buyer, u.base, fill * u.bf)
             self.move(seller, u.base, -fill * u.bf)
-            self.move(buyer, u.quote, -(notional + buyer_fee) * u.qf)
-            self.move(seller, u.quote, (notional - seller_fee) * u.qf)
-            self.move(FEES, u.quote, (maker_fee + taker_fee) * u.qf)
+            self.move(buyer, u.quote, -u.quote_units(notional + buyer_fee))
+            self.move(seller, u.quote, u.quote_units(notional - seller_fee))
+            self.move(FEES, u.quote, u.quote_units(maker_fee + taker_fee))
 
     def _funds_code(self, book: RefBook, cmd: NewOrder) -> str | None:
         """INSUFFICIENT_FUNDS if the account cannot afford a valid order (a market order by quantity,
@@ -289,7 +295,9 @@ class Reference:
             trades: list[Event] = []
             _match(book.clone(), cmd, 0, 0, trades, self.prio)
             asset = u.quote
-            need = sum(e[3] * e[4] * (FEE_DENOM + u.taker_rate) * u.qf for e in trades if e[0] == TRADE)
+            need = sum(
+                u.quote_units(e[3] * e[4] * (FEE_DENOM + u.taker_rate)) for e in trades if e[0] == TRADE
+            )
         else:
             asset, need = u.need(side, price, qty)
         return None if self.available(account, asset) >= need else codes.INSUFFICIENT_FUNDS
@@ -447,9 +455,9 @@ class Reference:
     def state(self) -> dict[str, Any]:
         """The same shape as services.matcher.snapshot.snapshot(); with balances on, "balances" leaves
         out the [0, 0] pairs (compare it with the engine's minus those)."""
-        extra = {"balances": self.balances()} if self.risk else {}
+        extra = {"balances": self.balances(), "asset_scales": self.scales} if self.risk else {}
         return extra | {
-            "version": 3,
+            "version": 4,
             "last_seq": self.last_seq,
             "books": {
                 s: {
@@ -562,7 +570,7 @@ class Reference:
         if quote is not None:
             if self.risk and side == BUY:  # a quote buy must be able to spend its whole budget
                 u = self.units[symbol]
-                if self.available(account, u.quote) < quote * FEE_DENOM * u.qf:
+                if self.available(account, u.quote) < u.quote_units(quote * FEE_DENOM):
                     return [_rejected(symbol, "new", seq, account, cid, codes.INSUFFICIENT_FUNDS)]
             lots = _quote_lots(book, cmd, self.prio)
             if lots < book.inst.min_qty_lots:

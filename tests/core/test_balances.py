@@ -2,7 +2,8 @@
 
 Every amount is an exact integer of asset units worked out by hand. With the default instruments
 (tick 0.01, lot 0.00001, fees 0.1% maker / 0.2% taker, fee denominator 1e8) BTC and ETH have 5 places
-(a unit is one lot) and USDT 15 places (2 + 5 + 8: a unit is one fee unit, 0.01 x 0.00001 / 1e8). So
+(a unit is one lot) and USDT 10 places (2 + 5 + 3: the fee rates need 3, so one tick x lot, 1e-7 USDT,
+is 1,000 units and every fee a whole number of units). So
 below, `n * USDT` is n USDT and `n * BTC` n BTC; a buy holds price x quantity x 1.002 (the higher fee
 rate) and a trade of 1 BTC at 50,000 USDT costs the buyer 50,000 plus its fee of 50 (maker) or 100
 (taker) USDT, and pays the seller 50,000 minus its fee.
@@ -44,7 +45,7 @@ from shared import codes
 from shared.instruments import Instrument, default_instruments
 
 S, E = "BTC-USDT", "ETH-USDT"
-USDT = 10**15  # units per USDT
+USDT = 10**10  # units per USDT
 BTC = ETH = 10**5  # units (= lots) per BTC or ETH
 P = 5_000_000  # 50,000.00 USDT in ticks
 ONE = 100_000  # 1 BTC in lots
@@ -97,19 +98,19 @@ def rejected(events: list[Event]) -> str:
 
 # Units and fees ---------------------------------------------------------------------------------
 def test_default_scales_and_the_exact_amounts_of_one_trade() -> None:
-    """1 BTC at 50,000.00: notional 5e6 ticks x 1e5 lots x 1e8 = 5e19 units = 50,000 USDT; maker fee
-    5e11 x 100,000 fee units = 5e16 units = 50 USDT, taker fee 1e17 = 100 USDT."""
+    """1 BTC at 50,000.00: notional 5e6 ticks x 1e5 lots x 1,000 = 5e14 units = 50,000 USDT; the maker
+    fee in the trade is 5e11 x 100,000 = 5e16 fee units (1e-15 USDT) = 50 USDT, the taker fee 100."""
     v = Venue()
     assert v.engine.ledger is not None
-    assert v.engine.ledger.scales == {"BTC": 5, "ETH": 5, "USDT": 15}
+    assert v.engine.ledger.scales == {"BTC": 5, "ETH": 5, "USDT": 10}
     v.fund("s", BTC=ONE)
     v.fund("b", USDT=60_000 * USDT)
     assert v(limit("s", SELL, P, ONE))[0][0] == "accepted"
     assert v.bal("s", "BTC") == (0, ONE)
     events = v(limit("b", BUY, P, ONE))  # the buyer takes
     trade = next(e for e in events if e[0] == "trade")
-    assert trade[11] == 50_000_000_000_000_000 == 50 * USDT  # maker fee in fee units = USDT units
-    assert trade[18] == 100 * USDT
+    assert trade[11] == 50_000_000_000_000_000  # maker fee in fee units
+    assert trade[18] == 100_000_000_000_000_000
     assert [e[0] for e in events] == ["accepted", "trade", BOOK] + [BALANCE] * 5
     assert balances(events) == {
         ("b", "USDT"): (9_900 * USDT, 0),  # 60,000 - 50,000 - 100
@@ -122,13 +123,13 @@ def test_default_scales_and_the_exact_amounts_of_one_trade() -> None:
 
 
 def test_a_buy_holds_price_times_quantity_at_the_higher_fee_rate() -> None:
-    """0.5 BTC at 50,100.00 holds 25,050 x 1.002 = 25,100.1 USDT = 5,010,000 x 50,000 x 100,200,000
-    units; a sell holds its quantity of base."""
+    """0.5 BTC at 50,100.00 holds 25,050 x 1.002 = 25,100.1 USDT = 5,010,000 x 50,000 x 1,002 units; a
+    sell holds its quantity of base."""
     v = Venue()
     v.fund("b", USDT=30_000 * USDT)
     v.fund("s", BTC=ONE)
     v(limit("b", BUY, 5_010_000, ONE // 2))
-    assert v.bal("b", "USDT") == (30_000 * USDT - 25_100_100_000_000_000_000, 25_100_100_000_000_000_000)
+    assert v.bal("b", "USDT") == (30_000 * USDT - 251_001_000_000_000, 251_001_000_000_000)
     v(limit("s", SELL, 6_000_000, 30_000))
     assert v.bal("s", "BTC") == (70_000, 30_000)
 
@@ -233,7 +234,7 @@ def test_amend_down_and_up_moves_the_hold() -> None:
     assert core(v(Amend(S, "b", oid, None, None, ONE // 2)))[0][0] == "amended"  # 0.5 at 50,000: 25,050
     assert v.bal("b", "USDT") == (34_950 * USDT, 25_050 * USDT)
     v(Amend(S, "b", oid, None, 5_010_000, None))  # 0.5 BTC at 50,100: 25,100.1
-    assert v.bal("b", "USDT") == (60_000 * USDT - 25_100_100 * 10**12, 25_100_100 * 10**12)
+    assert v.bal("b", "USDT") == (60_000 * USDT - 25_100_100 * 10**7, 25_100_100 * 10**7)
     v(Amend(S, "b", oid, None, P, ONE))  # back to 1 BTC at 50,000
     assert v.bal("b", "USDT") == (9_900 * USDT, 50_100 * USDT)
 
@@ -358,7 +359,7 @@ def test_an_iceberg_holds_its_whole_quantity_and_frees_it_all() -> None:
 
 
 def test_a_quote_quantity_buy_needs_its_whole_budget() -> None:
-    """A budget of 10,000 USDT is 10,000 / (0.01 x 0.00001) = 1e11 ticks x lots, needing 1e19 units
+    """A budget of 10,000 USDT is 10,000 / (0.01 x 0.00001) = 1e11 ticks x lots, needing 1e14 units
     available. At 50,000 (x 1.002) it buys floor(1e19 / 5.01e14) = 19,960 lots for 9,999.96 USDT."""
     v = Venue()
     v.fund("s", BTC=ONE)
@@ -369,7 +370,7 @@ def test_a_quote_quantity_buy_needs_its_whole_budget() -> None:
     v.fund("b", USDT=1)
     events = v(order)
     assert [e[4] for e in events if e[0] == "trade"] == [19_960]
-    assert v.bal("b", "USDT") == (40 * 10**12, 0)  # 0.04 USDT left
+    assert v.bal("b", "USDT") == (4 * 10**8, 0)  # 0.04 USDT left
     assert v.bal("b", "BTC") == (19_960, 0)
 
 

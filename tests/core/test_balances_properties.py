@@ -70,8 +70,8 @@ from tests.core.test_properties import (
 INSTRUMENTS = list(default_instruments().values())
 ASSETS = ("BTC", "ETH", "USDT")
 # Orders are 10..90 lots at prices around 10_000 ticks: with the default instruments one lot is one
-# base unit and one fee unit one USDT unit, so a buy holds about price x lots x 1.002e8 units.
-ORDER_COST = 10_000 * 50 * 100_200_000
+# base unit and one tick x lot 1,000 USDT units (10 places), so a buy holds about price x lots x 1,002.
+ORDER_COST = 10_000 * 50 * 1_002
 
 FLOWS = settings(
     max_examples=40,
@@ -219,7 +219,7 @@ def run_checked(cmds: list[Any], instruments: list[Instrument]) -> Engine:
                     fees[e[4]] -= e[5]
             elif e[0] == TRADE:
                 u = units[e[1]]
-                fees[u.quote] += (e[T_MAKER_FEE] + e[T_TAKER_FEE]) * u.qf
+                fees[u.quote] += u.quote_units(e[T_MAKER_FEE] + e[T_TAKER_FEE])
         new_snap, new_state = snapshot(engine), ledger_state(engine)
         check_balance_events(cmd, events, state, new_state)
         if events and events[0][0] == REJECTED:
@@ -267,11 +267,12 @@ def test_engine_balances_agree_with_the_reference_model(cmds: list[Any]) -> None
     differential(cmds, INSTRUMENTS)
 
 
-# Instruments whose lots and fee units are not one asset unit each (the contract's factors, per
-# shared.instruments.asset_scales): ETH-BTC's tick 0.00005 and lot 0.001 make BTC units 10^-16 (5+3+8
-# places), so a BTC-USDT lot is 10^11 BTC units and an ETH-BTC fee unit 5 BTC units; ETH-USDT keeps ETH
-# at 10^-5, so an ETH-BTC lot is 100 ETH units; SOL-USDT's tick 0.05 and lot 0.1 make its fee unit
-# 5 x 10^4 USDT units, and it has no maker fee (a resting buy holds at the taker rate).
+# Instruments whose lots and ticks are not one asset unit each (the contract's factors, per
+# shared.instruments.asset_scales): ETH-BTC's tick 0.00005 and lot 0.001 make BTC units 10^-11 (5+3+3
+# places), so a BTC-USDT lot is 10^6 BTC units and an ETH-BTC tick x lot 5,000 BTC units (its maker
+# fee 5); ETH-USDT keeps ETH at 10^-5, so an ETH-BTC lot is 100 ETH units; SOL-USDT's tick 0.05 and
+# lot 0.1 make its tick x lot 5 x 10^7 USDT units, and it has no maker fee (a resting buy holds at the
+# taker rate).
 EXOTIC = [
     Instrument("BTC-USDT"),
     Instrument("ETH-USDT"),
@@ -290,7 +291,7 @@ EXOTIC = [
         maker_fee=Decimal("0"),
     ),
 ]
-_SCALE = {"BTC": 10**12, "ETH": 100, "USDT": 10**4, "SOL": 1}
+_SCALE = {"BTC": 10**7, "ETH": 100, "USDT": 10**4, "SOL": 1}
 
 
 def exotic(i: int, cmd: Any) -> Any:
@@ -322,8 +323,7 @@ def test_the_invariants_and_the_reference_hold_for_instruments_with_other_units(
 def test_a_snapshot_mid_flow_restores_balances_and_continues_byte_identically(
     cmds: list[Command], cut: int
 ) -> None:
-    """Through the events stream's own codec: balances in USDT units pass 64 bits from about 18,447
-    USDT, which orjson alone refuses."""
+    """Through the events stream's own codec."""
     whole = Engine(INSTRUMENTS, risk=True)
     expected = [encode_events(whole.apply(c, 2 * i + 1, 20 * i + 10)) for i, c in enumerate(cmds)]
     engine = Engine(INSTRUMENTS, risk=True)

@@ -11,13 +11,17 @@ from hypothesis import strategies as st
 
 from shared.instruments import (
     FEE_DENOM,
+    LEGACY_FEE_PLACES,
     Instrument,
     JsonNumber,
     OffGrid,
+    asset_scales,
     default_instruments,
     fmt_trimmed,
     load_instruments,
     plain_units,
+    rate_places,
+    rescale,
     scale_of,
     to_decimal,
     to_units,
@@ -495,3 +499,39 @@ def test_units_to_amount_edges() -> None:
         "0", "0.000000000000001", "1", "1.000000000000001", "0.5",
     ]  # fmt: skip
     assert units_to_amount(-25, 1) == "-2.5" and units_to_amount(1200, 0) == "1200"
+
+
+# Asset scales -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("rates", "places"),
+    [((100_000, 200_000), 3), ((0, 200_000), 3), ((0, 0), 0), ((15_000,), 5), ((1,), 8), ((10**8,), 0)],
+)
+def test_rate_places_are_the_fewest_that_make_every_rate_whole(rates: tuple[int, ...], places: int) -> None:
+    assert rate_places(*rates) == places
+    assert all(rate * 10**places % FEE_DENOM == 0 for rate in rates)
+
+
+def test_asset_scales_follow_tick_lot_and_fee_rates() -> None:
+    """A quote asset gets tick + lot + fee-rate places (the finest instrument decides), a base asset
+    its lot's places; the legacy scales counted 8 places of fees whatever the rates."""
+    assert asset_scales(default_instruments().values()) == {"BTC": 5, "USDT": 10, "ETH": 5}
+    sol = Instrument(
+        "SOL-USDT",
+        tick_size=Decimal("0.0001"),
+        lot_size=Decimal("0.01"),
+        min_qty=Decimal("0.01"),
+        taker_fee=Decimal("0.00015"),
+    )
+    assert asset_scales([Instrument("BTC-USDT"), sol]) == {"BTC": 5, "USDT": 11, "SOL": 2}  # 4 + 2 + 5
+    free = Instrument("BTC-USDT", maker_fee=Decimal("0"), taker_fee=Decimal("0"))
+    assert asset_scales([free]) == {"BTC": 5, "USDT": 7}
+    assert asset_scales(default_instruments().values(), LEGACY_FEE_PLACES)["USDT"] == 15
+
+
+@given(st.integers(0, 10**30), st.integers(0, 20), st.integers(0, 20))
+def test_rescale_is_exact_or_refuses(units: int, a: int, b: int) -> None:
+    got = rescale(units, a, b)
+    if got is None:
+        assert b < a and units % 10 ** (a - b)
+    else:
+        assert Decimal(got).scaleb(-b) == Decimal(units).scaleb(-a)

@@ -7,12 +7,13 @@ import dataclasses
 import json
 import pickle
 import random
+from decimal import Decimal
 from typing import Any
 
 import orjson
 import pytest
 
-from services.matcher.commands import BUY, IOC, LIMIT, MARKET, SELL, Cancel, Command, NewOrder
+from services.matcher.commands import BUY, IOC, LIMIT, MARKET, SELL, Cancel, Command, Deposit, NewOrder
 from services.matcher.engine import Engine
 from services.matcher.snapshot import FORMAT_VERSION, restore, snapshot, state_hash, to_bytes
 from shared.instruments import Instrument, default_instruments
@@ -267,3 +268,63 @@ def test_rejected_events_always_serialise() -> None:
     events = engine.apply(Cancel(S, "a", 2**70), 1, 0)
     assert events == [("rejected", S, "cancel", None, "a", None, "UNKNOWN_ORDER")]
     orjson.dumps(events)
+
+
+# Balances and their units -----------------------------------------------------------------------
+def funded() -> Engine:
+    """Balances on, a deposit of each asset, a resting buy (a hold) and a trade (fees)."""
+    engine = Engine(default_instruments().values(), risk=True)
+    cmds: list[Command] = [
+        Deposit("b", "USDT", 12_345_678 * 10**10 + 5),  # 1,234,567.8000000005 USDT
+        Deposit("s", "BTC", 3 * 10**5),
+        NewOrder(S, "b", BUY, LIMIT, "gtc", 5_000_000, 70_000),
+        NewOrder(S, "s", SELL, LIMIT, "gtc", 4_999_999, 30_001),
+    ]
+    for i, cmd in enumerate(cmds, 1):
+        assert engine.apply(cmd, i, i)[0][0] in ("funded", "accepted")
+    return engine
+
+
+def test_a_snapshot_records_its_balance_units() -> None:
+    snap = snapshot(funded())
+    assert snap["version"] == FORMAT_VERSION == 4
+    assert snap["asset_scales"] == {"BTC": 5, "ETH": 5, "USDT": 10}
+
+
+def test_a_version_3_snapshot_restores_its_legacy_units_exactly() -> None:
+    """Version 3 counted USDT in fee units (15 places with the defaults): 10^5 of them per unit now."""
+    engine = funded()
+    snap = roundtrip_json(snapshot(engine))
+    old = copy.deepcopy(snap)
+    old["version"] = 3
+    del old["asset_scales"]
+    for assets in old["balances"].values():
+        if "USDT" in assets:
+            assets["USDT"] = [v * 10**5 for v in assets["USDT"]]
+    again = Engine(default_instruments().values(), risk=True)
+    restore(again, old)
+    assert state_hash(again) == state_hash(engine)
+
+
+def test_a_snapshot_restores_under_instruments_that_need_finer_units() -> None:
+    """A taker fee of 0.015 % needs 5 places beyond tick x lot: USDT goes from 10 to 12 places."""
+    snap = roundtrip_json(snapshot(funded()))
+    finer = [Instrument(S, taker_fee=Decimal("0.00015")), Instrument("ETH-USDT")]
+    engine = Engine(finer, risk=True)
+    assert engine.ledger is not None and engine.ledger.scales["USDT"] == 12
+    restore(engine, snap)
+    got = engine.ledger.balances()
+    for account, assets in snap["balances"].items():
+        for asset, pair in assets.items():
+            factor = 100 if asset == "USDT" else 1
+            assert got[account][asset] == [v * factor for v in pair]
+
+
+def test_a_snapshot_finer_than_the_engines_units_is_refused() -> None:
+    snap = roundtrip_json(snapshot(funded()))
+    snap["asset_scales"]["USDT"] = 11  # its last USDT digit would be lost
+    with pytest.raises(ValueError, match="finer than 10 places"):
+        restore(Engine(default_instruments().values(), risk=True), snap)
+    snap["asset_scales"] = {"USDT": -1}
+    with pytest.raises(ValueError, match="asset scales"):
+        restore(Engine(default_instruments().values(), risk=True), snap)

@@ -23,7 +23,7 @@ from services.gateway.sessions import Authenticator
 from services.matcher.commands import Cancel, CancelAll, Deposit, Grant, NewOrder, Withdraw
 from shared import codes, keys, stream
 from shared.ids import entry_to_seq
-from shared.instruments import default_instruments
+from shared.instruments import asset_scales, default_instruments
 from shared.metrics import APPEND_BATCH, REGISTRY
 from shared.redis_server import RedisServer, free_port
 from shared.wire import frame
@@ -583,13 +583,15 @@ def test_cli_process_serves_and_exits_0_on_sigterm(redis_url: str, tmp_path: Pat
 ETH = "ETH-USDT"
 ADMIN_KEY = "admin-key-0123456789abcdefgh"
 ALICE_KEY = "alice-key-0123456789abcdefgh"
-FAUCET = [("USDT", 10**6 * 10**15), ("BTC", 100 * 10**5)]
-USDT = 10**15  # units of one USDT (15 places with the default instruments)
+FAUCET = [("USDT", 10**6 * 10**10), ("BTC", 100 * 10**5)]
+USDT = 10**10  # units of one USDT (10 places with the default instruments)
+SCALES = asset_scales(default_instruments().values())
 
 
 async def stream_commands(rds: aioredis.Redis, symbol: str) -> list[tuple[str, Any]]:
     """(entry id, command) of every entry on the symbol's orders stream, oldest first."""
-    return [(eid.decode(), stream.decode(fields)[0]) for eid, fields in await rds.xrange(keys.orders(symbol))]
+    entries = await rds.xrange(keys.orders(symbol))
+    return [(eid.decode(), stream.decode(fields, SCALES)[0]) for eid, fields in entries]
 
 
 async def test_deposit_and_withdraw_are_appended_to_the_assets_stream(

@@ -384,9 +384,9 @@ def test_funding_and_balances_need_a_session() -> None:
 def test_open_mode_account_funds_itself() -> None:
     s = venue()
     login(s)
-    assert entries(send(s, DEPOSIT)) == (("BTC-USDT", Deposit("alice", "USDT", 10 * 10**15, "r-1")),)
+    assert entries(send(s, DEPOSIT)) == (("BTC-USDT", Deposit("alice", "USDT", 10 * 10**10, "r-1")),)
     assert entries(send(s, {**DEPOSIT, "op": "withdraw", "account": "alice"})) == (
-        ("BTC-USDT", Withdraw("alice", "USDT", 10 * 10**15, "r-1")),
+        ("BTC-USDT", Withdraw("alice", "USDT", 10 * 10**10, "r-1")),
     )
     reply = send(s, {**DEPOSIT, "account": "bob"})
     assert code(reply) == codes.UNAUTHENTICATED and reply["request_id"] == "r-1"
@@ -418,14 +418,14 @@ def test_admin_session_names_the_account_and_places_no_orders() -> None:
     admin(s)
     assert s.admin == "ops" and s.account is None
     assert entries(send(s, {**DEPOSIT, "account": "bob"})) == (
-        ("BTC-USDT", Deposit("bob", "USDT", 10 * 10**15, "r-1")),
+        ("BTC-USDT", Deposit("bob", "USDT", 10 * 10**10, "r-1")),
     )
     reply = send(s, DEPOSIT)  # no account named
     assert code(reply) == codes.INVALID_ACCOUNT and reply["request_id"] == "r-1"
     assert code(send(s, {**DEPOSIT, "account": "_fees"})) == codes.INVALID_ACCOUNT
     assert code(send(s, {**DEPOSIT, "account": "_x", "op": "withdraw"})) == codes.INVALID_ACCOUNT
     assert entries(send(s, {**DEPOSIT, "account": "_fees", "op": "withdraw"})) == (
-        ("BTC-USDT", Withdraw("_fees", "USDT", 10 * 10**15, "r-1")),
+        ("BTC-USDT", Withdraw("_fees", "USDT", 10 * 10**10, "r-1")),
     )
     assert send(s, {"op": "balances", "account": "_fees"}) == BalancesQuery("_fees")
     assert code(send(s, {"op": "balances"})) == codes.INVALID_ACCOUNT

@@ -709,7 +709,7 @@ def test_the_other_order_types_are_checked_at_the_gateway(changes: dict[str, Any
 
 
 # Funding, balances, cancel_all ----------------------------------------------------------------------
-SCALES = asset_scales(INSTRUMENTS.values())  # BTC, ETH: 5 places; USDT: 2 + 5 + 8 = 15
+SCALES = asset_scales(INSTRUMENTS.values())  # BTC, ETH: 5 places; USDT: 2 + 5 + 3 = 10
 
 
 def fund(op: str = "deposit", account: object = "alice", **fields: Any) -> validation.Submission | Reject:
@@ -720,13 +720,13 @@ def fund(op: str = "deposit", account: object = "alice", **fields: Any) -> valid
 
 
 def test_scales_of_the_default_instruments() -> None:
-    assert SCALES == {"BTC": 5, "USDT": 15, "ETH": 5}
+    assert SCALES == {"BTC": 5, "USDT": 10, "ETH": 5}
 
 
 def test_deposit_goes_to_the_assets_funding_stream_with_exact_units() -> None:
     sub = fund(amount="1000.50", request_id="r-1")
     assert isinstance(sub, validation.Submission)
-    assert sub.entries == (("BTC-USDT", Deposit("alice", "USDT", 100050 * 10**13, "r-1")),)
+    assert sub.entries == (("BTC-USDT", Deposit("alice", "USDT", 100050 * 10**8, "r-1")),)
     assert sub.ack == {
         "type": "ack",
         "op": "deposit",
@@ -838,7 +838,7 @@ def test_balances_query_names_any_well_formed_account() -> None:
 
 def test_balances_reply_formats_units_sorted_and_skips_untraded_assets() -> None:
     stored: dict[bytes | str, bytes | str] = {
-        b"USDT": b"1000500000000000000 25000000000000",
+        b"USDT": b"10005000000000 250000000",
         b"BTC": b"100000 0",
         b"DOGE": b"5 5",  # no instrument trades it (any more)
     }
@@ -881,7 +881,7 @@ def test_cancel_all_unknown_symbol(symbol: Any) -> None:
 
 def test_faucet_spec() -> None:
     assert validation.parse_faucet(validation.DEFAULT_FAUCET, SCALES) == [
-        ("USDT", 10**6 * 10**15),
+        ("USDT", 10**6 * 10**10),
         ("BTC", 100 * 10**5),
         ("ETH", 1000 * 10**5),
     ]

@@ -23,7 +23,7 @@ from services.matcher.snapshot import state_hash
 from services.matcher.venue import GROUP
 from shared import codes, keys
 from shared.ids import entry_to_seq, seq_ms
-from shared.instruments import units_to_amount
+from shared.instruments import asset_scales, units_to_amount
 from shared.stream import APPEND_SCRIPT, decode_events, encode, encode_events
 from shared.wire import unframe
 from tests.matcher import (
@@ -40,15 +40,16 @@ from tests.matcher import (
 )
 
 ACCOUNTS = ("alice", "bob", "carol")
-USDT = 10**15  # units of 1 USDT (15 places: tick 0.01 x lot 0.00001 x fee 1e-8)
+USDT = 10**10  # units of 1 USDT (10 places: tick 0.01 x lot 0.00001 x the fee rates' 0.001)
 COIN = 10**5  # units of 1 BTC or ETH (lot 0.00001)
+SCALES = asset_scales(INSTRUMENTS.values())
 
 
 def append(r: redis.Redis, items: list[tuple[str, Command]], record: list[tuple[str, str, Command]]) -> None:
     """Append as a gateway with balances on does: under the venue clock's ids."""
     for symbol, cmd in items:
         entry_id = r.eval(
-            APPEND_SCRIPT, 2, keys.id_clock(), keys.orders(symbol), 2, encode(cmd, time.time_ns())
+            APPEND_SCRIPT, 2, keys.id_clock(), keys.orders(symbol), 2, encode(cmd, time.time_ns(), SCALES)
         )[0]
         r.incr(keys.appended(symbol))
         record.append((symbol, cast(bytes, entry_id).decode(), cmd))
@@ -261,7 +262,7 @@ async def test_a_gateways_pipelined_appends_on_both_streams_are_applied_in_id_or
 
     def submit(symbol: str, cmd: Command) -> None:
         acked.append(_Acked())
-        appender.submit(symbol, encode(cmd, 0), acked[-1])
+        appender.submit(symbol, encode(cmd, 0, SCALES), acked[-1])
 
     try:
         async with in_process(config(redis_url, tmp_path, risk=True, batch=64)):
@@ -284,3 +285,31 @@ async def test_a_gateways_pipelined_appends_on_both_streams_are_applied_in_id_or
     finally:
         await appender.close()
     assert not [m for m in caplog.messages if "skipping entry" in m]
+
+
+async def test_recovery_takes_legacy_entries_and_rewrites_a_read_model_of_other_units(
+    r: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """An older release wrote integer amounts in its units (USDT: 15 places) and kept the read model
+    in them. Its entries replay in today's units, and with no checkpoint that says the read model's
+    units are the ledger's, recovery writes every account's balances anew (and only those)."""
+    legacy = b'[["Deposit","alice","USDT",%d,"d1"],0]' % (7 * 10**15)  # 7 USDT
+    entry_id = r.eval(APPEND_SCRIPT, 2, keys.id_clock(), keys.orders(BTC), 2, legacy)[0]
+    r.incr(keys.appended(BTC))
+    record = [(BTC, cast(bytes, entry_id).decode(), cast(Command, Deposit("alice", "USDT", 7 * USDT, "d1")))]
+    cfg = config(redis_url, tmp_path, risk=True, checkpoint_every=10**6)
+    async with in_process(cfg) as run:
+        append(r, [(BTC, NewOrder(BTC, "alice", "buy", "limit", "gtc", MID, 10))], record)  # holds 3.006
+        await await_until(lambda: caught_up(r, record), 10, "caught up")
+        await run.crash()
+    assert not r.exists(keys.checkpoint(GROUP)) and not ck.list_files(ck.directory(tmp_path, GROUP))
+    want, _ = expected(record)
+    assert want.ledger is not None
+    balances = want.ledger.balances()
+    assert balances == {"alice": {"USDT": [39_940 * 10**6, 30_060 * 10**6]}}
+    assert read_model(r) == balances
+    r.hset(keys.balances("alice"), mapping={"USDT": "39940000000000000 30060000000000000", "XRP": "5 0"})
+    async with in_process(cfg) as run:
+        await await_until(lambda: read_model(r) == balances, 10, "the read model rewritten")
+        assert state_hash(run.matcher.states[BTC].engine) == state_hash(want)
+        assert await run.stop() == 0

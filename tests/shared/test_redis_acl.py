@@ -303,6 +303,7 @@ async def test_the_real_matcher_and_gateway_queries_run_as_their_users(tmp_path:
     from services.gateway import orders
     from services.matcher.commands import Cancel, Deposit, NewOrder
     from shared.ids import entry_to_seq
+    from shared.instruments import asset_scales
     from shared.stream import APPEND_SCRIPT, encode
     from tests.matcher import await_until, config, in_process
 
@@ -311,7 +312,7 @@ async def test_the_real_matcher_and_gateway_queries_run_as_their_users(tmp_path:
     admin = redis.Redis.from_url(server.url_for("admin"), socket_timeout=5)
 
     def append(cmd: Any) -> str:
-        data = encode(cmd, 0)
+        data = encode(cmd, 0, asset_scales(cfg.instruments))
         if risk:
             return str(admin.eval(APPEND_SCRIPT, 2, keys.id_clock(), keys.orders(sym), 2, data)[0].decode())
         return str(admin.xadd(keys.orders(sym), {b"d": data}).decode())
@@ -321,7 +322,7 @@ async def test_the_real_matcher_and_gateway_queries_run_as_their_users(tmp_path:
     try:
         async with in_process(cfg) as run:
             if risk:
-                append(Deposit(account, "USDT", 10**25))
+                append(Deposit(account, "USDT", 10**20))
             resting = append(NewOrder(sym, account, "buy", "limit", "gtc", 100_000, 5_000, "r1"))
             gone = append(NewOrder(sym, account, "buy", "limit", "gtc", 100_001, 5_000, "r2"))
             last = append(Cancel(sym, account, entry_to_seq(gone)))
