@@ -11,6 +11,7 @@ re-encoding. Payload framing on the pub/sub channels (shared.keys):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -18,7 +19,7 @@ import orjson
 from services.matcher import events as ev
 from services.matcher.balances import RESERVED_PREFIX
 from shared.codes import reason_for
-from shared.ids import seq_to_entry
+from shared.ids import SEQ_BITS
 from shared.instruments import Instrument, units_to_amount
 
 Message = dict[str, Any]
@@ -43,10 +44,11 @@ class Rendered:
         execs = frame(self.execs, now_ns, self.first_exec)
         return frame(self.md, now_ns), frame(self.trades, now_ns), execs
 
-    def add_exec(self, account: str, msg: Message) -> None:
+    def add_exec(self, account: str, report: str) -> None:
+        """Append one exec line; `report` is the message's JSON without its closing brace: the exec id
+        is the last key of every exec message."""
         self.exec_seq += 1
-        msg["exec_id"] = self.exec_seq
-        self.execs.append(_line(account, msg))
+        self.execs.append(f'{account} {report},"exec_id":{self.exec_seq}}}'.encode())
 
 
 def frame(lines: list[bytes], now_ns: int, first_exec: int | None = None) -> bytes | None:
@@ -107,52 +109,106 @@ def count_execs(events: list[ev.Event]) -> int:
     return sum(0 if _silent(e) else get(e[0], 0) for e in events)
 
 
-def _oid(seq: int | None) -> str | None:
-    return None if seq is None else seq_to_entry(seq)
+# Rendering. Every message is written from an f-string template, one per message shape, in the
+# protocol's key order (render below, _execution for every execution report, _trade, _l2_update,
+# _rejected): a dict per message for orjson to walk cost about a quarter more (tests/shared/test_wire.py
+# keeps that form as the reference the bytes are checked against). Template values are JSON text
+# already. Strings from clients (client_order_id, request_id) go through orjson itself, so they are
+# escaped exactly as orjson escapes them; names that repeat (accounts, assets, codes, reasons) through
+# a memo of the same (_names). Written as they are: decimal strings made here, integers, and the
+# core's own identifiers (side, status, exec_type, liquidity: lower-case words).
+_SEQ_MASK = (1 << SEQ_BITS) - 1  # order ids: shared.ids.seq_to_entry, inlined in the templates
+_MEMO_MAX = 100_000
+_dumps = orjson.dumps
 
 
-def _exec(
+class _Memo(dict[Any, str]):
+    """Texts by value, made on first use: a hit is one dict lookup, no Python call. Bounded (cleared
+    when full): prices near the top of book, common sizes and account names repeat constantly."""
+
+    __slots__ = ("make",)
+
+    def __init__(self, make: Callable[[Any], str]) -> None:
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, key: Any) -> str:
+        if len(self) >= _MEMO_MAX:
+            self.clear()
+        text = self[key] = self.make(key)
+        return text
+
+
+_names = _Memo(lambda text: _dumps(text).decode())  # repeated strings (accounts, assets, codes) as JSON
+
+
+class _Pieces:
+    """An instrument's formatted numbers and the parts of its messages that never change."""
+
+    __slots__ = ("fee", "inst", "no_fill", "price", "qty", "symbol", "zero_qty")
+
+    def __init__(self, inst: Instrument) -> None:
+        self.inst = inst
+        self.price = _Memo(inst.price_str)
+        self.qty = _Memo(inst.qty_str)
+        self.fee = inst.fee_str
+        self.symbol = _names[inst.symbol]
+        self.zero_qty = inst.qty_str(0)
+        # What an execution report that is not a fill says of fills (see _execution).
+        self.no_fill = (
+            f'"last_price":null,"last_quantity":null,"fee":"{inst.zero_fee}","liquidity":null,"trade_id":null'
+        )
+
+
+_pieces: dict[str, _Pieces] = {}
+
+
+def _pieces_of(inst: Instrument) -> _Pieces:
+    pieces = _pieces.get(inst.symbol)
+    if pieces is None or pieces.inst is not inst:  # a new spec under an old name replaces the old
+        pieces = _pieces[inst.symbol] = _Pieces(inst)
+    return pieces
+
+
+def _amount(units: int, places: int) -> str:
+    """units_to_amount (the trimmed decimal string of units x 10^-places) in one call, two per
+    balance line; the cases a balance never is (negative, an asset without decimals) take it."""
+    if units < 0 or not places:
+        return units_to_amount(units, places)
+    digits = str(units)
+    if len(digits) <= places:
+        digits = digits.rjust(places + 1, "0")
+    decimals = digits[-places:].rstrip("0")
+    return f"{digits[:-places]}.{decimals}" if decimals else digits[:-places]
+
+
+def _execution(
+    out: Rendered,
+    account: str,
     symbol: str,
     oid: int,
     cid: str | None,
     side: str,
     status: str,
     exec_type: str,
-    price: str | None,
+    price: str,
     quantity: str,
     filled: str,
     remaining: str,
-    last_price: str | None,
-    last_qty: str | None,
-    fee: str,
-    liquidity: str | None,
-    trade_id: int | None,
+    fill: str,
     ts: int,
-) -> Message:
-    # Positional on purpose: the matcher renders one or two of these per command.
-    return {
-        "type": "execution",
-        "order_id": seq_to_entry(oid),
-        "client_order_id": cid,
-        "symbol": symbol,
-        "side": side,
-        "status": status,
-        "exec_type": exec_type,
-        "price": price,
-        "quantity": quantity,
-        "filled_quantity": filled,
-        "remaining_quantity": remaining,
-        "last_price": last_price,
-        "last_quantity": last_qty,
-        "fee": fee,
-        "liquidity": liquidity,
-        "trade_id": trade_id,
-        "ts": ts,
-    }
-
-
-def _line(account: str, msg: Message) -> bytes:
-    return account.encode() + b" " + orjson.dumps(msg)
+    tail: str = "",
+) -> None:
+    """Append an execution report's exec line. symbol and price are JSON text (price "null" when the
+    order has none); fill: the last_price .. trade_id fields (_Pieces.no_fill unless a trade); tail:
+    the fields some reports add after "ts". Positional on purpose: one or two of these per command."""
+    out.exec_seq += 1
+    out.execs.append(
+        f'{account} {{"type":"execution","order_id":"{oid >> SEQ_BITS}-{oid & _SEQ_MASK}",'
+        f'"client_order_id":{_dumps(cid).decode()},"symbol":{symbol},"side":"{side}","status":"{status}",'
+        f'"exec_type":"{exec_type}","price":{price},"quantity":"{quantity}","filled_quantity":"{filled}",'
+        f'"remaining_quantity":"{remaining}",{fill},"ts":{ts}{tail},"exec_id":{out.exec_seq}}}'.encode()
+    )
 
 
 def render(
@@ -164,135 +220,135 @@ def render(
     now_ns: int = 0,
     scales: dict[str, int] | None = None,
 ) -> None:
-    """Render one command's events into `out`. ts: the command's time (ms); recv_ns/now_ns: gateway
-    receive and publish wall clocks, for the trade message's latency_us (0 when unknown); scales: the
-    assets' decimal places (shared.instruments.asset_scales), needed only with balances on."""
-    p, q = inst.price_str, inst.qty_str
-    zero_fee = inst.zero_fee
+    """Render one command's events (on inst's symbol) into `out`. ts: the command's time (ms);
+    recv_ns/now_ns: gateway receive and publish wall clocks, for the trade message's latency_us (0
+    when unknown); scales: the assets' decimal places (shared.instruments.asset_scales), needed only
+    with balances on."""
+    pieces = _pieces_of(inst)
+    p, q, names = pieces.price, pieces.qty, _names
+    sym, zero, no_fill = pieces.symbol, pieces.zero_qty, pieces.no_fill
     for e in events:
         kind = e[0]
-        if kind == ev.BOOK:
-            out.md.append(orjson.dumps(l2_update(e, inst)))
-        elif kind == ev.TRADE:
-            latency_us = (now_ns - recv_ns) // 1000 if recv_ns and now_ns else None
-            render_trade(e, inst, latency_us, out)
-        elif kind == ev.ACCEPTED:
-            _, symbol, oid, account, cid, side, _otype, _tif, price, qty = e
-            qs, ps = q(qty), None if price is None else p(price)
-            msg = _exec(
-                symbol, oid, cid, side, "new", "new", ps, qs, q(0), qs, None, None, zero_fee, None, None, ts
-            )
-            out.add_exec(account, msg)
-        elif kind == ev.CANCELLED:
-            _, symbol, oid, account, cid, side, price, qty, leaves, reason = e
-            msg = _exec(symbol, oid, cid, side, "cancelled", "cancelled", None if price is None else p(price),
-                        q(qty), q(qty - leaves), q(0), None, None, zero_fee, None, None, ts)  # fmt: skip
-            msg["reason"] = reason
-            out.add_exec(account, msg)
-        elif kind == ev.TRIGGERED:
-            _, symbol, oid, account, cid, side, _otype, _tif, price, stop_price, qty = e
-            qs = q(qty)
-            msg = _exec(symbol, oid, cid, side, "new", "triggered", None if price is None else p(price), qs,
-                        q(0), qs, None, None, zero_fee, None, None, ts)  # fmt: skip
-            msg["stop_price"] = p(stop_price)
-            out.add_exec(account, msg)
-        elif kind == ev.AMENDED:
-            _, symbol, oid, account, cid, side, price, qty, leaves = e
-            status = "new" if qty == leaves else "partially_filled"
-            msg = _exec(symbol, oid, cid, side, status, "amended", p(price), q(qty), q(qty - leaves),
-                        q(leaves), None, None, zero_fee, None, None, ts)  # fmt: skip
-            out.add_exec(account, msg)
-        elif kind == ev.REJECTED:
-            if _silent(e):
-                continue
-            _, symbol, op, oid, account, cid, code = e
-            if op in _FUNDING_OPS:
-                msg = {"type": "reject", "op": op, "symbol": inst.symbol, "request_id": cid, "code": code,
-                       "reason": reason_for(code)}  # fmt: skip
-            elif op == "new" and oid is not None:
-                msg = {
-                    "type": "execution", "order_id": _oid(oid), "client_order_id": cid, "symbol": inst.symbol,
-                    "status": "rejected", "exec_type": "rejected", "code": code, "reason": reason_for(code),
-                    "ts": ts,
-                }  # fmt: skip
-            else:
-                msg = {
-                    "type": "reject", "op": op, "symbol": inst.symbol, "order_id": _oid(oid),
-                    "client_order_id": cid, "code": code, "reason": reason_for(code),
-                }  # fmt: skip
-            out.add_exec(account, msg)
-        elif kind == ev.BALANCE:
-            if _silent(e):
+        if kind == ev.BALANCE:  # the most frequent with balances on: one per (account, asset) touched
+            _, _, account, asset, available, held = e
+            if account.startswith(RESERVED_PREFIX):  # _silent
                 continue
             assert scales is not None, "balance events need the asset scales"
-            _, _, account, asset, available, held = e
             places = scales[asset]
             # "symbol": the stream it travels on, so that exec ids (per symbol) stay countable
-            out.add_exec(account, {"type": "balance", "symbol": inst.symbol, "account": account,
-                                   "asset": asset, "available": units_to_amount(available, places),
-                                   "held": units_to_amount(held, places), "ts": ts})  # fmt: skip
+            out.exec_seq += 1
+            out.execs.append(
+                f'{account} {{"type":"balance","symbol":{sym},"account":{names[account]},'
+                f'"asset":{names[asset]},"available":"{_amount(available, places)}",'
+                f'"held":"{_amount(held, places)}","ts":{ts},"exec_id":{out.exec_seq}}}'.encode()
+            )
+        elif kind == ev.BOOK:
+            out.md.append(_l2_update(e, pieces))
+        elif kind == ev.ACCEPTED:
+            _, _, oid, account, cid, side, _otype, _tif, price, qty = e
+            qs, price_j = q[qty], "null" if price is None else f'"{p[price]}"'
+            _execution(out, account, sym, oid, cid, side, "new", "new", price_j, qs, zero, qs, no_fill, ts)
+        elif kind == ev.TRADE:
+            latency_us = (now_ns - recv_ns) // 1000 if recv_ns and now_ns else None
+            _trade(e, pieces, latency_us, out)
+        elif kind == ev.CANCELLED:
+            _, _, oid, account, cid, side, price, qty, leaves, reason = e
+            price_j = "null" if price is None else f'"{p[price]}"'
+            _execution(out, account, sym, oid, cid, side, "cancelled", "cancelled", price_j, q[qty],
+                       q[qty - leaves], zero, no_fill, ts, f',"reason":{names[reason]}')  # fmt: skip
+        elif kind == ev.TRIGGERED:
+            _, _, oid, account, cid, side, _otype, _tif, price, stop_price, qty = e
+            qs, price_j = q[qty], "null" if price is None else f'"{p[price]}"'
+            _execution(out, account, sym, oid, cid, side, "new", "triggered", price_j, qs, zero, qs, no_fill,
+                       ts, f',"stop_price":"{p[stop_price]}"')  # fmt: skip
+        elif kind == ev.AMENDED:
+            _, _, oid, account, cid, side, price, qty, leaves = e
+            status = "new" if qty == leaves else "partially_filled"
+            _execution(out, account, sym, oid, cid, side, status, "amended", f'"{p[price]}"', q[qty],
+                       q[qty - leaves], q[leaves], no_fill, ts)  # fmt: skip
+        elif kind == ev.REJECTED:
+            if not _silent(e):
+                out.add_exec(e[4], _rejected(e, sym, ts))
         elif kind == ev.FUNDED:
             if _silent(e):
                 continue
             assert scales is not None, "funding events need the asset scales"
             _, _, op, account, asset, amount, request_id = e
-            out.add_exec(account, {"type": "funded", "symbol": inst.symbol, "op": op, "account": account,
-                                   "asset": asset,
-                                   "amount": units_to_amount(amount, scales[asset]), "request_id": request_id,
-                                   "ts": ts})  # fmt: skip
+            out.add_exec(
+                account,
+                f'{{"type":"funded","symbol":{sym},"op":{names[op]},"account":{names[account]},'
+                f'"asset":{names[asset]},"amount":"{units_to_amount(amount, scales[asset])}",'
+                f'"request_id":{_dumps(request_id).decode()},"ts":{ts}',
+            )
+
+
+def _rejected(e: ev.Event, sym: str, ts: int) -> str:
+    """The answer to a refused command, up to its exec id: an execution report for a new order the
+    core numbered, else a reject (a funding op names its request, an order op its order)."""
+    _, _, op, oid, _account, cid, code = e
+    op_j, code_j, reason_j = _names[op], _names[code], _names[reason_for(code)]
+    cid_j = _dumps(cid).decode()
+    order_id = "null" if oid is None else f'"{oid >> SEQ_BITS}-{oid & _SEQ_MASK}"'
+    if op in _FUNDING_OPS:
+        return (
+            f'{{"type":"reject","op":{op_j},"symbol":{sym},"request_id":{cid_j},"code":{code_j},'
+            f'"reason":{reason_j}'
+        )
+    if op == "new" and oid is not None:
+        return (
+            f'{{"type":"execution","order_id":{order_id},"client_order_id":{cid_j},"symbol":{sym},'
+            f'"status":"rejected","exec_type":"rejected","code":{code_j},"reason":{reason_j},"ts":{ts}'
+        )
+    return (
+        f'{{"type":"reject","op":{op_j},"symbol":{sym},"order_id":{order_id},"client_order_id":{cid_j},'
+        f'"code":{code_j},"reason":{reason_j}'
+    )
 
 
 def render_trade(e: ev.Event, inst: Instrument, latency_us: int | None, out: Rendered) -> None:
-    """The trade message and the maker's and taker's execution reports, each number formatted once."""
-    (_, symbol, trade_id, price, qty, aggressor, m_oid, m_account, m_cid, m_qty, m_leaves, m_fee,
+    """The trade message and the maker's and taker's execution reports."""
+    _trade(e, _pieces_of(inst), latency_us, out)
+
+
+def _trade(e: ev.Event, pieces: _Pieces, latency_us: int | None, out: Rendered) -> None:
+    """render_trade, each number formatted once."""
+    (_, _, trade_id, price, qty, aggressor, m_oid, m_account, m_cid, m_qty, m_leaves, m_fee,
      t_oid, t_account, t_cid, t_price, t_qty, t_leaves, t_fee, ts) = e  # fmt: skip
-    p, q = inst.price_str, inst.qty_str
-    price_s, qty_s = p(price), q(qty)
-    m_fee_s, t_fee_s = inst.fee_str(m_fee), inst.fee_str(t_fee)
+    p, q, sym = pieces.price, pieces.qty, pieces.symbol
+    price_s, qty_s = p[price], q[qty]
+    m_fee_s, t_fee_s = pieces.fee(m_fee), pieces.fee(t_fee)
+    latency = "null" if latency_us is None else latency_us
     out.trades.append(
-        orjson.dumps(
-            {
-                "type": "trade",
-                "symbol": symbol,
-                "trade_id": trade_id,
-                "price": price_s,
-                "quantity": qty_s,
-                "aggressor_side": aggressor,
-                "maker_order_id": seq_to_entry(m_oid),
-                "taker_order_id": seq_to_entry(t_oid),
-                "maker_fee": m_fee_s,
-                "taker_fee": t_fee_s,
-                "ts": ts,
-                "latency_us": latency_us,
-            }
-        )
+        f'{{"type":"trade","symbol":{sym},"trade_id":{trade_id},"price":"{price_s}","quantity":"{qty_s}",'
+        f'"aggressor_side":"{aggressor}","maker_order_id":"{m_oid >> SEQ_BITS}-{m_oid & _SEQ_MASK}",'
+        f'"taker_order_id":"{t_oid >> SEQ_BITS}-{t_oid & _SEQ_MASK}","maker_fee":"{m_fee_s}",'
+        f'"taker_fee":"{t_fee_s}","ts":{ts},"latency_us":{latency}}}'.encode()
     )
+    price_j = f'"{price_s}"'
+    fill = f'"last_price":{price_j},"last_quantity":"{qty_s}","fee":"'  # then the fee, liquidity, trade_id
+    m_fill = f'{fill}{m_fee_s}","liquidity":"maker","trade_id":{trade_id}'
+    t_fill = f'{fill}{t_fee_s}","liquidity":"taker","trade_id":{trade_id}'
     m_side = "sell" if aggressor == "buy" else "buy"
     m_status = "filled" if m_leaves == 0 else "partially_filled"
+    _execution(out, m_account, sym, m_oid, m_cid, m_side, m_status, "trade", price_j, q[m_qty],
+               q[m_qty - m_leaves], q[m_leaves], m_fill, ts)  # fmt: skip
     t_status = "filled" if t_leaves == 0 else "partially_filled"
-    t_price_s = None if t_price is None else p(t_price)
-    maker = _exec(symbol, m_oid, m_cid, m_side, m_status, "trade", price_s, q(m_qty), q(m_qty - m_leaves),
-                  q(m_leaves), price_s, qty_s, m_fee_s, "maker", trade_id, ts)  # fmt: skip
-    t_filled = q(t_qty - t_leaves)
-    taker = _exec(symbol, t_oid, t_cid, aggressor, t_status, "trade", t_price_s, q(t_qty), t_filled,
-                  q(t_leaves), price_s, qty_s, t_fee_s, "taker", trade_id, ts)  # fmt: skip
-    out.add_exec(m_account, maker)
-    out.add_exec(t_account, taker)
+    t_price_j = "null" if t_price is None else f'"{p[t_price]}"'
+    _execution(out, t_account, sym, t_oid, t_cid, aggressor, t_status, "trade", t_price_j, q[t_qty],
+               q[t_qty - t_leaves], q[t_leaves], t_fill, ts)  # fmt: skip
 
 
-def l2_update(e: ev.Event, inst: Instrument) -> Message:
-    _, symbol, seq, changes, (bid, bid_qty, ask, ask_qty) = e
-    p, q = inst.price_str, inst.qty_str
-    return {
-        "type": "l2_update",
-        "symbol": symbol,
-        "seq": seq,
-        "changes": [[side, p(price), q(total)] for side, price, total in changes],
-        "bbo": {
-            "bid": None if bid is None else [p(bid), q(bid_qty)],
-            "ask": None if ask is None else [p(ask), q(ask_qty)],
-        },
-    }
+def _l2_update(e: ev.Event, pieces: _Pieces) -> bytes:
+    """A book event's l2_update line."""
+    _, _, seq, changes, (bid, bid_qty, ask, ask_qty) = e
+    p, q = pieces.price, pieces.qty
+    levels = ",".join([f'["{side}","{p[price]}","{q[total]}"]' for side, price, total in changes])
+    bid_j = "null" if bid is None else f'["{p[bid]}","{q[bid_qty]}"]'
+    ask_j = "null" if ask is None else f'["{p[ask]}","{q[ask_qty]}"]'
+    return (
+        f'{{"type":"l2_update","symbol":{pieces.symbol},"seq":{seq},"changes":[{levels}],'
+        f'"bbo":{{"bid":{bid_j},"ask":{ask_j}}}}}'.encode()
+    )
 
 
 def l2_snapshot(
