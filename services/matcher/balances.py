@@ -54,9 +54,11 @@ class Market:
         "base",
         "bf",
         "buy_rate",
+        "fee_balance",
         "fees_due",
         "maker_q",
         "notional",
+        "pairs",
         "quote",
         "taker_cost",
         "taker_q",
@@ -76,6 +78,10 @@ class Market:
         self.buy_rate = self.notional + max(self.maker_q, self.taker_q)
         self.taker_cost = self.notional + self.taker_q  # a market buy's cost per tick x lot
         self.fees_due = 0  # the current command's fees on this market, in quote units (Ledger.flush)
+        # The ledger's own Balance objects, found once: per account that has traded here its (quote,
+        # base) pair, and the venue's fee balance. A fill then needs one lookup per side, not three.
+        self.pairs: dict[str, tuple[Balance, Balance]] = {}
+        self.fee_balance: Balance | None = None
 
     def hold_for(self, side: str, price: int | None, lots: int) -> int:
         """What an open order of `lots` needs held: in quote for a priced buy, in base for a sell,
@@ -122,6 +128,9 @@ class Ledger:
         for m in self.fees_due:
             m.fees_due = 0
         self.fees_due.clear()
+        for m in self.markets.values():
+            m.pairs.clear()
+            m.fee_balance = None
 
     def available(self, account: str, asset: str) -> int:
         """Read only: an account that never had funds has none (and gets no record)."""
@@ -130,7 +139,7 @@ class Ledger:
 
     def _get(self, account: str, asset: str) -> Balance:
         """The pair's balance (created at zero), recorded as touched by this command."""
-        return self._touch(self._wallet(account), account, asset)
+        return self._mark(self._find(self._wallet(account), account, asset))
 
     def _wallet(self, account: str) -> dict[str, Balance]:
         assets = self.accounts.get(account)
@@ -138,12 +147,12 @@ class Ledger:
             assets = self.accounts[account] = {}
         return assets
 
-    def _touch(self, assets: dict[str, Balance], account: str, asset: str) -> Balance:
-        """_get with the account's wallet already at hand (a fill touches two assets of each side)."""
+    def _find(self, assets: dict[str, Balance], account: str, asset: str) -> Balance:
+        """The pair's balance in the account's wallet `assets`, created at zero (not yet touched)."""
         bal = assets.get(asset)
         if bal is None:
             bal = assets[asset] = Balance(account, asset)
-        return self._mark(bal)
+        return bal
 
     def _mark(self, bal: Balance) -> Balance:
         """Record `bal` as changed by this command, once, in first-touch order."""
@@ -191,23 +200,32 @@ class Ledger:
             buyer, seller, buyer_fee, seller_fee, limit = taker, maker, taker_fee, maker_fee, taker_price
         else:
             buyer, seller, buyer_fee, seller_fee, limit = maker, taker, maker_fee, taker_fee, price
-        base_units, quote, base = fill * m.bf, m.quote, m.base
-        wallet = self._wallet(buyer)
-        bal = self._touch(wallet, buyer, quote)
+        base_units = fill * m.bf
+        pair = m.pairs.get(buyer)
+        quote, base = self._pair(m, buyer) if pair is None else pair
+        self._mark(quote)
         if limit is not None:
             freed = limit * (fill * m.buy_rate)
-            bal.held -= freed
-            bal.available += freed - notional - buyer_fee
+            quote.held -= freed
+            quote.available += freed - notional - buyer_fee
         else:
-            bal.available -= notional + buyer_fee
-        self._touch(wallet, buyer, base).available += base_units
-        wallet = self._wallet(seller)
-        self._touch(wallet, seller, base).held -= base_units
-        self._touch(wallet, seller, quote).available += notional - seller_fee
+            quote.available -= notional + buyer_fee
+        self._mark(base).available += base_units
+        pair = m.pairs.get(seller)
+        quote, base = self._pair(m, seller) if pair is None else pair
+        self._mark(base).held -= base_units
+        self._mark(quote).available += notional - seller_fee
         # The venue's fees are credited once per command (flush): one balance for every fill.
         if not m.fees_due:
             self.fees_due.append(m)
         m.fees_due += maker_fee + taker_fee
+
+    def _pair(self, m: Market, account: str) -> tuple[Balance, Balance]:
+        """The account's (quote, base) balances of the market, created at zero, for a fill: it changes
+        (and marks, in its own order) all four of its two sides'."""
+        wallet = self._wallet(account)
+        pair = m.pairs[account] = (self._find(wallet, account, m.quote), self._find(wallet, account, m.base))
+        return pair
 
     # Funding ----------------------------------------------------------------------------------
     def fund(self, op: str, account: Any, asset: Any, amount: Any, request_id: Any) -> Event:
@@ -268,7 +286,10 @@ class Ledger:
         """Credit the command's fees, append its `balance` events and start the next command's list."""
         if self.fees_due:
             for m in self.fees_due:
-                self._get(FEES_ACCOUNT, m.quote).available += m.fees_due
+                fees = m.fee_balance
+                if fees is None:
+                    fees = m.fee_balance = self._get(FEES_ACCOUNT, m.quote)
+                self._mark(fees).available += m.fees_due
                 m.fees_due = 0
             self.fees_due.clear()
         for bal in self.touched:
