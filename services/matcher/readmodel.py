@@ -13,6 +13,9 @@ Records (flat ARGV values, one op letter first):
 Each commit folds every event of an order into one record, so Redis is written once per order.
 The static part is a JSON object, the state a JSON fragment (no braces), so the script joins them
 without parsing JSON: a closed order is the static object with ",<state>" before its last brace.
+
+Folding keeps each order's last state as numbers and renders it once, when the records are built:
+a resting order filled by several trades of one commit is formatted once, not once per trade.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from shared.ids import seq_to_entry
 from shared.instruments import Instrument
 
 CLOSED_KEPT: Final = 10_000  # closed orders kept per account and symbol, newest first
+_KEYS_MAX: Final = 100_000  # (symbol, account) key sets remembered across commits
+_NEW, _PARTIAL, _FILLED, _CANCELLED = "new", "partially_filled", "filled", "cancelled"
 
 # The script part that applies the records from ARGV[i] on (`i` must be set before it).
 APPLY_LUA: Final = f"""
@@ -69,122 +74,127 @@ end
 """
 
 
-def _state(status: str, filled: str, remaining: str, ts: int, reason: str | None = None) -> bytes:
-    tail = b',"reason":%s' % orjson.dumps(reason) if reason is not None else b""
-    return b'"status":"%s","filled_quantity":"%s","remaining_quantity":"%s","ts":%d%s' % (
-        status.encode(),
-        filled.encode(),
-        remaining.encode(),
-        ts,
-        tail,
+# An order's latest state: (instrument, status, filled lots, remaining lots, ts, reason | None).
+_State = tuple[Instrument, str, int, int, int, "str | None"]
+# What one commit does to one order, under (symbol, order id): [account, latest _State, (instrument,
+# accepted event) when it opened in this commit, (instrument, price, quantity) of its last amend].
+# A list, not an instance: setdefault builds one per touch, and a list costs a fifth of an instance.
+_Order = list[Any]
+_STATE, _AMEND = 1, 3
+# The key bytes of one (symbol, account): open hash, closed hash, closed list, client ids hash;
+# then the symbol as a JSON string (an instrument's name is configuration, so it is escaped once).
+_Keys = tuple[bytes, bytes, bytes, bytes, str]
+_keys_cache: dict[tuple[str, str], _Keys] = {}  # kept across commits: the same accounts trade again
+
+
+def _keys_of(symbol: str, account: str) -> _Keys:
+    if len(_keys_cache) >= _KEYS_MAX:
+        _keys_cache.clear()
+    found = _keys_cache[symbol, account] = (
+        keys.open_orders(symbol, account).encode(),
+        keys.closed_orders(symbol, account).encode(),
+        keys.closed_list(symbol, account).encode(),
+        keys.client_order_ids(symbol, account).encode(),
+        orjson.dumps(symbol).decode(),
     )
-
-
-class _Order:
-    """What one commit does to one order: collapsed, so Redis is written once per order and commit."""
-
-    __slots__ = ("account", "amend", "closed", "fields", "oid", "state", "symbol")
-
-    def __init__(self, symbol: str, account: str, oid: int) -> None:
-        self.symbol, self.account, self.oid = symbol, account, oid
-        self.fields: dict[str, Any] | None = None  # the static part, when it opened in this commit
-        self.amend: tuple[str, str] | None = None  # (price, quantity) of an order opened before
-        self.state = b""
-        self.closed = False
+    return found
 
 
 class Records:
     """One commit's records: every event of its commands is folded into one change per order, so an
     order opened and closed within the commit (an IOC, a cancel soon after) costs one write."""
 
-    __slots__ = ("_keys", "_orders")
+    __slots__ = ("_orders",)
 
     def __init__(self) -> None:
         self._orders: dict[tuple[str, int], _Order] = {}  # first touch order
-        self._keys: dict[tuple[str, str], tuple[bytes, bytes, bytes, bytes]] = {}
-
-    def _keys_of(self, symbol: str, account: str) -> tuple[bytes, bytes, bytes, bytes]:
-        found = self._keys.get((symbol, account))
-        if found is None:
-            found = self._keys[symbol, account] = (
-                keys.open_orders(symbol, account).encode(),
-                keys.closed_orders(symbol, account).encode(),
-                keys.closed_list(symbol, account).encode(),
-                keys.client_order_ids(symbol, account).encode(),
-            )
-        return found
-
-    def _order(self, symbol: str, account: str, oid: int) -> _Order:
-        order = self._orders.get((symbol, oid))
-        if order is None:
-            order = self._orders[symbol, oid] = _Order(symbol, account, oid)
-        return order
 
     def add(self, events: list[ev.Event], inst: Instrument, ts: int) -> None:
         """Fold one command's events in."""
-        q, p = inst.qty_str, inst.price_str
+        orders = self._orders
+        touch = orders.setdefault  # an order's first event decides its place
         for e in events:
             kind = e[0]
             if kind == ev.TRADE:
-                symbol = e[1]
-                for oid, account, qty, leaves in (
-                    (e[ev.T_MAKER_OID], e[ev.T_MAKER_ACCOUNT], e[ev.T_MAKER_QTY], e[ev.T_MAKER_LEAVES]),
-                    (e[ev.T_TAKER_OID], e[ev.T_TAKER_ACCOUNT], e[ev.T_TAKER_QTY], e[ev.T_TAKER_LEAVES]),
-                ):
-                    order = self._order(symbol, account, oid)
-                    status = "filled" if leaves == 0 else "partially_filled"
-                    order.state = _state(status, q(qty - leaves), q(leaves), ts)
-                    order.closed = leaves == 0
+                (
+                    _, symbol, _, _, _, _,
+                    m_oid, m_account, _, m_qty, m_leaves, _,
+                    t_oid, t_account, _, _, t_qty, t_leaves, _, _,
+                ) = e  # fmt: skip
+                touch((symbol, m_oid), [m_account, None, None, None])[_STATE] = (
+                    (inst, _PARTIAL, m_qty - m_leaves, m_leaves, ts, None)
+                    if m_leaves
+                    else (inst, _FILLED, m_qty, 0, ts, None)
+                )
+                touch((symbol, t_oid), [t_account, None, None, None])[_STATE] = (
+                    (inst, _PARTIAL, t_qty - t_leaves, t_leaves, ts, None)
+                    if t_leaves
+                    else (inst, _FILLED, t_qty, 0, ts, None)
+                )
             elif kind == ev.ACCEPTED:
-                _, symbol, oid, account, cid, side, otype, tif, price, qty = e
-                order = self._order(symbol, account, oid)
-                order.fields = {
-                    "order_id": seq_to_entry(oid), "client_order_id": cid, "symbol": symbol, "side": side,
-                    "order_type": otype, "tif": tif, "price": None if price is None else p(price),
-                    "quantity": q(qty),
-                }  # fmt: skip
-                order.state = _state("new", q(0), q(qty), ts)
+                # An order's first event ever: it cannot have been touched yet.
+                orders[e[1], e[2]] = [e[3], (inst, _NEW, 0, e[9], ts, None), (inst, e), None]
             elif kind == ev.CANCELLED:
                 _, symbol, oid, account, _, _, _, qty, leaves, reason = e
-                order = self._order(symbol, account, oid)
-                order.state = _state("cancelled", q(qty - leaves), q(0), ts, reason)
-                order.closed = True
+                order = touch((symbol, oid), [account, None, None, None])
+                order[_STATE] = (inst, _CANCELLED, qty - leaves, 0, ts, reason)
             elif kind == ev.AMENDED:
                 _, symbol, oid, account, _, _, price, qty, leaves = e
-                order = self._order(symbol, account, oid)
-                if order.fields is not None:
-                    order.fields["price"], order.fields["quantity"] = p(price), q(qty)
-                else:
-                    order.amend = (p(price), q(qty))
-                status = "new" if qty == leaves else "partially_filled"
-                order.state = _state(status, q(qty - leaves), q(leaves), ts)
+                order = touch((symbol, oid), [account, None, None, None])
+                status = _NEW if qty == leaves else _PARTIAL
+                order[_STATE] = (inst, status, qty - leaves, leaves, ts, None)
+                order[_AMEND] = (inst, price, qty)
 
     def records(self) -> list[bytes]:
         """The flat ARGV values of every record (see the module docstring)."""
         out: list[bytes] = []
-        for order in self._orders.values():
-            open_key, closed_key, list_key, cids_key = self._keys_of(order.symbol, order.account)
-            oid = seq_to_entry(order.oid).encode()
-            fields = order.fields
-            if fields is not None:
-                static = orjson.dumps(fields)
-                cid = (fields["client_order_id"] or "").encode()
-                if order.closed:
-                    out += [
-                        b"x",
-                        closed_key,
-                        list_key,
-                        oid,
-                        static[:-1] + b"," + order.state + b"}",
-                        cids_key,
-                        cid,
-                    ]
+        cached = _keys_cache.get
+        for (symbol, order_seq), (account, state, accepted, amend) in self._orders.items():
+            keyset = cached((symbol, account)) or _keys_of(symbol, account)
+            open_key, closed_key, list_key, cids_key, symbol_json = keyset
+            order_id = seq_to_entry(order_seq)
+            oid = order_id.encode()
+            inst, status, filled, remaining, ts, reason = state
+            # Nothing follows an order's end (it leaves the book), so its last status says if it closed.
+            closed = status is _FILLED or status is _CANCELLED
+            q = inst.qty_str
+            fragment = (
+                f'"status":"{status}","filled_quantity":"{q(filled)}",'
+                f'"remaining_quantity":"{q(remaining)}","ts":{ts}'
+            )
+            if reason is not None:
+                fragment = f'{fragment},"reason":{orjson.dumps(reason).decode()}'
+            if accepted is not None:
+                inst, (_, _, _, _, cid, side, otype, tif, price, qty) = accepted
+                if amend is not None:
+                    inst, price, qty = amend
+                price_json = "null" if price is None else f'"{inst.price_str(price)}"'
+                # side, type and tif are the engine's own vocabulary (it rejects any other), so they
+                # need no escaping; the client's id may hold anything and is escaped by orjson.
+                # A closed order is one object (the static part and its state), an open one two.
+                tail = f",{fragment}}}" if closed else "}"
+                value = (
+                    f'{{"order_id":"{order_id}","client_order_id":{orjson.dumps(cid).decode()},'
+                    f'"symbol":{symbol_json},"side":"{side}","order_type":"{otype}","tif":"{tif}",'
+                    f'"price":{price_json},"quantity":"{inst.qty_str(qty)}"{tail}'
+                ).encode()
+                cid_bytes = b"" if cid is None else cid.encode()
+                if closed:
+                    out += (b"x", closed_key, list_key, oid, value, cids_key, cid_bytes)
                 else:
-                    out += [b"n", open_key, oid, static, order.state, cids_key, cid]
-            elif order.closed:
-                out += [b"c", open_key, oid, order.state, closed_key, list_key]
-            elif order.amend is not None:
-                out += [b"a", open_key, oid, order.amend[0].encode(), order.amend[1].encode(), order.state]
-            elif order.state:
-                out += [b"u", open_key, oid, order.state]
+                    out += (b"n", open_key, oid, value, fragment.encode(), cids_key, cid_bytes)
+            elif closed:
+                out += (b"c", open_key, oid, fragment.encode(), closed_key, list_key)
+            elif amend is not None:
+                inst, price, qty = amend
+                out += (
+                    b"a",
+                    open_key,
+                    oid,
+                    inst.price_str(price).encode(),
+                    inst.qty_str(qty).encode(),
+                    fragment.encode(),
+                )
+            else:
+                out += (b"u", open_key, oid, fragment.encode())
         return out
