@@ -84,8 +84,12 @@ def decode(
     Funding amounts become units of `scales` (an integer amount: units of `legacy`); one that cannot
     (no scales, unknown asset, off the grid) stays text or becomes None, which the core refuses."""
     if isinstance(fields, list):
-        fields = dict(zip(fields[::2], fields[1::2], strict=False))
-    raw = fields.get(FIELD, fields.get("d"))
+        if len(fields) == 2 and fields[0] == FIELD:  # every entry ours: no dict for it
+            raw = fields[1]
+        else:
+            raw = dict(zip(fields[::2], fields[1::2], strict=False)).get(FIELD)
+    else:
+        raw = fields.get(FIELD, fields.get("d"))
     if raw is None:
         return None, 0
     try:

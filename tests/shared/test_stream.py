@@ -83,3 +83,14 @@ def test_what_the_reader_cannot_take_is_refused_by_the_core() -> None:
     assert cmd == Deposit("a", "USDT", "5")  # type: ignore[arg-type]
     (event,) = Engine(default_instruments().values()).apply(cmd, 1, 1)
     assert event[6] == "BALANCES_DISABLED"
+
+
+def test_the_raw_reply_form_and_entries_that_are_not_ours() -> None:
+    cmd = NewOrder("BTC-USDT", "alice", "buy", "limit", "gtc", 5_000_000, 3)
+    data = encode(cmd, 9)
+    assert decode([b"d", data]) == (cmd, 9)  # a raw RESP reply's [field, value]
+    assert decode([b"x", b"1", b"d", data]) == (cmd, 9)  # other fields around it
+    assert decode({"d": data.decode()}) == (cmd, 9)  # redis-py with decoded responses
+    assert decode([b"x", data]) == (None, 0)
+    assert decode({b"d": b"not json"}) == (None, 0)
+    assert decode({b"d": b'[["NoSuchCommand"],1]'}) == (None, 0)
