@@ -170,18 +170,6 @@ def _pieces_of(inst: Instrument) -> _Pieces:
     return pieces
 
 
-def _amount(units: int, places: int) -> str:
-    """units_to_amount (the trimmed decimal string of units x 10^-places) in one call, two per
-    balance line; the cases a balance never is (negative, an asset without decimals) take it."""
-    if units < 0 or not places:
-        return units_to_amount(units, places)
-    digits = str(units)
-    if len(digits) <= places:
-        digits = digits.rjust(places + 1, "0")
-    decimals = digits[-places:].rstrip("0")
-    return f"{digits[:-places]}.{decimals}" if decimals else digits[:-places]
-
-
 def _execution(
     out: Rendered,
     account: str,
@@ -239,8 +227,8 @@ def render(
             out.exec_seq += 1
             out.execs.append(
                 f'{account} {{"type":"balance","symbol":{sym},"account":{names[account]},'
-                f'"asset":{names[asset]},"available":"{_amount(available, places)}",'
-                f'"held":"{_amount(held, places)}","ts":{ts},"exec_id":{out.exec_seq}}}'.encode()
+                f'"asset":{names[asset]},"available":"{units_to_amount(available, places)}",'
+                f'"held":"{units_to_amount(held, places)}","ts":{ts},"exec_id":{out.exec_seq}}}'.encode()
             )
         elif kind == ev.BOOK:
             out.md.append(_l2_update(e, pieces))
