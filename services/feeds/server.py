@@ -201,16 +201,9 @@ class FeedServer:
             for server in self._servers:
                 for conn in list(server.connections):
                     conn.transport.abort()
-        tasks = [*self._tasks, *self._catch_ups.values()]  # with the events stream readers still at it
-        pending = set(tasks)
-        while pending:
-            # Again for a task still running: redis-py 8.1 can swallow a cancel that lands during a
-            # command (a snapshot request's PUBLISH returned normally, in about half of the stops
-            # right after a start) or during its blocking pub/sub read, as the gateway found.
-            for task in pending:
-                task.cancel()
-            _, pending = await asyncio.wait(pending, timeout=0.5)
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # With the events stream readers still at it (a snapshot request's PUBLISH can swallow the
+        # first cancel in about half of the stops right after a start).
+        await aio.cancel_until_done([*self._tasks, *self._catch_ups.values()])
         await self.fanout.wait_idle()
         if metrics.HEALTH.source is self:
             metrics.HEALTH.source = metrics.AlwaysHealthy()

@@ -467,15 +467,7 @@ class Gateway:
                 for conn in list(server.connections):
                     conn.transport.abort()
         log.debug("connections closed after %.3f s", self._loop.time() - started)
-        tasks = [*self._tasks, *self._closers]
-        pending = set(tasks)
-        while pending:
-            # Again for a task still running: redis-py 8.1's blocking pub/sub read can swallow a
-            # cancel that lands at the wrong moment (the exec router then never ends; a second works).
-            for task in pending:
-                task.cancel()
-            _, pending = await asyncio.wait(pending, timeout=0.5)
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await aio.cancel_until_done([*self._tasks, *self._closers])  # the exec router's read may need two
         self.publish_counts()
         if metrics.HEALTH.source is self:
             metrics.HEALTH.source = metrics.AlwaysHealthy()
