@@ -8,7 +8,7 @@ Fee rates become integers over FEE_DENOM, so a fee is exactly price_ticks * qty_
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation, localcontext
 from typing import Any, Final
@@ -162,14 +162,25 @@ def units_to_str(units: int, increment: Decimal) -> str:
     return fmt_fixed(units * m, k)
 
 
-_CACHE_MAX = 100_000
+MEMO_MAX = 100_000
 
 
-def _remember(cache: dict[int, str], key: int, text: str) -> str:
-    if len(cache) >= _CACHE_MAX:
-        cache.clear()
-    cache[key] = text
-    return text
+class Memo(dict[Any, str]):
+    """Texts by value, made on first use by `make`: a hit is one dict lookup, no Python call. Bounded
+    (cleared when full at MEMO_MAX): prices near the top of book, common sizes and names repeat
+    constantly."""
+
+    __slots__ = ("make",)
+
+    def __init__(self, make: Callable[[Any], str]) -> None:
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, key: Any) -> str:
+        if len(self) >= MEMO_MAX:
+            self.clear()
+        text = self[key] = self.make(key)
+        return text
 
 
 _DECIMAL_FIELDS = (
@@ -208,10 +219,9 @@ class Instrument:
     _price_fmt: tuple[int, int] = field(init=False, repr=False)
     _qty_fmt: tuple[int, int] = field(init=False, repr=False)
     _quote_fmt: tuple[int, int] = field(init=False, repr=False)  # ticks x lots
-    # Rendered strings by value: prices near the top of book and common sizes repeat constantly, and a
-    # dict hit costs a tenth of formatting. Bounded, cleared when full.
-    _price_cache: dict[int, str] = field(init=False, repr=False, compare=False)
-    _qty_cache: dict[int, str] = field(init=False, repr=False, compare=False)
+    # Rendered strings by value (price_str, qty_str): a dict hit costs a tenth of formatting.
+    prices: Memo = field(init=False, repr=False, compare=False)
+    quantities: Memo = field(init=False, repr=False, compare=False)
     zero_fee: str = field(init=False, repr=False, compare=False)  # "0.00": every non-trade report
 
     def __post_init__(self) -> None:
@@ -262,8 +272,8 @@ class Instrument:
         object.__setattr__(self, "_qty_fmt", (qm, qk))
         object.__setattr__(self, "_quote_fmt", (pm * qm, pk + qk))
         object.__setattr__(self, "zero_fee", self.fee_str(0))
-        object.__setattr__(self, "_price_cache", {})
-        object.__setattr__(self, "_qty_cache", {})
+        object.__setattr__(self, "prices", Memo(lambda t: fmt_fixed(t * pm, pk)))
+        object.__setattr__(self, "quantities", Memo(lambda q: fmt_fixed(q * qm, qk)))
 
     # Edge conversions -------------------------------------------------------------------------
     # Indexing, not *unpacking, the grid: the star call costs as much as the rest of the fast path.
@@ -278,18 +288,10 @@ class Instrument:
         return lots if lots is not None else to_units(value, self.lot_size, self.max_qty)
 
     def price_str(self, ticks: int) -> str:
-        text = self._price_cache.get(ticks)
-        if text is None:
-            text = _remember(
-                self._price_cache, ticks, fmt_fixed(ticks * self._price_fmt[0], self._price_fmt[1])
-            )
-        return text
+        return self.prices[ticks]
 
     def qty_str(self, lots: int) -> str:
-        text = self._qty_cache.get(lots)
-        if text is None:
-            text = _remember(self._qty_cache, lots, fmt_fixed(lots * self._qty_fmt[0], self._qty_fmt[1]))
-        return text
+        return self.quantities[lots]
 
     def fee_str(self, fee_units: int) -> str:
         """Exact fee in quote currency (fee_units x tick x lot / FEE_DENOM): all significant digits,

@@ -11,7 +11,6 @@ re-encoding. Payload framing on the pub/sub channels (shared.keys):
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -20,7 +19,7 @@ from services.matcher import events as ev
 from services.matcher.balances import RESERVED_PREFIX
 from shared.codes import reason_for
 from shared.ids import SEQ_BITS
-from shared.instruments import Instrument, units_to_amount
+from shared.instruments import Instrument, Memo, units_to_amount
 
 Message = dict[str, Any]
 
@@ -118,28 +117,8 @@ def count_execs(events: list[ev.Event]) -> int:
 # a memo of the same (_names). Written as they are: decimal strings made here, integers, and the
 # core's own identifiers (side, status, exec_type, liquidity: lower-case words).
 _SEQ_MASK = (1 << SEQ_BITS) - 1  # order ids: shared.ids.seq_to_entry, inlined in the templates
-_MEMO_MAX = 100_000
 _dumps = orjson.dumps
-
-
-class _Memo(dict[Any, str]):
-    """Texts by value, made on first use: a hit is one dict lookup, no Python call. Bounded (cleared
-    when full): prices near the top of book, common sizes and account names repeat constantly."""
-
-    __slots__ = ("make",)
-
-    def __init__(self, make: Callable[[Any], str]) -> None:
-        super().__init__()
-        self.make = make
-
-    def __missing__(self, key: Any) -> str:
-        if len(self) >= _MEMO_MAX:
-            self.clear()
-        text = self[key] = self.make(key)
-        return text
-
-
-_names = _Memo(lambda text: _dumps(text).decode())  # repeated strings (accounts, assets, codes) as JSON
+_names = Memo(lambda text: _dumps(text).decode())  # repeated strings (accounts, assets, codes) as JSON
 
 
 class _Pieces:
@@ -149,8 +128,8 @@ class _Pieces:
 
     def __init__(self, inst: Instrument) -> None:
         self.inst = inst
-        self.price = _Memo(inst.price_str)
-        self.qty = _Memo(inst.qty_str)
+        self.price = inst.prices
+        self.qty = inst.quantities
         self.fee = inst.fee_str
         self.symbol = _names[inst.symbol]
         self.zero_qty = inst.qty_str(0)

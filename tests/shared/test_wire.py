@@ -16,7 +16,7 @@ from services.bench.flow import FlowConfig, funding_units, generate
 from services.matcher.commands import Command, Deposit, Withdraw
 from services.matcher.engine import Engine
 from services.matcher.events import REJECTED, Event
-from shared import wire
+from shared import instruments
 from shared.codes import reason_for
 from shared.ids import entry_to_seq, seq_ms, seq_to_entry
 from shared.instruments import Instrument, units_to_amount
@@ -260,8 +260,8 @@ def _flows() -> list[tuple[Instrument, dict[str, int], list[tuple[list[Event], i
 def test_render_is_byte_identical_to_the_dict_and_orjson_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     rng = random.Random(1)
     kinds: set[str] = set()
-    for memo_max in (wire._MEMO_MAX, 3):  # 3: the memos clear all the time
-        monkeypatch.setattr(wire, "_MEMO_MAX", memo_max)
+    for memo_max in (instruments.MEMO_MAX, 3):  # 3: the memos clear all the time
+        monkeypatch.setattr(instruments, "MEMO_MAX", memo_max)
         for inst, engine_scales, cmds in _flows():
             # the scales are the renderer's to follow, whatever they are (0 places: a whole-unit asset)
             for scales in (engine_scales, {**dict.fromkeys(engine_scales, 0), "USDT": 15}):
