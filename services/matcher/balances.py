@@ -192,8 +192,9 @@ class Ledger:
     ) -> None:
         """Settle one fill. The buyer's limit is its own price as taker (None: a market order, which
         holds nothing) or the trade price as maker. Every amount is price x fill times a per-market
-        factor in quote units: the same integers as the fee units x qf, by products of small factors
-        (the compiled build multiplies those natively, not as Python ints)."""
+        factor in quote units (Market: notional, maker_q, taker_q, buy_rate), the small factors
+        multiplied first: the compiled build multiplies natively only when both operands are below
+        2^30, and takes the Python-int path otherwise."""
         notional = price * (fill * m.notional)
         maker_fee, taker_fee = price * (fill * m.maker_q), price * (fill * m.taker_q)
         if taker_buys:

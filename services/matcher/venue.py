@@ -27,6 +27,7 @@ import asyncio
 import heapq
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any, Final, cast
 
 from services.matcher import checkpoint as ck
@@ -139,6 +140,13 @@ class _Block:
         self.last_id, self.applied = st.last_id, st.applied
 
 
+def _balances_hash(assets: Mapping[str, Sequence[int]]) -> list[bytes]:
+    """One account's balances read-model hash as script ARGV: "<count> f v f v ...", a field per
+    asset and its value "<available> <held>" in asset units (shared.keys.balances)."""
+    flat = [v for asset, (a, h) in assets.items() for v in (asset.encode(), b"%d %d" % (a, h))]
+    return [b"%d" % len(flat), *flat]
+
+
 def _crosses_symbols(rows: list[tuple[SymbolState, bytes, int, int]], results: list[list[Event]]) -> bool:
     """Did one (account, asset) balance change on two symbols among these rows?"""
     if len({row[0] for row in rows}) < 2:
@@ -220,8 +228,7 @@ class VenueMatcher(Matcher):
             keys_, args = [st.k_epoch for st in states], [b"%d" % len(states), *(st.epoch for st in states)]
             for account, assets in accounts[start : start + _REWRITE_ACCOUNTS]:
                 keys_.append(keys.balances(account))
-                flat = [v for asset, (a, h) in assets.items() for v in (asset.encode(), b"%d %d" % (a, h))]
-                args += [b"%d" % len(flat), *flat]
+                args += _balances_hash(assets)
             self._rt("recover")
             await self._fenced("rewrite_balances", keys_, args)
         log.info("venue: balances read model written for %d accounts", len(accounts))
@@ -379,8 +386,7 @@ class VenueMatcher(Matcher):
                 st.m_trades.inc(len(rendered.trades))
         for account, assets in balances.items():
             keys_.append(keys.balances(account).encode())
-            flat = [v for asset, (a, h) in assets.items() for v in (asset.encode(), b"%d %d" % (a, h))]
-            args += [b"%d" % len(flat), *flat]
+            args += _balances_hash(assets)
         args += records.records()
         first = blocks[0].st
         first.m_command.observe_many(durations)
