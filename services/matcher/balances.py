@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Final
 
-from services.matcher.commands import BUY
 from services.matcher.events import BALANCE, FUNDED, REJECTED, Event
 from shared import codes
 from shared.instruments import FEE_DENOM, MAX_AMOUNT_UNITS, Instrument, asset_scales, scale_of
@@ -36,14 +35,17 @@ _MAX_REQUEST_ID: Final = 64
 class Balance:
     """One account's amount of one asset: ``available`` to spend and ``held`` for open orders.
     ``seen`` is the ledger's command count when it was last recorded as touched, so a command lists
-    each balance it changed once, in first-touch order, without a lookup."""
+    each balance it changed once, in first-touch order, without a lookup; ``next`` links the
+    command's list (Ledger.touch). A chain, not a list: a command's list is a few balances, and a
+    list's buffer would be freed and allocated again on every command."""
 
-    __slots__ = ("account", "asset", "available", "held", "seen")
+    __slots__ = ("account", "asset", "available", "held", "next", "seen")
 
     def __init__(self, account: str, asset: str, available: int = 0, held: int = 0) -> None:
         self.account, self.asset = account, asset
         self.available, self.held = available, held
         self.seen = -1
+        self.next: Balance | None = None
 
 
 class Market:
@@ -83,30 +85,30 @@ class Market:
         self.pairs: dict[str, tuple[Balance, Balance]] = {}
         self.fee_balance: Balance | None = None
 
-    def hold_for(self, side: str, price: int | None, lots: int) -> int:
+    def hold_for(self, buy: bool, price: int | None, lots: int) -> int:
         """What an open order of `lots` needs held: in quote for a priced buy, in base for a sell,
         nothing for a market buy (it pays as it fills)."""
-        if side == BUY:
+        if buy:
             return 0 if price is None else price * (lots * self.buy_rate)
         return lots * self.bf
 
-    def asset_of(self, side: str) -> str:
-        return self.quote if side == BUY else self.base
+    def asset_of(self, buy: bool) -> str:
+        return self.quote if buy else self.base
 
 
 class Ledger:
-    """Every account's balances. ``touched`` lists, per command, the balances that changed, in
-    first-touch order: the engine turns them into `balance` events (``flush``), which starts the next
-    command's list."""
+    """Every account's balances. Per command, the balances that changed are chained in first-touch
+    order from ``head`` (a sentinel) to ``last``: the engine turns them into `balance` events
+    (``flush``), which starts the next command's chain; ``touched`` says whether there is any."""
 
-    __slots__ = ("accounts", "commands", "fees_due", "granted", "markets", "scales", "touched")
+    __slots__ = ("accounts", "commands", "fees_due", "granted", "head", "last", "markets", "scales")
 
     def __init__(self, instruments: Iterable[Instrument]) -> None:
         insts = list(instruments)
         self.scales = asset_scales(insts)
         self.markets = {inst.symbol: Market(inst, self.scales) for inst in insts}
         self.accounts: dict[str, dict[str, Balance]] = {}
-        self.touched: list[Balance] = []
+        self.head = self.last = Balance("", "")
         self.commands = 0  # flushes so far: the mark of this command's touched balances
         self.granted: set[str] = set()  # accounts the faucet has funded
         self.fees_due: list[Market] = []  # the markets whose fills' fees this command has not credited
@@ -124,7 +126,8 @@ class Ledger:
             account: {asset: Balance(account, asset, bal[0], bal[1]) for asset, bal in assets.items()}
             for account, assets in balances.items()
         }
-        self.touched.clear()
+        self.head.next = None
+        self.last = self.head
         for m in self.fees_due:
             m.fees_due = 0
         self.fees_due.clear()
@@ -154,31 +157,63 @@ class Ledger:
             bal = assets[asset] = Balance(account, asset)
         return bal
 
+    @property
+    def touched(self) -> bool:
+        """Whether the current command has changed any balance."""
+        return self.last is not self.head
+
     def _mark(self, bal: Balance) -> Balance:
         """Record `bal` as changed by this command, once, in first-touch order."""
         if bal.seen != self.commands:
             bal.seen = self.commands
-            self.touched.append(bal)
+            bal.next = None
+            self.last.next = bal
+            self.last = bal
         return bal
 
-    def hold(self, account: str, asset: str, amount: int) -> bool:
-        """Move `amount` from available to held; False (and no change) if available is short."""
+    def hold(self, m: Market, account: str, buy: bool, amount: int) -> bool:
+        """Move `amount` of what an order on `m` pays with (quote for a buy, base for a sell) from
+        available to held; False (and no change) if available is short."""
         if not amount:
             return True
-        acct = self.accounts.get(account)
-        bal = acct.get(asset) if acct is not None else None
-        if bal is None or bal.available < amount:
+        pair = m.pairs.get(account)
+        if pair is None:
+            pair = self._funded_pair(m, account)
+        if pair is not None:
+            bal = pair[0] if buy else pair[1]
+        else:  # an account without both assets: never given a record by a hold it cannot pay
+            wallet = self.accounts.get(account)
+            found = wallet.get(m.asset_of(buy)) if wallet is not None else None
+            if found is None:
+                return False
+            bal = found
+        if bal.available < amount:
             return False
         bal.available -= amount
         bal.held += amount
         self._mark(bal)
         return True
 
-    def release(self, account: str, asset: str, amount: int) -> None:
-        if amount:
-            bal = self._get(account, asset)
-            bal.held -= amount
-            bal.available += amount
+    def release(self, m: Market, account: str, buy: bool, amount: int) -> None:
+        """Give back `amount` that an order on `m` held (see hold)."""
+        if not amount:
+            return
+        pair = m.pairs.get(account)
+        bal = self._get(account, m.asset_of(buy)) if pair is None else pair[0] if buy else pair[1]
+        bal.held -= amount
+        bal.available += amount
+        self._mark(bal)
+
+    def _funded_pair(self, m: Market, account: str) -> tuple[Balance, Balance] | None:
+        """The account's (quote, base) of `m` when it has both (kept for the next lookup), else None."""
+        wallet = self.accounts.get(account)
+        if wallet is None:
+            return None
+        quote, base = wallet.get(m.quote), wallet.get(m.base)
+        if quote is None or base is None:
+            return None
+        pair = m.pairs[account] = (quote, base)
+        return pair
 
     def trade(
         self,
@@ -197,25 +232,33 @@ class Ledger:
         2^30, and takes the Python-int path otherwise."""
         notional = price * (fill * m.notional)
         maker_fee, taker_fee = price * (fill * m.maker_q), price * (fill * m.taker_q)
-        if taker_buys:
-            buyer, seller, buyer_fee, seller_fee, limit = taker, maker, taker_fee, maker_fee, taker_price
-        else:
-            buyer, seller, buyer_fee, seller_fee, limit = maker, taker, maker_fee, taker_fee, price
         base_units = fill * m.bf
-        pair = m.pairs.get(buyer)
-        quote, base = self._pair(m, buyer) if pair is None else pair
-        self._mark(quote)
-        if limit is not None:
-            freed = limit * (fill * m.buy_rate)
-            quote.held -= freed
-            quote.available += freed - notional - buyer_fee
+        if taker_buys:
+            buyer, seller, seller_fee = taker, maker, maker_fee
         else:
-            quote.available -= notional + buyer_fee
-        self._mark(base).available += base_units
+            buyer, seller, seller_fee = maker, taker, taker_fee
+        pair = m.pairs.get(buyer)
+        b_quote, b_base = self._pair(m, buyer) if pair is None else pair
         pair = m.pairs.get(seller)
-        quote, base = self._pair(m, seller) if pair is None else pair
-        self._mark(base).held -= base_units
-        self._mark(quote).available += notional - seller_fee
+        s_quote, s_base = self._pair(m, seller) if pair is None else pair
+        if not taker_buys:  # the maker buys at its own price: its hold there is freed
+            freed = price * (fill * m.buy_rate)
+            b_quote.held -= freed
+            b_quote.available += freed - notional - maker_fee
+        elif taker_price is not None:
+            freed = taker_price * (fill * m.buy_rate)
+            b_quote.held -= freed
+            b_quote.available += freed - notional - taker_fee
+        else:  # a market buy held nothing
+            b_quote.available -= notional + taker_fee
+        b_base.available += base_units
+        s_base.held -= base_units
+        s_quote.available += notional - seller_fee
+        # Marked in this order (buyer's quote and base, seller's base and quote): the events' order.
+        self._mark(b_quote)
+        self._mark(b_base)
+        self._mark(s_base)
+        self._mark(s_quote)
         # The venue's fees are credited once per command (flush): one balance for every fill.
         if not m.fees_due:
             self.fees_due.append(m)
@@ -293,9 +336,12 @@ class Ledger:
                 self._mark(fees).available += m.fees_due
                 m.fees_due = 0
             self.fees_due.clear()
-        for bal in self.touched:
+        bal = self.head.next
+        while bal is not None:
             out.append((BALANCE, symbol, bal.account, bal.asset, bal.available, bal.held))
-        self.touched.clear()
+            bal = bal.next
+        self.head.next = None
+        self.last = self.head
         self.commands += 1
 
 

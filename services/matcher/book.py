@@ -36,10 +36,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from heapq import heapify, heappop, heappush
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from services.matcher.commands import BUY
 from shared.instruments import Instrument
+
+if TYPE_CHECKING:  # the ledger's types only: balances.py needs nothing of the book
+    from services.matcher.balances import Market
 
 # The slots of an order and of a stop, as Final literals: the compiled build indexes with constants
 # (a name bound by unpacking would be looked up in the module's dict at every use).
@@ -221,6 +224,7 @@ class OrderBook:
         "inst",
         "last_price",
         "maker_rate",
+        "market",
         "max_price",
         "max_qty",
         "min_notional",
@@ -232,8 +236,9 @@ class OrderBook:
         "trade_seq",
     )
 
-    def __init__(self, inst: Instrument) -> None:
+    def __init__(self, inst: Instrument, market: Market | None = None) -> None:
         self.inst = inst
+        self.market = market  # the ledger's view of the instrument, with balances on (balances.py)
         self.symbol = inst.symbol
         # The instrument's integer limits, copied here: one attribute read each on the hot path.
         self.min_qty = inst.min_qty_lots

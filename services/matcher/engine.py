@@ -35,7 +35,7 @@ from collections.abc import Iterable, Iterator
 from heapq import heappop, heappush
 from typing import Any, Final
 
-from services.matcher.balances import RESERVED_PREFIX, Ledger, Market
+from services.matcher.balances import RESERVED_PREFIX, Ledger
 from services.matcher.book import (
     MAX_KEY,
     O_ACCOUNT,
@@ -138,6 +138,9 @@ class Engine:
         insts = list(instruments)
         self.books: dict[str, OrderBook] = {i.symbol: OrderBook(i) for i in insts}
         self.ledger: Ledger | None = Ledger(insts) if risk else None
+        if self.ledger is not None:
+            for symbol, book in self.books.items():
+                book.market = self.ledger.markets[symbol]
         self.last_seq = 0
         # Kept so that a plain command checks two ints instead of its book's extra state.
         self.n_stops = 0  # untriggered stops, all books
@@ -168,8 +171,8 @@ class Engine:
                 events = self._other(cmd)
         ledger = self.ledger
         if ledger is not None and ledger.touched:
-            symbol = cmd[0] if type(cmd) in _SYMBOLED else None  # type: ignore[index]
-            ledger.flush(symbol, events)
+            fields: tuple[Any, ...] = cmd if type(cmd) in _SYMBOLED else (None,)  # type: ignore[assignment]
+            ledger.flush(fields[0], events)
         return events
 
     def _other(self, cmd: object) -> list[Event]:
@@ -420,7 +423,7 @@ class Engine:
         traded_at = 0
         stopped = False
         ledger = self.ledger
-        market = ledger.markets[symbol] if ledger is not None else None
+        market = book.market
         taker_buys = t_side == BUY
         stamp: Any = ts  # one int object for all the trades (the compiled build would box ts per trade)
         # The heap again, typed as a list of objects: read through it, heap[0] is the heap's own int
@@ -602,13 +605,13 @@ class Engine:
         ledger = self.ledger
         if code is None and ledger is not None:  # the hold follows the new price and quantity
             market = ledger.markets[symbol]
-            asset = market.asset_of(side)
-            need = market.hold_for(side, price, qty - filled) - market.hold_for(
-                side, order[O_PRICE], order[O_LEAVES]
+            buy = side == BUY
+            need = market.hold_for(buy, price, qty - filled) - market.hold_for(
+                buy, order[O_PRICE], order[O_LEAVES]
             )
             if need <= 0:
-                ledger.release(account, asset, -need)
-            elif not ledger.hold(account, asset, need):
+                ledger.release(market, account, buy, -need)
+            elif not ledger.hold(market, account, buy, need):
                 code = codes.INSUFFICIENT_FUNDS
         if code is not None:
             return [_rejected(symbol, "amend", order[O_ID], account, order[O_CID], code)]
@@ -717,8 +720,8 @@ class Engine:
         symbol, account, side, otype, tif, price, qty, cid, _, stp, stop_price, _, _, _ = fields
         ledger = self.ledger
         if ledger is not None and otype == STOP_LIMIT:  # a stop_market is checked when it triggers
-            market = ledger.markets[symbol]
-            if not ledger.hold(account, market.asset_of(side), market.hold_for(side, price, qty)):
+            market, buy = ledger.markets[symbol], side == BUY
+            if not ledger.hold(market, account, buy, market.hold_for(buy, price, qty)):
                 return [_rejected(symbol, "new", seq, account, cid, codes.INSUFFICIENT_FUNDS)]
         book.stops[seq] = stop = [seq, account, cid, side, otype, tif, price, qty, stop_price, stp]
         self.n_stops += 1
@@ -822,22 +825,20 @@ class Engine:
         self, book: OrderBook, account: str, buy: bool, price: int | None, qty: int, stp: str
     ) -> str | None:
         """Hold what a valid new order needs, or the code it is rejected with (nothing held then)."""
-        ledger = self.ledger
-        assert ledger is not None
-        market = ledger.markets[book.symbol]
+        ledger, market = self.ledger, book.market
+        assert ledger is not None and market is not None
         if buy and price is None:  # a market buy holds nothing: it must afford what the book offers it now
             cost = _market_notional(book.asks, account, stp, qty, book.icebergs) * market.taker_cost
             return None if ledger.available(account, market.quote) >= cost else codes.INSUFFICIENT_FUNDS
-        side = BUY if buy else SELL
-        held = ledger.hold(account, market.asset_of(side), market.hold_for(side, price, qty))
+        held = ledger.hold(market, account, buy, market.hold_for(buy, price, qty))
         return None if held else codes.INSUFFICIENT_FUNDS
 
     def _release(self, book: OrderBook, account: str, side: str, price: int | None, lots: int) -> None:
         """Give back what `lots` of an order that ends without filling them held."""
-        ledger = self.ledger
-        assert ledger is not None
-        market: Market = ledger.markets[book.symbol]
-        ledger.release(account, market.asset_of(side), market.hold_for(side, price, lots))
+        ledger, market = self.ledger, book.market
+        assert ledger is not None and market is not None
+        buy = side == BUY
+        ledger.release(market, account, buy, market.hold_for(buy, price, lots))
 
     # Views ------------------------------------------------------------------------------------
     def book(self, symbol: str) -> OrderBook:

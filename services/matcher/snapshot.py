@@ -85,7 +85,7 @@ def restore(engine: Engine, snap: dict[str, Any]) -> None:
     last_seq = _count(snap["last_seq"], "last_seq")
     _restore_balances(engine, snap)
     for symbol, old in list(engine.books.items()):
-        book = OrderBook(old.inst)
+        book = OrderBook(old.inst, old.market)
         data = snap["books"].get(symbol)
         if data is not None:
             book.trade_seq = _count(data["trade_seq"], f"{symbol} trade_seq")
