@@ -1,4 +1,5 @@
-"""Redis stream entry ids <-> the core's integer seq (which is also the order id).
+"""Ids: Redis stream entry ids <-> the core's integer seq (which is also the order id), and the rules
+for account names and request ids, which the gateway's checks and the core's share.
 
 An entry id "1732500000000-3" (milliseconds, sequence within the millisecond) becomes
 (1732500000000 << 20) | 3: ordering is preserved, so the matcher's seq rises with the stream, and the
@@ -6,6 +7,13 @@ order id shown to clients is the entry id string itself.
 """
 
 from __future__ import annotations
+
+from typing import Final
+
+MAX_ACCOUNT: Final = 64  # characters of an account name
+MAX_REQUEST_ID: Final = 64  # characters of a funding request's id
+RESERVED_PREFIX: Final = "_"  # the venue's own accounts: no orders, no deposits, no logins
+FEES_ACCOUNT: Final = "_fees"  # where the fees go; only an admin's withdrawal may name it
 
 SEQ_BITS = 20
 MAX_SEQ = 1 << 63

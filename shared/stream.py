@@ -20,7 +20,7 @@ from typing import Any, Final
 
 import orjson
 
-from services.matcher.commands import CoreCommand, command_from_list, command_to_list
+from shared.commands import CoreCommand, command_from_list, command_to_list
 from shared.instruments import amount_to_units, rescale, units_to_amount
 
 FIELD = b"d"

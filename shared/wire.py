@@ -15,10 +15,9 @@ from typing import Any
 
 import orjson
 
-from services.matcher import events as ev
-from services.matcher.balances import RESERVED_PREFIX
+from shared import events as ev
 from shared.codes import reason_for
-from shared.ids import SEQ_BITS
+from shared.ids import RESERVED_PREFIX, SEQ_BITS
 from shared.instruments import Instrument, Memo, units_to_amount
 
 Message = dict[str, Any]

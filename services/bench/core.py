@@ -20,8 +20,8 @@ from typing import Any
 import orjson
 
 from services.bench.flow import ACCOUNTS, ORDER_TYPES, SYMBOL, FlowConfig, Step, funding_units, generate
-from services.matcher.commands import BUY, GTC, LIMIT, SELL, NewOrder
 from services.matcher.engine import Engine
+from shared.commands import BUY, GTC, LIMIT, SELL, NewOrder
 from shared.instruments import Instrument
 
 TS0 = 1_700_000_000_000

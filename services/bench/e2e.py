@@ -37,8 +37,8 @@ from cme_client import WebSocket
 
 from services.bench.flow import ORDER_TYPES, SYMBOL, FlowConfig, FlowGenerator
 from services.bench.matcher import proc_cpu_s
-from services.matcher.commands import Cancel, NewOrder
 from shared import aio
+from shared.commands import Cancel, NewOrder
 from shared.instruments import Instrument
 
 DRAIN_TIMEOUT = 5.0  # seconds to wait for the last reports after the load ends

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from typing import Final
 
 from services.matcher.book import BookSide
-from services.matcher.commands import (
+from services.matcher.engine import Engine
+from shared.commands import (
     BUY,
     FOK,
     GTC,
@@ -39,7 +40,6 @@ from services.matcher.commands import (
     Command,
     NewOrder,
 )
-from services.matcher.engine import Engine
 from shared.instruments import Instrument
 
 SYMBOL = "BTC-USDT"

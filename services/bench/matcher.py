@@ -41,10 +41,10 @@ import hiredis
 import orjson
 
 from services.bench.flow import ACCOUNTS, SYMBOL, FlowConfig, Step, funding_units, generate
-from services.matcher.commands import Cancel, Command, Deposit
 from services.matcher.service import Config, Entry, Matcher
 from services.matcher.venue import VenueMatcher
 from shared import keys
+from shared.commands import Cancel, Command, Deposit
 from shared.ids import SEQ_BITS
 from shared.instruments import Instrument, asset_scales
 from shared.redis_server import RedisServer
@@ -61,8 +61,17 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # The sampler's categories: the innermost frame of the matcher's stack that matches decides.
 _CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("decode", ("shared/stream.py", "matcher/commands.py", "shared/ids.py")),
-    ("core", ("matcher/engine.py", "matcher/book.py", "matcher/batch.py", "matcher/events.py")),
+    ("decode", ("shared/stream.py", "shared/commands.py", "shared/ids.py")),
+    (
+        "core",
+        (
+            "matcher/engine.py",
+            "matcher/book.py",
+            "matcher/balances.py",
+            "matcher/batch.py",
+            "shared/events.py",
+        ),
+    ),
     ("render", ("shared/wire.py",)),
     ("read model", ("matcher/readmodel.py",)),
     ("metrics", ("shared/metrics.py", "prometheus_client/")),

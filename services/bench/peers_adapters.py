@@ -71,12 +71,12 @@ def cme_core() -> Adapter:
     every event read. Buys come from two accounts and sells from two others, so self-trade prevention
     never fires and the trades must equal the references'. Every order has a client order id, as real
     clients send. Which build runs (compiled or pure) is the worker's environment's choice."""
-    from services.matcher.commands import BUY as C_BUY
-    from services.matcher.commands import FOK, GTC, IOC, LIMIT, Cancel, NewOrder
-    from services.matcher.commands import MARKET as C_MARKET
-    from services.matcher.commands import SELL as C_SELL
     from services.matcher.engine import Engine
-    from services.matcher.events import REJECTED, TRADE
+    from shared.commands import BUY as C_BUY
+    from shared.commands import FOK, GTC, IOC, LIMIT, Cancel, NewOrder
+    from shared.commands import MARKET as C_MARKET
+    from shared.commands import SELL as C_SELL
+    from shared.events import REJECTED, TRADE
     from shared.instruments import Instrument
 
     symbol = "BTC-USDT"

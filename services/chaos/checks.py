@@ -26,9 +26,9 @@ import redis
 
 from services.chaos.flow import Trader
 from services.matcher.engine import Engine
-from services.matcher.events import TRADE, Event
 from services.matcher.service import durable_events
 from shared import keys
+from shared.events import TRADE, Event
 from shared.ids import SEQ_BITS, entry_to_seq
 from shared.instruments import Instrument
 from shared.stream import decode, decode_events, encode_events

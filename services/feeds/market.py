@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 
 from services.feeds.candles import Candles
 from services.feeds.ticker import Ticker
-from services.matcher import events as ev
+from shared import events as ev
 from shared import keys
 from shared.instruments import Instrument
 from shared.stream import decode_events

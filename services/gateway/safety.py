@@ -38,8 +38,8 @@ from redis.exceptions import RedisError
 
 from services.gateway import validation
 from services.gateway.appender import Waiter
-from services.matcher.commands import CancelAll
 from shared import codes, keys, metrics, stream
+from shared.commands import CancelAll
 from shared.metrics import REDIS_ERRORS
 from shared.wsguard import Throttled
 

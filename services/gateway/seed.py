@@ -23,8 +23,8 @@ import orjson
 from services.gateway import validation
 from services.gateway.sessions import Session
 from services.gateway.validation import Reject
-from services.matcher.commands import BUY, FOK, GTC, IOC, LIMIT, MARKET, SELL, NewOrder
 from shared import codes
+from shared.commands import BUY, FOK, GTC, IOC, LIMIT, MARKET, SELL, NewOrder
 from shared.instruments import Instrument, JsonNumber
 
 SUBPROTOCOL: Final = "order-submission"

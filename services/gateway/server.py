@@ -46,8 +46,8 @@ from services.gateway.validation import (
     OrderStatusQuery,
     Submission,
 )
-from services.matcher.commands import Grant, NewOrder
 from shared import aio, codes, keys, logs, metrics, stream, wsguard, wsserver
+from shared.commands import Grant, NewOrder
 from shared.gcpolicy import quiet_gc
 from shared.ids import entry_to_seq, seq_to_entry
 from shared.instruments import Instrument, asset_scales, load_instruments

@@ -15,8 +15,8 @@ from typing import Any, Final, TypeGuard
 
 import orjson
 
-from services.matcher.balances import FEES_ACCOUNT, RESERVED_PREFIX
-from services.matcher.commands import (
+from shared import codes
+from shared.commands import (
     BUY,
     FOK,
     GTC,
@@ -37,8 +37,14 @@ from services.matcher.commands import (
     NewOrder,
     Withdraw,
 )
-from shared import codes
-from shared.ids import parse_order_id, seq_to_entry
+from shared.ids import (
+    FEES_ACCOUNT,
+    MAX_ACCOUNT,
+    MAX_REQUEST_ID,
+    RESERVED_PREFIX,
+    parse_order_id,
+    seq_to_entry,
+)
 from shared.instruments import (
     Instrument,
     JsonNumber,
@@ -69,13 +75,12 @@ ACCOUNT_OPS: Final = frozenset((DEPOSIT, WITHDRAW, BALANCES, CANCEL_ALL))
 ORDER_STATUS: Final = "order_status"
 OPEN_ORDERS: Final = "open_orders"
 ORDER_QUERIES: Final = frozenset((ORDER_STATUS, OPEN_ORDERS))
-MAX_REQUEST_ID: Final = 64  # the core's limit too (services.matcher.balances)
 # Every open-mode account's starting balance (`--faucet`); assets no instrument trades are left out.
 DEFAULT_FAUCET: Final = "USDT=1000000,BTC=100,ETH=1000"
 
 MAX_CLIENT_ORDER_ID: Final = 36
 # No spaces: the exec channel frames a line as "<account> <json>" (shared.wire).
-_ACCOUNT_RE: Final = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+_ACCOUNT_RE: Final = re.compile(rf"[A-Za-z0-9_.@-]{{1,{MAX_ACCOUNT}}}")
 _SIDES: Final = frozenset((BUY, SELL))
 # The tifs of each order type (the core checks the same); the first is the default.
 _TIFS: Final[dict[str, tuple[str, ...]]] = {
@@ -512,7 +517,7 @@ def parse_cancel_on_disconnect(msg: Mapping[str, Any]) -> bool | Reject:
 
 
 _RESERVED_REASON: Final = (
-    f"account must be 1 to 64 of A-Z a-z 0-9 _ . @ - and not start with {RESERVED_PREFIX!r} "
+    f"account must be 1 to {MAX_ACCOUNT} of A-Z a-z 0-9 _ . @ - and not start with {RESERVED_PREFIX!r} "
     f"(reserved; an admin may withdraw from {FEES_ACCOUNT})"
 )
 

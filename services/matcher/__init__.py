@@ -1,4 +1,5 @@
-"""The matcher: the pure core (engine, book, snapshot, commands, events) and the service around it.
+"""The matcher: the pure core (engine, book, balances, snapshot; its commands and events are the
+contract in shared/) and the service around it.
 
 The core's rules live in one source, engine.py and book.py. An install that finds a C compiler also
 builds them with mypyc (setup.py); the compiled modules sit next to the sources under the same names,

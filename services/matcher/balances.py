@@ -20,16 +20,12 @@ every command, and each account's held is exactly what its open orders need.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Final
+from typing import Any
 
-from services.matcher.events import BALANCE, FUNDED, REJECTED, Event
 from shared import codes
+from shared.events import BALANCE, FUNDED, REJECTED, Event
+from shared.ids import FEES_ACCOUNT, MAX_ACCOUNT, MAX_REQUEST_ID, RESERVED_PREFIX
 from shared.instruments import FEE_DENOM, MAX_AMOUNT_UNITS, Instrument, asset_scales, scale_of
-
-FEES_ACCOUNT: Final = "_fees"  # names starting with "_" belong to the venue
-RESERVED_PREFIX: Final = "_"  # the venue's own accounts: no orders, no deposits, no logins (one source)
-_MAX_ACCOUNT: Final = 64
-_MAX_REQUEST_ID: Final = 64
 
 
 class Balance:
@@ -274,12 +270,12 @@ class Ledger:
     # Funding ----------------------------------------------------------------------------------
     def fund(self, op: str, account: Any, asset: Any, amount: Any, request_id: Any) -> Event:
         """A deposit or withdrawal: its `funded` event, or the code it is rejected with."""
-        if type(account) is not str or not 0 < len(account) <= _MAX_ACCOUNT:
+        if type(account) is not str or not 0 < len(account) <= MAX_ACCOUNT:
             return _refused(op, account, request_id, codes.INVALID_ACCOUNT)
         if account.startswith(RESERVED_PREFIX) and not (op == "withdraw" and account == FEES_ACCOUNT):
             return _refused(op, account, request_id, codes.INVALID_ACCOUNT)
         if request_id is not None and (
-            type(request_id) is not str or not 0 < len(request_id) <= _MAX_REQUEST_ID
+            type(request_id) is not str or not 0 < len(request_id) <= MAX_REQUEST_ID
         ):
             return _refused(op, account, None, codes.INVALID_MESSAGE)
         code = self._amount_code(asset, amount)
@@ -305,7 +301,7 @@ class Ledger:
         """The faucet's deposits (op "faucet"), the first time an account asks; later: nothing."""
         if (
             type(account) is not str
-            or not 0 < len(account) <= _MAX_ACCOUNT
+            or not 0 < len(account) <= MAX_ACCOUNT
             or account.startswith(RESERVED_PREFIX)
         ):
             return [_refused("faucet", account, None, codes.INVALID_ACCOUNT)]

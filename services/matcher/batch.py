@@ -11,8 +11,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from services.matcher.commands import CoreCommand
-from services.matcher.events import Event
+from shared.commands import CoreCommand
+from shared.events import Event
 
 SAMPLE_EVERY = 8
 

@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from heapq import heapify, heappop, heappush
 from typing import TYPE_CHECKING, Any, Final
 
-from services.matcher.commands import BUY
+from shared.commands import BUY
 from shared.instruments import Instrument
 
 if TYPE_CHECKING:  # the ledger's types only: balances.py needs nothing of the book

@@ -35,7 +35,7 @@ from collections.abc import Iterable, Iterator
 from heapq import heappop, heappush
 from typing import Any, Final
 
-from services.matcher.balances import RESERVED_PREFIX, Ledger
+from services.matcher.balances import Ledger
 from services.matcher.book import (
     MAX_KEY,
     O_ACCOUNT,
@@ -55,7 +55,8 @@ from services.matcher.book import (
     Order,
     OrderBook,
 )
-from services.matcher.commands import (
+from shared import codes
+from shared.commands import (
     BUY,
     FOK,
     GTC,
@@ -80,16 +81,15 @@ from services.matcher.commands import (
     Tick,
     Withdraw,
 )
-from services.matcher.events import ACCEPTED, AMENDED, BOOK, CANCELLED, REJECTED, TRADE, TRIGGERED, Event
-from shared import codes
+from shared.events import ACCEPTED, AMENDED, BOOK, CANCELLED, REJECTED, TRADE, TRIGGERED, Event
+from shared.ids import MAX_ACCOUNT, RESERVED_PREFIX
 from shared.instruments import FEE_DENOM, Instrument
 
 # The public core API (docs/core.md): Engine, the commands and the events. The major number changes
 # when a name, a field or an event shape changes incompatibly; the minor one when something is added.
-CORE_API_VERSION: Final = "1.2"
+CORE_API_VERSION: Final = "1.3"
 
 _MAX_CID: Final = 36
-_MAX_ACCOUNT: Final = 64
 _INT64: Final = 1 << 63
 _NO_CIDS: Final[dict[str, Order]] = {}
 _STOP_TYPES: Final = (STOP_LIMIT, STOP_MARKET)
@@ -288,7 +288,7 @@ class Engine:
             return [_rejected(symbol, "new", seq, account, cid, _new_order_error(self.books, cmd, ts))]
         if (
             type(account) is not str
-            or not 0 < len(account) <= _MAX_ACCOUNT
+            or not 0 < len(account) <= MAX_ACCOUNT
             or (
                 cid is not None
                 and (type(cid) is not str or not 0 < len(cid) <= _MAX_CID or not _isprintable(cid))
@@ -789,7 +789,7 @@ class Engine:
         symbol, account, reason = fields
         if symbol is not None and (type(symbol) is not str or symbol not in self.books):
             return [_rejected(symbol, "cancel_all", None, account, None, codes.UNKNOWN_SYMBOL)]
-        if type(account) is not str or not 0 < len(account) <= _MAX_ACCOUNT:
+        if type(account) is not str or not 0 < len(account) <= MAX_ACCOUNT:
             return [_rejected(symbol, "cancel_all", None, account, None, codes.INVALID_ACCOUNT)]
         if type(reason) is not str or reason not in codes.MASS_CANCEL_REASONS:
             return [_rejected(symbol, "cancel_all", None, account, None, codes.INVALID_MESSAGE)]
@@ -967,7 +967,7 @@ def _check_new(books: dict[str, OrderBook], cmd: NewOrder, ts: int) -> str | Non
     book = books.get(symbol) if type(symbol) is str else None
     if book is None:
         return codes.UNKNOWN_SYMBOL
-    if type(account) is not str or not 0 < len(account) <= _MAX_ACCOUNT:
+    if type(account) is not str or not 0 < len(account) <= MAX_ACCOUNT:
         return codes.INVALID_ACCOUNT
     if side != BUY and side != SELL:
         return codes.INVALID_SIDE

@@ -24,7 +24,7 @@ from typing import Any, Final
 
 import orjson
 
-from services.matcher import events as ev
+from shared import events as ev
 from shared import keys
 from shared.ids import seq_to_entry
 from shared.instruments import Instrument

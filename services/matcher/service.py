@@ -48,12 +48,12 @@ from redis.exceptions import RedisError, ResponseError
 from services.matcher import checkpoint as ck
 from services.matcher import readmodel
 from services.matcher.batch import Item, apply_batch
-from services.matcher.commands import Tick
 from services.matcher.engine import Engine
-from services.matcher.events import BALANCE, TRADE, Event
 from services.matcher.lease import RENEW, Fenced, LeaseLost, Leases
 from services.matcher.snapshot import snapshot
 from shared import aio, keys, logs, metrics
+from shared.commands import Tick
+from shared.events import BALANCE, TRADE, Event
 from shared.ids import SEQ_BITS, entry_to_seq, seq_to_entry
 from shared.instruments import Instrument, load_instruments
 from shared.redis_acl import redact

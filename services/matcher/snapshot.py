@@ -20,8 +20,8 @@ from heapq import heapify
 from typing import Any
 
 from services.matcher.book import O_ACCOUNT, O_CID, O_ID, O_LEAVES, O_QTY, BookSide, OrderBook
-from services.matcher.commands import BUY, SELL, STOP_LIMIT, STOP_MARKET
 from services.matcher.engine import NEVER, Engine
+from shared.commands import BUY, SELL, STOP_LIMIT, STOP_MARKET
 from shared.instruments import LEGACY_FEE_PLACES, asset_scales, rescale
 
 FORMAT_VERSION = 4

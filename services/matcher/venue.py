@@ -33,9 +33,7 @@ from typing import Any, Final, cast
 from services.matcher import checkpoint as ck
 from services.matcher import readmodel
 from services.matcher.batch import Item, apply_batch
-from services.matcher.commands import Tick
 from services.matcher.engine import Engine
-from services.matcher.events import BALANCE, Event
 from services.matcher.service import (
     COMMIT_ENTRIES,
     EVENTS_MAXLEN,
@@ -51,6 +49,8 @@ from services.matcher.service import (
 )
 from services.matcher.snapshot import restore, snapshot
 from shared import keys, metrics
+from shared.commands import Tick
+from shared.events import BALANCE, Event
 from shared.ids import SEQ_BITS, entry_to_seq, seq_to_entry
 from shared.instruments import LEGACY_FEE_PLACES, asset_scales
 from shared.resp import pack

@@ -7,7 +7,7 @@ import copy
 
 from services.chaos import checks
 from services.chaos.flow import OrderFlow, Trader
-from services.matcher.commands import BUY, GTC, LIMIT, SELL, Cancel, Command, NewOrder
+from shared.commands import BUY, GTC, LIMIT, SELL, Cancel, Command, NewOrder
 from shared.instruments import Instrument, default_instruments
 from shared.stream import encode
 

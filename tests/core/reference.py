@@ -7,7 +7,7 @@ result, and time priority is an explicit number (the seq of the command that put
 back of its level). It shares no code with services.matcher.book / engine; it only uses the command
 and event constants, the reject codes and the instrument specs.
 
-It emits the same event tuples as the engine (see services/matcher/events.py), so a random command
+It emits the same event tuples as the engine (see shared/events.py), so a random command
 stream can be compared event by event.
 
 The other order types are modelled as naively: untriggered stops are a list scanned after every
@@ -33,7 +33,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
-from services.matcher.commands import (
+from shared import codes
+from shared.commands import (
     BUY,
     FOK,
     GTC,
@@ -55,8 +56,7 @@ from services.matcher.commands import (
     Tick,
     Withdraw,
 )
-from services.matcher.events import ACCEPTED, AMENDED, BOOK, CANCELLED, FUNDED, REJECTED, TRADE, TRIGGERED
-from shared import codes
+from shared.events import ACCEPTED, AMENDED, BOOK, CANCELLED, FUNDED, REJECTED, TRADE, TRIGGERED
 from shared.instruments import FEE_DENOM, Instrument, asset_scales, scale_of
 
 MAX_CID_LEN = 36

@@ -16,7 +16,10 @@ from typing import Any
 
 import pytest
 
-from services.matcher.commands import (
+from services.matcher.engine import Engine
+from services.matcher.snapshot import snapshot
+from shared import codes
+from shared.commands import (
     BUY,
     FOK,
     GTC,
@@ -38,10 +41,7 @@ from services.matcher.commands import (
     Tick,
     Withdraw,
 )
-from services.matcher.engine import Engine
-from services.matcher.events import BALANCE, BOOK, Event
-from services.matcher.snapshot import snapshot
-from shared import codes
+from shared.events import BALANCE, BOOK, Event
 from shared.instruments import Instrument, default_instruments
 
 S, E = "BTC-USDT", "ETH-USDT"

@@ -26,7 +26,9 @@ from services.matcher.book import (
     S_SIDE,
     S_TYPE,
 )
-from services.matcher.commands import (
+from services.matcher.engine import Engine
+from services.matcher.snapshot import restore, snapshot, state_hash, to_bytes
+from shared.commands import (
     STOP_LIMIT,
     Amend,
     Cancel,
@@ -37,8 +39,7 @@ from services.matcher.commands import (
     Tick,
     Withdraw,
 )
-from services.matcher.engine import Engine
-from services.matcher.events import (
+from shared.events import (
     BAL_ACCOUNT,
     BAL_ASSET,
     BAL_AVAILABLE,
@@ -51,7 +52,6 @@ from services.matcher.events import (
     TRADE,
     Event,
 )
-from services.matcher.snapshot import restore, snapshot, state_hash, to_bytes
 from shared.instruments import Instrument, default_instruments
 from shared.stream import decode_events, encode_events
 from tests.core.reference import Reference, Units

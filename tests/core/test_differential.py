@@ -16,7 +16,9 @@ from typing import Any
 
 import pytest
 
-from services.matcher.commands import (
+from services.matcher.engine import Engine
+from services.matcher.snapshot import snapshot
+from shared.commands import (
     BUY,
     FOK,
     GTC,
@@ -32,8 +34,6 @@ from services.matcher.commands import (
     Command,
     NewOrder,
 )
-from services.matcher.engine import Engine
-from services.matcher.snapshot import snapshot
 from shared.instruments import Instrument, default_instruments
 from tests.core.reference import Reference
 

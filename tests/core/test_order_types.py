@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import pytest
 
-from services.matcher.commands import (
+from services.matcher.engine import Engine
+from services.matcher.snapshot import restore, snapshot, state_hash
+from shared import codes
+from shared.commands import (
     BUY,
     GTC,
     GTD,
@@ -27,10 +30,7 @@ from services.matcher.commands import (
     NewOrder,
     Tick,
 )
-from services.matcher.engine import Engine
-from services.matcher.events import Event
-from services.matcher.snapshot import restore, snapshot, state_hash
-from shared import codes
+from shared.events import Event
 from shared.instruments import FEE_DENOM, default_instruments
 from tests.core.test_rules import (
     MAKER_RATE,

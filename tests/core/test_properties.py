@@ -9,7 +9,10 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.matcher.commands import (
+from services.matcher.engine import Engine
+from services.matcher.snapshot import restore, snapshot, state_hash
+from shared import codes
+from shared.commands import (
     BUY,
     FOK,
     GTC,
@@ -29,8 +32,7 @@ from services.matcher.commands import (
     NewOrder,
     Tick,
 )
-from services.matcher.engine import Engine
-from services.matcher.events import (
+from shared.events import (
     B_BBO,
     B_CHANGES,
     B_SEQ,
@@ -48,8 +50,6 @@ from services.matcher.events import (
     T_TAKER_QTY,
     Event,
 )
-from services.matcher.snapshot import restore, snapshot, state_hash
-from shared import codes
 from shared.instruments import default_instruments
 from tests.core.reference import Reference
 

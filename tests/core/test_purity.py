@@ -19,9 +19,10 @@ ROOT = Path(__file__).resolve().parents[2]
 CORE_MODULES = (
     "services.matcher.engine",
     "services.matcher.book",
+    "services.matcher.balances",
     "services.matcher.snapshot",
-    "services.matcher.commands",
-    "services.matcher.events",
+    "shared.commands",
+    "shared.events",
 )
 FORBIDDEN = ("asyncio", "redis", "websockets", "socket", "time", "random", "threading", "selectors")
 

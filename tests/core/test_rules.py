@@ -12,7 +12,10 @@ from typing import Any
 
 import pytest
 
-from services.matcher.commands import (
+from services.matcher.engine import Engine
+from services.matcher.snapshot import snapshot, to_bytes
+from shared import codes
+from shared.commands import (
     BUY,
     FOK,
     GTC,
@@ -27,10 +30,7 @@ from services.matcher.commands import (
     Cancel,
     NewOrder,
 )
-from services.matcher.engine import Engine
-from services.matcher.events import Event
-from services.matcher.snapshot import snapshot, to_bytes
-from shared import codes
+from shared.events import Event
 from shared.instruments import default_instruments
 from tests.core.reference import Reference
 

@@ -13,9 +13,9 @@ from typing import Any
 import orjson
 import pytest
 
-from services.matcher.commands import BUY, IOC, LIMIT, MARKET, SELL, Cancel, Command, Deposit, NewOrder
 from services.matcher.engine import Engine
 from services.matcher.snapshot import FORMAT_VERSION, restore, snapshot, state_hash, to_bytes
+from shared.commands import BUY, IOC, LIMIT, MARKET, SELL, Cancel, Command, Deposit, NewOrder
 from shared.instruments import Instrument, default_instruments
 from shared.stream import decode_events, encode_events
 from tests.core import test_differential as diff

@@ -41,10 +41,10 @@ import redis
 from cme_client import Connection, L2Book, Message, is_type, l2_snapshot
 
 from services.chaos.checks import OrdersTap
-from services.matcher.commands import Command
 from services.matcher.engine import Engine
-from services.matcher.events import ACCEPTED, REJECTED, TRADE, Event
 from shared import keys
+from shared.commands import Command
+from shared.events import ACCEPTED, REJECTED, TRADE, Event
 from shared.ids import SEQ_BITS, entry_to_seq
 from shared.instruments import Instrument, default_instruments
 from shared.redis_server import RedisServer, free_port

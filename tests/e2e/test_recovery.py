@@ -21,7 +21,7 @@ import pytest
 from cme_client import Connection, L2Book, Message, Rejected, gateway_session, is_type, subscribe
 
 from services.matcher.checkpoint import directory
-from services.matcher.commands import NewOrder
+from shared.commands import NewOrder
 from tests.e2e.client import FlowClient, WireFlow, place
 from tests.e2e.conftest import Replay, Stack, current_book, reports, without_latency
 

@@ -10,8 +10,8 @@ import redis.asyncio as aioredis
 
 from services.bench.flow import SYMBOL
 from services.feeds.market import MarketData, catch_up
-from services.matcher.events import Event
 from shared import keys
+from shared.events import Event
 from shared.stream import encode_events
 from shared.wire import trade_message
 from tests.feeds.test_server import INST, Matcher

@@ -20,9 +20,9 @@ from services.feeds.server import FeedServer
 from services.feeds.views import BookView
 from services.gateway import seed as gateway_seed
 from services.gateway import validation
-from services.matcher.commands import Command, NewOrder
 from services.matcher.engine import Engine
 from shared import keys
+from shared.commands import Command, NewOrder
 from shared.ids import SEQ_BITS
 from shared.instruments import default_instruments
 from shared.wire import Rendered, l2_snapshot, render

@@ -32,8 +32,8 @@ from services.bench.flow import SYMBOL, FlowConfig, FlowGenerator
 from services.feeds.fanout import SLOW_CONSUMER
 from services.feeds.server import FeedServer
 from services.matcher.engine import Engine
-from services.matcher.events import TRADE, Event
 from shared import keys, metrics
+from shared.events import TRADE, Event
 from shared.instruments import default_instruments
 from shared.redis_server import RedisServer, free_port
 from shared.stream import encode_events

@@ -10,8 +10,8 @@ import redis
 import redis.asyncio as aioredis
 
 from services.gateway import orders
-from services.matcher.commands import Cancel, NewOrder
 from shared import codes
+from shared.commands import Cancel, NewOrder
 from shared.ids import entry_to_seq
 from tests.matcher import BTC, ETH, Record, append, config, in_process
 

@@ -19,8 +19,8 @@ from websockets.exceptions import ConnectionClosed
 from services.gateway.appender import Appender, Waiter
 from services.gateway.safety import LEASE_MS, RETRY_MS, SafetySwitches, wall_ms
 from services.gateway.server import Gateway
-from services.matcher.commands import CancelAll
 from shared import codes, keys, stream
+from shared.commands import CancelAll
 from shared.instruments import default_instruments
 from shared.redis_acl import generate
 from shared.redis_server import RedisServer

@@ -15,8 +15,8 @@ from websockets.typing import Subprotocol
 from services.gateway import seed, validation
 from services.gateway.server import Gateway
 from services.gateway.sessions import Authenticator
-from services.matcher.commands import NewOrder
 from shared import codes, keys, stream
+from shared.commands import NewOrder
 from shared.instruments import default_instruments
 
 pytestmark = pytest.mark.timeout(60)

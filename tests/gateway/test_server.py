@@ -20,8 +20,8 @@ from websockets.exceptions import ConnectionClosed
 
 from services.gateway.server import Gateway
 from services.gateway.sessions import Authenticator
-from services.matcher.commands import Cancel, CancelAll, Deposit, Grant, NewOrder, Withdraw
 from shared import codes, keys, stream
+from shared.commands import Cancel, CancelAll, Deposit, Grant, NewOrder, Withdraw
 from shared.ids import entry_to_seq
 from shared.instruments import asset_scales, default_instruments
 from shared.metrics import APPEND_BATCH, REGISTRY

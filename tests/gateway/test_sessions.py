@@ -21,8 +21,8 @@ from services.gateway.sessions import (
     peer_key,
 )
 from services.gateway.validation import BalancesQuery, ExecutionsQuery, Submission, decode
-from services.matcher.commands import CancelAll, Deposit, NewOrder, Withdraw
 from shared import codes
+from shared.commands import CancelAll, Deposit, NewOrder, Withdraw
 from shared.instruments import asset_scales, default_instruments
 
 INSTRUMENTS = default_instruments()

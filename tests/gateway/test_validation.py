@@ -18,8 +18,8 @@ from services.gateway.validation import (
     valid_account,
     valid_client_order_id,
 )
-from services.matcher.commands import Amend, Cancel, CancelAll, Command, Deposit, NewOrder, Withdraw
 from shared import codes
+from shared.commands import Amend, Cancel, CancelAll, Command, Deposit, NewOrder, Withdraw
 from shared.ids import entry_to_seq
 from shared.instruments import Instrument, JsonNumber, asset_scales, default_instruments, units_to_amount
 

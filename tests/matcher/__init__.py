@@ -20,12 +20,12 @@ from typing import Any, cast
 import orjson
 import redis
 
-from services.matcher.commands import Amend, Cancel, Command, NewOrder
 from services.matcher.engine import Engine
-from services.matcher.events import Event
 from services.matcher.service import Config, Matcher
 from services.matcher.venue import VenueMatcher
 from shared import keys
+from shared.commands import Amend, Cancel, Command, NewOrder
+from shared.events import Event
 from shared.ids import entry_to_seq, seq_ms
 from shared.instruments import Instrument, default_instruments
 from shared.stream import decode_events, encode

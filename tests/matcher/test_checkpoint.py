@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from services.matcher import checkpoint as ck
-from services.matcher.commands import NewOrder
 from services.matcher.engine import Engine
 from services.matcher.snapshot import restore, snapshot, state_hash
+from shared.commands import NewOrder
 from shared.ids import entry_to_seq, seq_to_entry
 from tests.matcher import BTC, INSTRUMENTS
 

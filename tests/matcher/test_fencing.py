@@ -19,9 +19,9 @@ import pytest
 import redis
 
 from services.matcher import checkpoint as ck
-from services.matcher.commands import NewOrder
 from services.matcher.lease import Fenced
 from shared import keys
+from shared.commands import NewOrder
 from shared.wire import split_exec_line, unframe_exec
 from tests.matcher import (
     BTC,

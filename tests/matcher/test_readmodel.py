@@ -13,9 +13,10 @@ import redis
 
 from services.matcher import readmodel
 from services.matcher.book import O_ACCOUNT, O_ID, O_LEAVES
-from services.matcher.commands import Amend, CancelAll, NewOrder
 from services.matcher.engine import Engine
-from services.matcher.events import (
+from shared import keys
+from shared.commands import Amend, CancelAll, NewOrder
+from shared.events import (
     ACCEPTED,
     AMENDED,
     CANCELLED,
@@ -30,7 +31,6 @@ from services.matcher.events import (
     TRADE,
     Event,
 )
-from shared import keys
 from shared.ids import SEQ_BITS, seq_to_entry
 from shared.instruments import Instrument
 from tests.matcher import (

@@ -20,9 +20,9 @@ import redis
 
 from services.matcher import checkpoint as ck
 from services.matcher.batch import SAMPLE_EVERY
-from services.matcher.commands import Cancel, Command, NewOrder
 from services.matcher.service import COMMIT_ENTRIES
 from shared import keys
+from shared.commands import Cancel, Command, NewOrder
 from shared.ids import entry_to_seq
 from tests.matcher import (
     BTC,

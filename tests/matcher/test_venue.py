@@ -16,12 +16,12 @@ import orjson
 import redis
 
 from services.matcher import checkpoint as ck
-from services.matcher.commands import Cancel, CancelAll, Command, Deposit, NewOrder, Withdraw
 from services.matcher.engine import Engine
 from services.matcher.service import durable_events
 from services.matcher.snapshot import state_hash
 from services.matcher.venue import GROUP
 from shared import codes, keys
+from shared.commands import Cancel, CancelAll, Command, Deposit, NewOrder, Withdraw
 from shared.ids import entry_to_seq, seq_ms
 from shared.instruments import asset_scales, units_to_amount
 from shared.stream import APPEND_SCRIPT, decode_events, encode, encode_events

@@ -301,7 +301,7 @@ async def test_the_real_matcher_and_gateway_queries_run_as_their_users(tmp_path:
     import redis.asyncio as aioredis
 
     from services.gateway import orders
-    from services.matcher.commands import Cancel, Deposit, NewOrder
+    from shared.commands import Cancel, Deposit, NewOrder
     from shared.ids import entry_to_seq
     from shared.instruments import asset_scales
     from shared.stream import APPEND_SCRIPT, encode

@@ -7,8 +7,8 @@ from decimal import Decimal
 import orjson
 import pytest
 
-from services.matcher.commands import CancelAll, Deposit, Grant, NewOrder, Withdraw
 from services.matcher.engine import Engine
+from shared.commands import CancelAll, Deposit, Grant, NewOrder, Withdraw
 from shared.instruments import LEGACY_FEE_PLACES, Instrument, asset_scales, default_instruments
 from shared.stream import decode, encode
 

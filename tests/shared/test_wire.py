@@ -13,11 +13,11 @@ import pytest
 from services.bench.flow import ACCOUNTS as FLOW_ACCOUNTS
 from services.bench.flow import SYMBOL as FLOW_SYMBOL
 from services.bench.flow import FlowConfig, funding_units, generate
-from services.matcher.commands import Command, Deposit, Withdraw
 from services.matcher.engine import Engine
-from services.matcher.events import REJECTED, Event
 from shared import instruments
 from shared.codes import reason_for
+from shared.commands import Command, Deposit, Withdraw
+from shared.events import REJECTED, Event
 from shared.ids import entry_to_seq, seq_ms, seq_to_entry
 from shared.instruments import Instrument, units_to_amount
 from shared.wire import Rendered, count_execs, frame, render, split_exec_line, unframe, unframe_exec
