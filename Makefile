@@ -23,10 +23,10 @@ $(TEST_STAMP): pyproject.toml | $(STAMP)
 	$(BIN)/python -m pip install --quiet -r $(VENV)/test-requirements.txt
 	touch $(TEST_STAMP)
 
-# The compiled core (setup.py: mypyc, next to the sources). Rebuilt when its sources change; a build
-# that cannot compile leaves the pure modules in use (services/matcher/__init__.py picks).
+# The compiled core and renderer (setup.py: mypyc, next to the sources). Rebuilt when their sources
+# change; a build that cannot compile leaves the pure modules in use (shared/build.py picks).
 CORE_STAMP := $(VENV)/.core-built
-$(CORE_STAMP): services/matcher/book.py services/matcher/balances.py services/matcher/engine.py setup.py | $(STAMP)
+$(CORE_STAMP): services/matcher/book.py services/matcher/balances.py services/matcher/engine.py shared/wire.py setup.py | $(STAMP)
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(CORE_STAMP)
 
@@ -41,13 +41,14 @@ lint: $(TEST_STAMP)
 # Prometheus (Debian's package, with promtool) backs the metrics tests, Chromium and chromedriver the
 # trading page's browser tests; each script installs its package when it is missing and the machine
 # allows it, and says loudly when it cannot (those tests then skip).
-# The core suite runs twice: against the compiled build (in the full run) and the pure one.
+# The core suite and the renderer's tests run twice: against the compiled build (in the full run) and
+# the pure one.
 test: lint $(CORE_STAMP)
 	bash deploy/install-prometheus.sh
 	bash deploy/install-haproxy.sh
 	bash deploy/install-chromium.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
-	CME_PURE_PYTHON=1 $(BIN)/python -m pytest -q tests/core $(PYTEST_ARGS)
+	CME_PURE_PYTHON=1 $(BIN)/python -m pytest -q tests/core tests/shared/test_wire.py $(PYTEST_ARGS)
 
 bench: $(CORE_STAMP)
 	$(BIN)/cme bench core $(ARGS)
@@ -56,4 +57,4 @@ bench-e2e: $(STAMP)
 	$(BIN)/cme bench e2e $(ARGS)
 
 clean:
-	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache build services/matcher/*.so
+	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache build services/matcher/*.so shared/*.so

@@ -1,0 +1,15 @@
+"""The ground floor every service stands on; it imports nothing from services/.
+
+wire.py, the matcher's renderer, has a compiled build too (setup.py); ``BUILD`` says whether this
+process got it (shared.build).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Final
+
+from shared.build import select
+
+# Lazily: the core imports shared (commands, events) and must not pull in the renderer's orjson.
+BUILD: Final = select(__name__, os.path.dirname(os.path.abspath(__file__)), ("wire",), lazy=True)

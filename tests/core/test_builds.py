@@ -1,11 +1,12 @@
 """The compiled and the pure-Python build of the core behave identically, and share checkpoints.
 
-Each build runs in its own interpreter (the build is chosen when services.matcher is imported):
-CME_PURE_PYTHON=1 gives the pure modules, no variable the compiled ones when they are installed.
-Both replay the same random command stream (the differential tests' generator: every order type,
-self-trade prevention, amends, garbage) and must produce the same events (compared by repr, so even
-a list where a tuple belongs would differ) and state hashes; a snapshot taken half-way by one build
-is restored by the other, which must then continue exactly as the first did.
+Each build runs in its own interpreter (the build is chosen when services.matcher and shared are
+imported): CME_PURE_PYTHON=1 gives the pure modules, no variable the compiled ones when they are
+installed. Both replay the same random command stream (the differential tests' generator: every order
+type, self-trade prevention, amends, garbage) and must produce the same events (compared by repr, so
+even a list where a tuple belongs would differ), the same rendered reports and market data (the
+matcher's renderer, shared.wire, is compiled too) and state hashes; a snapshot taken half-way by one
+build is restored by the other, which must then continue exactly as the first did.
 """
 
 from __future__ import annotations
@@ -28,13 +29,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 _PROBE = """
 import hashlib, json, pickle, sys
-import services.matcher
+import services.matcher, shared
 from services.matcher.engine import Engine
 from services.matcher.snapshot import restore, snapshot, state_hash
 from shared.instruments import default_instruments
+from shared.wire import Rendered, render
 
 commands, half, snap_out, snap_in = pickle.load(open(sys.argv[1], "rb"))
-engine = Engine(default_instruments().values())
+instruments = default_instruments()
+engine = Engine(instruments.values())
 start = 0
 if snap_in:
     restore(engine, pickle.load(open(snap_in, "rb")))
@@ -43,7 +46,14 @@ if snap_in:
 def run(lo, hi):
     h = hashlib.sha256()
     for i in range(lo, hi):
-        h.update(repr(engine.apply(commands[i], i + 1, 1000 + i)).encode())
+        events = engine.apply(commands[i], i + 1, 1000 + i)
+        h.update(repr(events).encode())
+        symbol = getattr(commands[i], "symbol", None)
+        inst = instruments.get(symbol) if type(symbol) is str else None
+        if inst is not None:
+            out = Rendered(i)
+            render(events, inst, 1000 + i, out, 7, 9)
+            h.update(repr(out.payloads(11)).encode())
     return h.hexdigest()
 
 first = run(start, half) if not snap_in else None
@@ -51,8 +61,8 @@ if snap_out:
     pickle.dump(snapshot(engine), open(snap_out, "wb"))
 middle = state_hash(engine)
 second = run(half, len(commands))
-print(json.dumps({"build": services.matcher.BUILD, "first": first, "middle": middle, "second": second,
-                  "final": state_hash(engine)}))
+print(json.dumps({"build": services.matcher.BUILD, "wire": shared.BUILD, "first": first, "middle": middle,
+                  "second": second, "final": state_hash(engine)}))
 """
 
 
@@ -80,7 +90,7 @@ def _run(build: str, job: Path, args: tuple[Any, ...]) -> dict[str, Any]:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["build"] == build
+    assert result["build"] == result["wire"] == build
     return result
 
 
