@@ -32,7 +32,7 @@ class Balance:
     """One account's amount of one asset: ``available`` to spend and ``held`` for open orders.
     ``seen`` is the ledger's command count when it was last recorded as touched, so a command lists
     each balance it changed once, in first-touch order, without a lookup; ``next`` links the
-    command's list (Ledger.touch). A chain, not a list: a command's list is a few balances, and a
+    command's list (Ledger._mark). A chain, not a list: a command's list is a few balances, and a
     list's buffer would be freed and allocated again on every command."""
 
     __slots__ = ("account", "asset", "available", "held", "next", "seen")

@@ -136,11 +136,9 @@ class Engine:
 
     def __init__(self, instruments: Iterable[Instrument], risk: bool = False) -> None:
         insts = list(instruments)
-        self.books: dict[str, OrderBook] = {i.symbol: OrderBook(i) for i in insts}
         self.ledger: Ledger | None = Ledger(insts) if risk else None
-        if self.ledger is not None:
-            for symbol, book in self.books.items():
-                book.market = self.ledger.markets[symbol]
+        markets = self.ledger.markets if self.ledger is not None else {}
+        self.books: dict[str, OrderBook] = {i.symbol: OrderBook(i, markets.get(i.symbol)) for i in insts}
         self.last_seq = 0
         # Kept so that a plain command checks two ints instead of its book's extra state.
         self.n_stops = 0  # untriggered stops, all books
@@ -603,8 +601,9 @@ class Engine:
             if opp.heap and opp.heap[0] <= limit_key:
                 code = codes.WOULD_TAKE  # an amend never takes liquidity
         ledger = self.ledger
-        if code is None and ledger is not None:  # the hold follows the new price and quantity
-            market = ledger.markets[symbol]
+        market = book.market
+        # The hold follows the new price and quantity.
+        if code is None and ledger is not None and market is not None:
             buy = side == BUY
             need = market.hold_for(buy, price, qty - filled) - market.hold_for(
                 buy, order[O_PRICE], order[O_LEAVES]
@@ -719,8 +718,10 @@ class Engine:
         fields: tuple[Any, ...] = cmd  # checked by _check_new
         symbol, account, side, otype, tif, price, qty, cid, _, stp, stop_price, _, _, _ = fields
         ledger = self.ledger
-        if ledger is not None and otype == STOP_LIMIT:  # a stop_market is checked when it triggers
-            market, buy = ledger.markets[symbol], side == BUY
+        market = book.market
+        # A stop_market's funds are checked when it triggers.
+        if ledger is not None and market is not None and otype == STOP_LIMIT:
+            buy = side == BUY
             if not ledger.hold(market, account, buy, market.hold_for(buy, price, qty)):
                 return [_rejected(symbol, "new", seq, account, cid, codes.INSUFFICIENT_FUNDS)]
         book.stops[seq] = stop = [seq, account, cid, side, otype, tif, price, qty, stop_price, stp]
