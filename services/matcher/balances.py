@@ -322,6 +322,19 @@ class Ledger:
             out.append((FUNDED, None, "faucet", account, asset, amount, None))
         return out
 
+    def take_single(self, symbol: str) -> Event | None:
+        """The command's one `balance` event when it has changed a single balance and no fill (a
+        resting order's hold, a cancel's release), which then needs no flush; else None. The engine
+        builds those commands' event lists with it in place: appended by flush instead, the list
+        would be grown (a reallocation) for one event, on most of the commands."""
+        bal = self.head.next
+        if bal is None or bal is not self.last or self.fees_due:
+            return None
+        self.head.next = None
+        self.last = self.head
+        self.commands += 1
+        return (BALANCE, symbol, bal.account, bal.asset, bal.available, bal.held)
+
     def flush(self, symbol: str | None, out: list[Event]) -> None:
         """Credit the command's fees, append its `balance` events and start the next command's list."""
         if self.fees_due:

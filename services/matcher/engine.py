@@ -81,7 +81,7 @@ from shared.commands import (
     Tick,
     Withdraw,
 )
-from shared.events import ACCEPTED, AMENDED, BOOK, CANCELLED, REJECTED, TRADE, TRIGGERED, Event
+from shared.events import ACCEPTED, AMENDED, BALANCE, BOOK, CANCELLED, REJECTED, TRADE, TRIGGERED, Event
 from shared.ids import MAX_ACCOUNT, RESERVED_PREFIX
 from shared.instruments import FEE_DENOM, Instrument
 
@@ -359,7 +359,12 @@ class Engine:
                 bbo = book.bbo = (
                     (level.price, total, bbo[2], bbo[3]) if buy else (bbo[0], bbo[1], level.price, total)
                 )
-            return [accepted, (BOOK, symbol, book.book_seq, [(side, level.price, total)], bbo)]
+            book_event = (BOOK, symbol, book.book_seq, [(side, level.price, total)], bbo)
+            if ledger is not None:
+                held = ledger.take_single(symbol)
+                if held is not None:
+                    return [accepted, book_event, held]
+            return [accepted, book_event]
 
         out: list[Event] = [accepted]
         if tif == FOK and not _fillable(opp, limit_key, account, stp, lots, book.icebergs):
@@ -558,11 +563,14 @@ class Engine:
                 bbo = book.bbo = (price, total, bbo[2], bbo[3])
             else:
                 bbo = book.bbo = (bbo[0], bbo[1], price, total)
-        return [
-            (CANCELLED, symbol, order[O_ID], account, order[O_CID], side, price, order[O_QTY], leaves,
-             codes.REASON_USER),
-            (BOOK, symbol, book.book_seq, [(side, price, total)], bbo),
-        ]  # fmt: skip
+        cancelled = (CANCELLED, symbol, order[O_ID], account, order[O_CID], side, price, order[O_QTY],
+                     leaves, codes.REASON_USER)  # fmt: skip
+        book_event = (BOOK, symbol, book.book_seq, [(side, price, total)], bbo)
+        if self.ledger is not None:
+            released = self.ledger.take_single(symbol)
+            if released is not None:
+                return [cancelled, book_event, released]
+        return [cancelled, book_event]
 
     def _amend(self, cmd: Amend) -> list[Event]:
         fields: tuple[Any, ...] = cmd  # untrusted input, see _new
@@ -694,9 +702,12 @@ class Engine:
             level = own.levels[order[O_PRICE] * own.sign]
             level.total -= hidden
             book.icebergs[seq] = [display, hidden]
-            last = out[-1]  # the book event of the order joining its level: it shows what L2 sees
+            # The book event of the order joining its level (last, or before the hold's balance
+            # event): it shows what L2 sees.
+            at = -2 if out[-1][0] == BALANCE else -1
+            last = out[at]
             changes = [(s, p, level.total if (s, p) == (side, level.price) else t) for s, p, t in last[3]]
-            out[-1] = (BOOK, symbol, last[2], changes, book.refresh_bbo())
+            out[at] = (BOOK, symbol, last[2], changes, book.refresh_bbo())
         return out
 
     def _new_quote(self, book: OrderBook, cmd: NewOrder, seq: int, ts: int) -> list[Event]:
@@ -864,12 +875,19 @@ def _unfilled(otype: str) -> str:
 
 
 def _reachable(
-    opp: BookSide, account: str, stp: str, icebergs: dict[int, list[int]], limit_key: int = MAX_KEY
+    opp: BookSide,
+    account: str,
+    stp: str,
+    icebergs: dict[int, list[int]],
+    limit_key: int = MAX_KEY,
+    enough: int = -1,
 ) -> Iterator[tuple[int, int]]:
     """(price, lots a taker can get there) per level of `opp` up to limit_key, best first,
     walking the book as _match would: self-trade prevention skips (cancel_maker) or stops at the
     account's own orders, and an iceberg's reserve, which refills behind its level, counts only when
-    the whole level is passed. The walk ends with the first level where the taker is stopped."""
+    the whole level is passed. The walk ends with the first level where the taker is stopped, or,
+    given `enough` lots, where that many are reachable in all (the rest of a deep level is not read)."""
+    got = 0
     for level in opp.iter_levels(limit_key):
         avail = hidden = 0
         for maker in level.queue():
@@ -882,10 +900,14 @@ def _reachable(
                 yield level.price, avail  # the taker would be stopped here
                 return
             avail += leaves
+            if got + avail >= enough >= 0:
+                yield level.price, avail
+                return
             if icebergs:
                 ice = icebergs.get(maker[O_ID])
                 if ice is not None:
                     hidden += ice[1]
+        got += avail + hidden
         yield level.price, avail + hidden
 
 
@@ -894,7 +916,7 @@ def _fillable(
 ) -> bool:
     """Could `qty` fill completely against `opp` up to limit_key, given self-trade prevention?"""
     got = 0
-    for _, lots in _reachable(opp, account, stp, icebergs, limit_key):
+    for _, lots in _reachable(opp, account, stp, icebergs, limit_key, qty):
         got += lots
         if got >= qty:
             return True
@@ -904,7 +926,7 @@ def _fillable(
 def _market_notional(opp: BookSide, account: str, stp: str, qty: int, icebergs: dict[int, list[int]]) -> int:
     """Sum of price x lots of the fills a market order of `qty` gets against `opp` (ticks x lots)."""
     left, notional = qty, 0
-    for price, lots in _reachable(opp, account, stp, icebergs):
+    for price, lots in _reachable(opp, account, stp, icebergs, MAX_KEY, qty):
         take = lots if lots < left else left
         notional += price * take
         left -= take

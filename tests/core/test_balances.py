@@ -277,6 +277,35 @@ def test_gtd_expiry_by_tick_releases_the_hold() -> None:
     assert events[-1][1] == S
 
 
+def test_a_resting_order_and_a_cancel_end_with_their_one_balance_event() -> None:
+    v = Venue()
+    v.fund("b", USDT=60_000 * USDT)
+    placed = v(limit("b", BUY, P, ONE))
+    assert [e[0] for e in placed] == ["accepted", BOOK, BALANCE]
+    assert placed[-1] == (BALANCE, S, "b", "USDT", 9_900 * USDT, 50_100 * USDT)
+    cancelled = v(Cancel(S, "b", placed[0][2]))
+    assert [e[0] for e in cancelled] == ["cancelled", BOOK, BALANCE]
+    assert cancelled[-1] == (BALANCE, S, "b", "USDT", 60_000 * USDT, 0)
+    # The next command that touches the same balance lists it again.
+    assert v(limit("b", BUY, P, ONE))[-1] == placed[-1]
+
+
+@pytest.mark.parametrize("same_asset", [True, False])
+def test_an_expiry_then_a_resting_order_list_every_balance_after_every_other_event(same_asset: bool) -> None:
+    v = Venue()
+    v.fund("b", USDT=120_000 * USDT, BTC=2 * ONE)
+    v(NewOrder(S, "b", BUY, LIMIT, GTD, P, ONE, expire_time=1_000), ts=10)
+    order = limit("b", BUY, P - 100, ONE) if same_asset else limit("b", SELL, 2 * P, ONE)
+    events = v(order, ts=1_000)
+    kinds = [e[0] for e in events]
+    assert kinds[:2] == ["cancelled", BOOK] and kinds[2:4] == ["accepted", BOOK]
+    assert all(k == BALANCE for k in kinds[4:]) and len(kinds) == (5 if same_asset else 6)
+    assert balances(events) == {
+        ("b", "USDT"): (v.bal("b", "USDT")),
+        **({} if same_asset else {("b", "BTC"): v.bal("b", "BTC")}),
+    }
+
+
 @pytest.mark.parametrize(("side", "asset", "held"), [(BUY, "USDT", 50_100 * USDT), (SELL, "BTC", ONE)])
 def test_a_stop_limit_holds_at_placement_and_releases_on_cancel(side: str, asset: str, held: int) -> None:
     v = Venue()
