@@ -27,6 +27,8 @@ def test_bench_core_writes_its_figures(tmp_path: Path) -> None:
         assert r["commands"] == 3000 and r["trades"] > 0 and r["commands_per_s"] > 0
         assert 0 < r["p50_us"] <= r["p99_us"] <= r["p999_us"] <= r["max_us"]
     assert default["metrics"]["with_metrics_per_s"] > 0
+    cost = report["risk_cost"]
+    assert cost["rounds"] == 3 and cost["off_per_s"] > 0 and cost["on_per_s"] > 0 and cost["ratio"] > 0
     assert report["memory"]["resting_orders"] == 2000 and report["memory"]["bytes_per_resting_order"] > 0
 
 
