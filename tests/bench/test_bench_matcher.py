@@ -4,6 +4,8 @@ is asserted: see README)."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import orjson
 
@@ -67,3 +69,21 @@ def test_the_sampler_disarms_its_timer() -> None:
     sampler.stop()
     assert signal.getitimer(signal.ITIMER_PROF) == (0.0, 0.0)
     assert signal.getsignal(signal.SIGPROF) == signal.SIG_DFL
+
+
+def test_the_compiled_renderers_time_is_charged_to_render(monkeypatch: Any) -> None:
+    """The compiled shared.wire.render has no Python frame: the sampler sees the wrapper's frame, which
+    must count as render (not as the loop around it). A stand-in renderer hands back that frame."""
+    import sys
+
+    from services.bench import matcher as bench
+    from services.matcher import service, venue
+    from shared import wire
+
+    frames: list[FrameType] = []
+    monkeypatch.setattr(bench, "render", lambda *args: frames.append(sys._getframe(1)))
+    bench._framed_render(1, 2)
+    sampler = bench.Sampler()
+    sampler._charge(frames[0])
+    assert sampler.seconds["render"] > 0 and sampler.seconds["other"] == 0
+    assert service.render is wire.render and venue.render is wire.render  # a bench run puts them back
