@@ -65,7 +65,10 @@ def most_queued(gateway: Gateway) -> int:
 async def test_a_ping_flood_stops_reads_and_is_cut_off_while_orders_flow(start_gateway: Start) -> None:
     """The flooder never reads: the server stops reading from it once its pongs fill the send buffer
     (the flooder's sends block), holds no more than that buffer, and drops it after --send-timeout."""
-    gateway, port = await start_gateway(policy=Policy(send_timeout=1.0))
+    # The flooder reports `blocked` after 0.5 s without progress; the cut comes send_timeout after the
+    # server stopped reading. 3 s, not 1: the flooder is a thread of this process and waits for the GIL
+    # behind the gateway's loop, so on a loaded machine it saw the cut before its own timeout (CI sim).
+    gateway, port = await start_gateway(policy=Policy(send_timeout=3.0))
     neighbour = await login(port, "alice")
     rss_before = rss_bytes(os.getpid())
     flooder = PingFlooder(port)
