@@ -122,8 +122,7 @@ class Ledger:
             account: {asset: Balance(account, asset, bal[0], bal[1]) for asset, bal in assets.items()}
             for account, assets in balances.items()
         }
-        self.head.next = None
-        self.last = self.head
+        self._next_command()
         for m in self.fees_due:
             m.fees_due = 0
         self.fees_due.clear()
@@ -330,9 +329,7 @@ class Ledger:
         bal = self.head.next
         if bal is None or bal is not self.last or self.fees_due:
             return None
-        self.head.next = None
-        self.last = self.head
-        self.commands += 1
+        self._next_command()
         return (BALANCE, symbol, bal.account, bal.asset, bal.available, bal.held)
 
     def flush(self, symbol: str | None, out: list[Event]) -> None:
@@ -349,6 +346,10 @@ class Ledger:
         while bal is not None:
             out.append((BALANCE, symbol, bal.account, bal.asset, bal.available, bal.held))
             bal = bal.next
+        self._next_command()
+
+    def _next_command(self) -> None:
+        """Empty the touched list; a new mark makes every balance's `seen` stale at once."""
         self.head.next = None
         self.last = self.head
         self.commands += 1
