@@ -40,6 +40,9 @@ SYMBOL = "BTC-USDT"
 INTERNAL_ERROR = 1011
 SETTLE_EVERY = 4  # messages between two round trips that wait for the server to catch up
 SETTLE_TIMEOUT = 10.0
+# Log lines that are anomalies: an uncaught exception, an error, a crash in native code (faulthandler's
+# report), and a message whose handling raised (the servers' catch-all turns it into a reject).
+LOG_MARKS = ("Traceback", " ERROR ", "Fatal Python error", "could not be handled")
 MAX_RSS_MIB = 256  # per service process, gateway and feeds (each idles at about 70 MiB)
 
 
@@ -318,11 +321,23 @@ class FuzzConnection:
         self.answered = asyncio.Event()
 
     async def open(self) -> None:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), 10)
-        writer.write(upgrade_request(self.host, self.port))
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        """Connect and upgrade; ConnectionError (with what the server did) if either fails."""
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), 10)
+        except (OSError, TimeoutError) as exc:
+            raise ConnectionError(f"connect: {type(exc).__name__}: {exc}") from exc
+        try:
+            writer.write(upgrade_request(self.host, self.port))
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        except asyncio.IncompleteReadError as exc:
+            writer.close()
+            raise ConnectionError(f"closed after {len(exc.partial)} bytes of the upgrade's answer") from exc
+        except (OSError, TimeoutError) as exc:
+            writer.close()
+            raise ConnectionError(f"upgrade: {type(exc).__name__}: {exc}") from exc
         if not head.startswith(b"HTTP/1.1 101"):
-            raise ConnectionError(f"{self.server}: upgrade refused: {head[:60]!r}")
+            writer.close()
+            raise ConnectionError(f"upgrade refused: {head[:60]!r}")
         self.writer = writer
         self.reader_task = asyncio.create_task(self._drain(reader))
 
@@ -404,7 +419,13 @@ async def fuzz_server(
                 await conn.close()
                 report.reconnects += 1
             conn = FuzzConnection(host, port, report, server)
-            await conn.open()
+            try:
+                await conn.open()
+            except ConnectionError as exc:
+                # The server turned a new connection away: an anomaly, and the end of this worker, so
+                # that the run still ends with the logs scanned and the processes checked.
+                report.anomaly(f"{server}: a new connection failed after {n} messages: {exc}")
+                return
         action = gen.next()
         report.sent[f"{server}:{action.kind}"] += 1
         if await conn.send(action.data) and n % SETTLE_EVERY == 0:
@@ -542,7 +563,7 @@ def scan_logs(paths: list[Path], report: Report) -> None:
     for path in paths:
         with contextlib.suppress(OSError):
             for line in path.read_text(errors="replace").splitlines():
-                if "Traceback" in line or " ERROR " in line:
+                if any(mark in line for mark in LOG_MARKS):
                     report.anomaly(f"{path.name}: {line[:200]}")
 
 
@@ -581,7 +602,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def fuzz_own_stack(seed: int, messages: int, connections: int, max_rss: int, quiet: bool = False) -> Report:
-    from services.supervisor import Stack, StackConfig
+    from services.supervisor import Stack, StackConfig, describe_exit
 
     with tempfile.TemporaryDirectory(prefix="cme-fuzz-") as tmp:
         root = Path(tmp)
@@ -614,7 +635,8 @@ def fuzz_own_stack(seed: int, messages: int, connections: int, max_rss: int, qui
             )
             for child in stack.children:
                 if child.service in ("gateway", "feeds") and not child.alive():
-                    report.anomaly(f"{child.name} died")
+                    assert child.proc is not None
+                    report.anomaly(f"{child.name} died: {describe_exit(child.proc.returncode)}")
         finally:
             stack.stop()
         scan_logs(

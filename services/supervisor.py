@@ -383,7 +383,10 @@ class Stack:
             port = next(metrics)
             argv = [*base, service, *common, "--metrics-port", str(port), "--instance", name, *flags]
             url = self.redis.url_for(service) if self.redis is not None else self.redis_url
-            return Child(name, service, [*argv, *cfg.extra.get(service, [])], port, {URL_ENV: url})
+            # A crash in native code (picows, hiredis, the compiled core) leaves its Python stack in
+            # the child's log instead of only a signal number.
+            env = {URL_ENV: url, "PYTHONFAULTHANDLER": "1"}
+            return Child(name, service, [*argv, *cfg.extra.get(service, [])], port, env)
 
         keys = ["--api-keys", cfg.api_keys] if cfg.api_keys else []
         keys += ["--admin-keys", cfg.admin_keys] if cfg.admin_keys else []

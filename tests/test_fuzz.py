@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 import pytest
 
-from services.fuzz import CLOSE, TEXT, Generator, fuzz_own_stack, split_frames, summary, ws_frame
+from services.fuzz import (
+    CLOSE,
+    TEXT,
+    Generator,
+    Report,
+    fuzz_own_stack,
+    fuzz_server,
+    scan_logs,
+    split_frames,
+    summary,
+    ws_frame,
+)
 
 
 def test_the_generator_is_seeded() -> None:
@@ -18,6 +32,38 @@ def test_frames_round_trip() -> None:
     wire = ws_frame(TEXT, b"x" * 70_000, mask=False) + ws_frame(CLOSE, b"\x03\xe8", mask=False) + b"\x81"
     frames, rest = split_frames(wire)
     assert frames == [(TEXT, b"x" * 70_000), (CLOSE, b"\x03\xe8")] and rest == b"\x81"
+
+
+async def test_a_server_that_drops_a_new_connection_is_an_anomaly_not_a_crash() -> None:
+    async def drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")  # the upgrade request, unanswered
+        writer.close()
+
+    server = await asyncio.start_server(drop, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    report = Report()
+    async with server:
+        await fuzz_server(
+            f"ws://127.0.0.1:{port}", "gateway", Generator(1, "gateway", 4096), 5, report, lambda: None
+        )
+    assert report.anomalies == [
+        "gateway: a new connection failed after 0 messages: closed after 0 bytes of the upgrade's answer"
+    ]
+
+
+def test_a_crash_or_a_failed_handler_in_a_log_is_an_anomaly(tmp_path: Path) -> None:
+    log = tmp_path / "gateway-1.log"
+    log.write_text(
+        "2026-12-02T15:48:12.957Z INFO gateway gateway-1 gateway: connection from 127.0.0.1:50080\n"
+        "2026-12-02T15:48:12.958Z WARNING gateway gateway-1 gateway: a message could not be handled: X\n"
+        "Fatal Python error: Segmentation fault\n"
+    )
+    report = Report()
+    scan_logs([log], report)
+    assert [a.split(": ", 1)[1][:20] for a in report.anomalies] == [
+        "2026-12-02T15:48:12.",
+        "Fatal Python error: ",
+    ]
 
 
 @pytest.mark.e2e

@@ -911,10 +911,13 @@ def _labels(
     msg: Mapping[str, Any] | None, instruments: Mapping[str, Instrument]
 ) -> tuple[str | None, str | None]:
     """Bounded (symbol, type) labels of a rejected order message; (None, None) if it is no order."""
-    if msg is None or msg.get("op") not in validation.ORDER_OPS:
+    if msg is None:
+        return None, None
+    op = msg.get("op")
+    # A JSON object or array as "op" is unhashable: test the type before the set lookup.
+    if type(op) is not str or op not in validation.ORDER_OPS:
         return None, None
     symbol = msg.get("symbol")
-    op = msg["op"]
     if op != validation.NEW:
         label = op
     else:

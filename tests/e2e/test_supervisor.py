@@ -215,14 +215,21 @@ def test_redis_has_a_password_and_each_service_its_own_acl_user(up: Up) -> None:
     anonymous.close()
 
 
-@pytest.mark.parametrize("name", ["feeds-1", "matcher"])
-async def test_dead_child_is_restarted_and_logged(up: Up, name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "sig"),
+    [("feeds-1", signal.SIGKILL), ("matcher", signal.SIGKILL), ("gateway-1", signal.SIGSEGV)],
+    ids=["feeds-1-kill", "matcher-kill", "gateway-1-segv"],
+)
+async def test_dead_child_is_restarted_and_logged(up: Up, name: str, sig: signal.Signals) -> None:
     old = up.pid_of(name)
-    os.kill(old, signal.SIGKILL)
+    os.kill(old, sig)
     wait_until(lambda: up.pid_of(name) != old and alive(up.pid_of(name)), 15, f"{name} restarted")
     assert not alive(old)
     log = up.log_text()
     assert f"{name} (pid {old}) died" in log and f"restarted {name}: pid {old} ->" in log
+    assert f"killed by {sig.name}" in log
+    if sig == signal.SIGSEGV:  # a crash in native code: faulthandler leaves the Python stack
+        assert "Fatal Python error: Segmentation fault" in log
     # The stack still works end to end: an order is acked and its report comes back from the matcher.
     state = up.state()
     conn = await gateway_session(state["gateway"], f"restart-{name}", retry_for=10)

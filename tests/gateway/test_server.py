@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from services.gateway.server import Gateway
+from services.gateway.server import Gateway, _labels
 from services.gateway.sessions import Authenticator
 from shared import codes, keys, stream
 from shared.commands import Cancel, CancelAll, Deposit, Grant, NewOrder, Withdraw
@@ -263,6 +263,8 @@ BAD_INPUTS: list[tuple[str, str]] = [
     ),
     ('{"op":"cancel","symbol":"BTC-USDT","order_id":"bogus"}', codes.UNKNOWN_ORDER),
     ('{"op":"cancel","symbol":"BTC-USDT"}', codes.INVALID_MESSAGE),
+    ('{"op":{"new":1},"symbol":"BTC-USDT"}', codes.INVALID_MESSAGE),
+    ('{"op":["cancel"]}', codes.INVALID_MESSAGE),
     ('{"op":"auth","account":"bad name"}', codes.INVALID_ACCOUNT),
 ]
 
@@ -293,6 +295,18 @@ async def test_each_bad_input_gets_its_code_and_the_connection_stays(
         assert await recv(ws) == {"type": "pong"}
     assert await rds.xlen(keys.orders(BTC)) == 0
     assert await rds.get(keys.appended(BTC)) is None
+
+
+@pytest.mark.parametrize("op", [{"new": 1}, ["cancel"], None, 7, "nope"])
+def test_a_reject_of_anything_but_an_order_op_has_no_order_labels(op: object) -> None:
+    # An object or array as "op" once raised TypeError here (unhashable in the set of order ops).
+    assert _labels({"op": op, "symbol": BTC}, default_instruments()) == (None, None)
+
+
+def test_a_rejected_order_is_labelled_by_symbol_and_type() -> None:
+    instruments = default_instruments()
+    assert _labels({"op": "new", "symbol": BTC, "type": "market"}, instruments) == (BTC, "market")
+    assert _labels({"op": "cancel", "symbol": {"x": 1}}, instruments) == ("unknown", "cancel")
 
 
 async def test_oversized_frame_closes_with_1009(start_gateway: Start) -> None:
