@@ -41,6 +41,11 @@ from typing import TYPE_CHECKING, Any, Final
 from shared.commands import BUY
 from shared.instruments import Instrument
 
+# Final aliases: the compiled build keeps a Final in a C static, where an imported name is looked up
+# in the module's dict at each call (a new level and a dropped one call them).
+_heappush: Final = heappush
+_heappop: Final = heappop
+
 if TYPE_CHECKING:  # the ledger's types only: balances.py needs nothing of the book
     from services.matcher.balances import Market
 
@@ -134,7 +139,7 @@ class BookSide:
         if key in stale:
             stale.remove(key)  # its key is in the heap already
         else:
-            heappush(self.heap, key)
+            _heappush(self.heap, key)
         return level
 
     def remove(self, order: Order) -> Level:
@@ -158,9 +163,9 @@ class BookSide:
         levels, heap, stale = self.levels, self.heap, self.stale
         del levels[key]
         if heap[0] == key:
-            heappop(heap)
+            _heappop(heap)
             while heap and heap[0] in stale:
-                stale.remove(heappop(heap))
+                stale.remove(_heappop(heap))
         else:
             stale.add(key)
             if len(stale) > len(levels) + STALE_SLACK:
