@@ -375,6 +375,8 @@ class FuzzConnection:
 
     async def send(self, data: bytes) -> bool:
         assert self.writer is not None
+        if self.writer.is_closing():  # the connection is gone: asyncio would drop the bytes and warn
+            return False
         try:
             self.writer.write(data)
             await self.writer.drain()

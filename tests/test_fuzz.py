@@ -10,6 +10,7 @@ import pytest
 from services.fuzz import (
     CLOSE,
     TEXT,
+    FuzzConnection,
     Generator,
     Report,
     fuzz_own_stack,
@@ -49,6 +50,24 @@ async def test_a_server_that_drops_a_new_connection_is_an_anomaly_not_a_crash() 
     assert report.anomalies == [
         "gateway: a new connection failed after 0 messages: closed after 0 bytes of the upgrade's answer"
     ]
+
+
+async def test_nothing_is_written_to_a_connection_that_is_gone(caplog: pytest.LogCaptureFixture) -> None:
+    async def upgrade(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+        await reader.read()
+
+    server = await asyncio.start_server(upgrade, "127.0.0.1", 0)
+    async with server:
+        conn = FuzzConnection("127.0.0.1", server.sockets[0].getsockname()[1], Report(), "feeds")
+        await conn.open()
+        assert conn.writer is not None
+        conn.writer.transport.abort()  # lost, as when the server resets it
+        assert [await conn.send(b"x") for _ in range(10)] == [False] * 10
+        await conn.close()
+    # asyncio warns "socket.send() raised exception." from the fifth write on a lost connection.
+    assert not [r for r in caplog.records if r.name == "asyncio"]
 
 
 def test_a_crash_or_a_failed_handler_in_a_log_is_an_anomaly(tmp_path: Path) -> None:
