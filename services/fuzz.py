@@ -299,6 +299,7 @@ class Report:
     sent: Counter[str] = field(default_factory=Counter)
     closes: Counter[int] = field(default_factory=Counter)
     reconnects: int = 0
+    unsent: int = 0  # messages whose write found the connection gone (at most one per connection)
     acked: int = 0
     l2_messages: int = 0
     max_rss: dict[str, int] = field(default_factory=dict)
@@ -384,6 +385,16 @@ class FuzzConnection:
         except OSError:
             return False
 
+    async def ended(self) -> None:
+        """Until the reader has seen the end of a connection whose write failed. Without this wait,
+        a failed send does not yield to the loop (drain raises the reader's exception at once), the
+        reader never runs, and the worker would spend the rest of its messages on the dead
+        connection."""
+        assert self.reader_task is not None
+        await asyncio.wait([self.reader_task], timeout=SETTLE_TIMEOUT)
+        if not self.reader_task.done():
+            self.report.anomaly(f"{self.server}: a connection whose write failed did not end")
+
     async def settle(self, n: int) -> None:
         """Ping and wait for the pong (or the end): the server has handled everything sent before."""
         assert self.reader_task is not None
@@ -430,7 +441,10 @@ async def fuzz_server(
                 return
         action = gen.next()
         report.sent[f"{server}:{action.kind}"] += 1
-        if await conn.send(action.data) and n % SETTLE_EVERY == 0:
+        if not await conn.send(action.data):
+            report.unsent += 1
+            await conn.ended()  # the next message goes to a new connection
+        elif n % SETTLE_EVERY == 0:
             await conn.settle(n)
         progress()
     if conn is not None:
@@ -570,7 +584,10 @@ def scan_logs(paths: list[Path], report: Report) -> None:
 
 
 def summary(report: Report, seconds: float, max_rss: int) -> str:
-    lines = [f"fuzz: {sum(report.sent.values())} messages in {seconds:.1f} s, {report.reconnects} reconnects"]
+    lines = [
+        f"fuzz: {sum(report.sent.values())} messages in {seconds:.1f} s, {report.reconnects} reconnects,"
+        f" {report.unsent} found their connection gone"
+    ]
     by_kind = Counter({k: v for k, v in report.sent.items()})
     lines.append("  sent: " + ", ".join(f"{k} {v}" for k, v in sorted(by_kind.items())))
     lines.append(
