@@ -7,7 +7,8 @@ fragments (well formed and broken), frames over the size limit, pings, unmasked 
 
 While it runs, a gateway neighbour keeps placing and cancelling orders (each must be acked) and a feed
 neighbour stays subscribed to l2 and trades (its l2 seq must never skip). An anomaly is: a neighbour
-closed, refused or unanswered; a close with 1011 (internal error) sent to a fuzz connection; and, when
+closed, refused or unanswered; a close with 1011 (internal error) sent to a fuzz connection (other than
+the echo of a 1011 close the fuzzer sent); and, when
 the stack is our own, a traceback or an ERROR line in a service log or a service over the memory bound.
 """
 
@@ -63,6 +64,13 @@ def ws_frame(opcode: int, payload: bytes, *, fin: bool = True, mask: bool = True
     mask_bytes = (key * (n // 4 + 1))[:n]
     masked = (int.from_bytes(payload, "big") ^ int.from_bytes(mask_bytes, "big")).to_bytes(n, "big")
     return head + key + masked
+
+
+def close_code_of(data: bytes) -> int | None:
+    """The status code of `data` when it starts with a whole masked close frame that has one."""
+    if len(data) < 8 or data[0] != 0x80 | CLOSE or not data[1] & 0x80 or not 2 <= data[1] & 0x7F < 126:
+        return None
+    return ((data[6] ^ data[2]) << 8) | (data[7] ^ data[3])
 
 
 def upgrade_request(host: str, port: int, path: str = "/") -> bytes:
@@ -319,6 +327,7 @@ class FuzzConnection:
         self.reader_task: asyncio.Task[None] | None = None
         self.probe = b""  # payload of the ping whose pong we wait for
         self.closing = False  # the server sent its close frame
+        self.sent_close: int | None = None  # the code of the close frame we sent: the server echoes it
         self.answered = asyncio.Event()
 
     async def open(self) -> None:
@@ -360,7 +369,7 @@ class FuzzConnection:
                             self.writer.write(ws_frame(CLOSE, payload[:2]))
                     code = int(struct.unpack_from("!H", payload)[0]) if len(payload) >= 2 else 1005
                     self.report.closes[code] += 1
-                    if code == INTERNAL_ERROR:
+                    if code == INTERNAL_ERROR and code != self.sent_close:
                         self.report.anomaly(
                             f"{self.server} closed a fuzz connection with 1011: {payload[2:]!r}"
                         )
@@ -378,6 +387,9 @@ class FuzzConnection:
         assert self.writer is not None
         if self.writer.is_closing():  # the connection is gone: asyncio would drop the bytes and warn
             return False
+        code = close_code_of(data)
+        if code is not None:
+            self.sent_close = code
         try:
             self.writer.write(data)
             await self.writer.drain()

@@ -9,10 +9,12 @@ import pytest
 
 from services.fuzz import (
     CLOSE,
+    INTERNAL_ERROR,
     TEXT,
     FuzzConnection,
     Generator,
     Report,
+    close_code_of,
     fuzz_own_stack,
     fuzz_server,
     scan_logs,
@@ -68,6 +70,33 @@ async def test_nothing_is_written_to_a_connection_that_is_gone(caplog: pytest.Lo
         await conn.close()
     # asyncio warns "socket.send() raised exception." from the fifth write on a lost connection.
     assert not [r for r in caplog.records if r.name == "asyncio"]
+
+
+def test_the_code_of_a_close_frame_the_fuzzer_sends() -> None:
+    assert close_code_of(ws_frame(CLOSE, b"\x03\xf3bye")) == INTERNAL_ERROR
+    assert close_code_of(ws_frame(CLOSE, b"")) is None
+    assert close_code_of(ws_frame(TEXT, b"\x03\xf3bye")) is None
+
+
+@pytest.mark.parametrize(("first", "anomalies"), [(CLOSE, 0), (TEXT, 1)])
+async def test_only_a_1011_of_the_servers_own_is_an_anomaly(first: int, anomalies: int) -> None:
+    async def close_1011(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+        await reader.read(1)  # whatever the client sent: closed with 1011 (an echo, for a close)
+        writer.write(ws_frame(CLOSE, b"\x03\xf3", mask=False))
+        await reader.read()
+
+    server = await asyncio.start_server(close_1011, "127.0.0.1", 0)
+    report = Report()
+    async with server:
+        conn = FuzzConnection("127.0.0.1", server.sockets[0].getsockname()[1], report, "feeds")
+        await conn.open()
+        assert await conn.send(ws_frame(first, b"\x03\xf3"))
+        assert conn.reader_task is not None
+        await asyncio.wait_for(asyncio.shield(conn.answered.wait()), 10)  # the close came back
+        await conn.close()
+    assert report.closes[INTERNAL_ERROR] == 1 and len(report.anomalies) == anomalies
 
 
 def test_a_crash_or_a_failed_handler_in_a_log_is_an_anomaly(tmp_path: Path) -> None:
