@@ -49,7 +49,7 @@ from shared.commands import Cancel, Command, Deposit
 from shared.ids import SEQ_BITS
 from shared.instruments import Instrument, asset_scales
 from shared.redis_server import RedisServer
-from shared.resp import pack
+from shared.resp import RespConnection, pack
 from shared.stream import FIELD, encode
 from shared.wire import render
 
@@ -282,27 +282,29 @@ class Sampler:
 
 
 class BenchMatcher(Matcher):
-    """The service unchanged, with each read's size, thread CPU and commit round trip recorded.
-
-    A read's commits go out in the round trip after _apply_read returns, and the next read is in that
-    same round trip: from one _apply_read's end to the next one's read time is one commit round trip
-    (plus the loop's few bookkeeping steps between them)."""
+    """The service unchanged, with each read's size, thread CPU and commit round trip recorded (from
+    the write of a round trip that carries commits to its replies)."""
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
         self.batch_sizes: list[int] = []
         self.roundtrip_ms: list[float] = []
         self.process_cpu_ns = 0
-        self._ended_ns = 0
+
+    def _send(self, conn: RespConnection, payload: bytes, n: int) -> asyncio.Future[list[Any]]:
+        pending = super()._send(conn, payload, n)
+        if self._op == "commit":
+            sent_ns = time.perf_counter_ns()
+            pending.add_done_callback(
+                lambda _: self.roundtrip_ms.append((time.perf_counter_ns() - sent_ns) / 1e6)
+            )
+        return pending
 
     def _apply_read(self, streams: list[tuple[bytes, list[Entry]]], read_ns: int) -> list[bytes]:
-        if self._ended_ns:
-            self.roundtrip_ms.append((read_ns - self._ended_ns) / 1e6)
         t0 = time.thread_time_ns()
         commits = super()._apply_read(streams, read_ns)
         self.process_cpu_ns += time.thread_time_ns() - t0
         self.batch_sizes.append(sum(len(entries) for _, entries in streams))
-        self._ended_ns = time.time_ns()
         return commits
 
 

@@ -71,6 +71,10 @@ EXEC_LOG_MAXLEN = 1_000_000  # approximate cap of each exec log (entries are bat
 # caught up after a stall, stalling every gateway's appends behind them). The commits of one read still
 # go out in one round trip; Redis serves other clients between them.
 COMMIT_ENTRIES = 128
+# A read of at least this many entries means a backlog: the next round trip then goes out before they are
+# applied (Matcher._live). Below it the overlap saves little and each batch's commits would wait for the
+# round trip in flight: reports a round trip later at low load.
+OVERLAP_ENTRIES = COMMIT_ENTRIES
 REPLAY_CHUNK = 5_000  # small enough to renew the lease between chunks on a loaded machine
 POLL_SECONDS = 1.0  # stream length, lag and book gauges
 FULL_DEPTH = 1 << 62
@@ -460,10 +464,16 @@ class Matcher:
     # Live -------------------------------------------------------------------------------------
     async def _live(self) -> None:
         """Read, apply, commit. Each round trip carries the previous batch's commits and the next
-        blocking XREAD in one write: one round trip per batch, on a bare hiredis connection.
+        XREAD in one write: one round trip per read, on a bare hiredis connection.
 
-        Whenever a round trip returns, everything applied so far is committed (Redis ran the commit
-        scripts before the XREAD), so that is where checkpoints are taken.
+        At low load the batch in hand is applied first and its commits go out with a blocking read.
+        A busy read (OVERLAP_ENTRIES or more) means a backlog: then the round trip that commits the
+        previous batch and reads the next one goes out before the batch in hand is applied, so Redis
+        runs it while this process matches, the two on the machine's two cores at once instead of
+        taking turns. That read does not block: a blocked read would hold back the commits behind it.
+
+        A round trip commits what was applied before it went out. Checkpoints are captured only when
+        nothing applied is left uncommitted, so a due checkpoint makes the next round serial.
 
         The lease is renewed in the same round trip, after the commits: a matcher that wakes from a
         stall with a batch in hand has that commit refused (FENCED) before anything else happens."""
@@ -476,6 +486,8 @@ class Matcher:
         )
         publish_sha, renew_sha = self.sha["publish"], self.sha["renew"]
         commits: list[bytes] = []  # one fenced script call each
+        streams: list[tuple[bytes, list[Entry]]] = []  # the last read's entries, not applied yet
+        read_ns = 0
         next_poll = 0.0
         try:
             while True:
@@ -483,42 +495,70 @@ class Matcher:
                     self._listener.result()  # re-raises the pub/sub connection's failure
                     raise ConnectionError("snapshot request listener stopped")
                 stopping = self._stopping
+                busy = (
+                    not stopping
+                    and sum(len(entries) for _, entries in streams) >= OVERLAP_ENTRIES
+                    and not self._checkpoint_due()
+                )
+                if streams and not busy:
+                    commits += self._apply_read(streams, read_ns)
+                    streams = []
                 if stopping and not commits:
                     return
                 renewal = self.leases.renewal(renew_sha) if not stopping and self.leases.renew_due() else []
-                reads = [] if stopping else self._reads(states)
-                payload = b"".join(commits + renewal + reads)
+                if stopping:
+                    reads = []
+                elif busy:
+                    reads = self._reads(states, self._positions(streams), block=False)
+                else:
+                    reads = self._reads(states, [st.last_id for st in states])
                 self._rt("commit" if commits else "xread")  # a commit round trip also reads
                 n = len(commits)
-                replies = await conn.roundtrip(payload, n + len(renewal) + len(reads))
+                pending = self._send(conn, b"".join(commits + renewal + reads), n + len(renewal) + len(reads))
+                commits = []
+                if busy:  # matched while Redis runs the round trip
+                    commits = self._apply_read(streams, read_ns)
+                    streams = []
+                replies = await pending
                 _check_commits(replies, n)
                 if renewal:
                     self.leases.check_renewals(replies[n : n + len(renewal)])
-                commits = []
                 if stopping:
-                    return
+                    continue
                 read_ns = time.time_ns()
-                self._maybe_checkpoint()
+                if not commits:  # everything applied is committed
+                    self._maybe_checkpoint()
                 if time.monotonic() >= next_poll:
                     next_poll = time.monotonic() + POLL_SECONDS
                     await self._poll(states)
                 for st in states:
-                    if st.snapshot_wanted:  # sent before this round's updates: its seq is the committed one
+                    if st.snapshot_wanted:  # after the updates applied so far: its seq is theirs
                         st.snapshot_wanted = False
                         snap = st.snapshot_payload(time.time_ns())
                         fenced = (publish_sha, b"1", st.b_epoch, st.epoch, st.b_md, snap)
                         commits.append(pack(b"EVALSHA", *fenced))
                         metrics.PUBLISHED.labels("md").inc()
-                commits += self._apply_read(_stream_entries(replies[-1]), read_ns)
+                streams = _stream_entries(replies[-1])
                 commits += self._due_ticks(states, read_ns // 1_000_000)
         finally:
             conn.close()
 
-    def _reads(self, states: list[SymbolState]) -> list[bytes]:
-        """The round trip's reads; the last one's reply is what _apply_read gets. Here one blocking
-        XREAD of every stream from its position: each symbol's stream stands alone."""
-        head = (b"XREAD", b"COUNT", b"%d" % self.cfg.batch, b"BLOCK", b"%d" % self.cfg.block_ms, b"STREAMS")
-        return [pack(*head, *(st.k_orders.encode() for st in states), *(st.last_id for st in states))]
+    def _send(self, conn: RespConnection, payload: bytes, n: int) -> asyncio.Future[list[Any]]:
+        """Write one round trip of n commands; its future gets the replies."""
+        return conn.roundtrip(payload, n)
+
+    def _reads(self, states: list[SymbolState], ids: list[bytes], block: bool = True) -> list[bytes]:
+        """The round trip's reads of every stream from `ids` (in `states` order); the last one's reply
+        is what _apply_read gets. Here one XREAD, blocking unless `block` is False: each symbol's
+        stream stands alone."""
+        wait = (b"BLOCK", b"%d" % self.cfg.block_ms) if block else ()
+        streams = (st.k_orders.encode() for st in states)
+        return [pack(b"XREAD", b"COUNT", b"%d" % self.cfg.batch, *wait, b"STREAMS", *streams, *ids)]
+
+    def _positions(self, streams: list[tuple[bytes, list[Entry]]]) -> list[bytes]:
+        """Each stream's position (in self.states order) once _apply_read has applied `streams`."""
+        last = {key: entries[-1][0] for key, entries in streams if entries}
+        return [last.get(key, st.last_id) for key, st in self.by_stream.items()]
 
     def _apply_read(self, streams: list[tuple[bytes, list[Entry]]], read_ns: int) -> list[bytes]:
         """Apply what one XREAD returned; returns the commits (fenced script calls) to send."""
@@ -633,19 +673,32 @@ class Matcher:
 
     # Checkpoints ------------------------------------------------------------------------------
     def _maybe_checkpoint(self) -> None:
+        """Capture and write the checkpoint that is due, if any (callers: everything applied is
+        committed)."""
         task = self._ckpt_task
         if task is not None:
             if not task.done():
                 return  # one at a time
             self._ckpt_task = None
             task.result()  # a failed checkpoint (Redis) ends the process like any Redis failure
+        st = self._due_state()
+        if st is not None:
+            self._ckpt_task = asyncio.create_task(self._checkpoint(st, self._capture(st)))
+
+    def _checkpoint_due(self) -> bool:
+        """Whether _maybe_checkpoint would capture one now."""
+        task = self._ckpt_task
+        return (task is None or task.done()) and self._due_state() is not None
+
+    def _due_state(self) -> SymbolState | None:
+        """The first symbol whose checkpoint is due: enough applied, or long enough ago."""
         now = time.monotonic()
         for st in self.states.values():
             pending = st.applied - st.ckpt_applied
             due = pending >= self.cfg.checkpoint_every or now - st.ckpt_mono >= self.cfg.checkpoint_seconds
             if pending and due:
-                self._ckpt_task = asyncio.create_task(self._checkpoint(st, self._capture(st)))
-                return
+                return st
+        return None
 
     async def _shutdown_checkpoints(self) -> None:
         if self._ckpt_task is not None:

@@ -125,6 +125,7 @@ return 1
 _REWRITE_ACCOUNTS: Final = 500  # balances hashes per script call
 
 Merged = tuple[int, int, SymbolState, Entry]  # (seq, stream order, state, entry)
+Read = tuple[SymbolState, list[Entry], bool]  # (state, entries, whether the reply was cut at the batch size)
 
 
 class _Block:
@@ -145,6 +146,27 @@ def _balances_hash(assets: Mapping[str, Sequence[int]]) -> list[bytes]:
     asset and its value "<available> <held>" in asset units (shared.keys.balances)."""
     flat = [v for asset, (a, h) in assets.items() for v in (asset.encode(), b"%d %d" % (a, h))]
     return [b"%d" % len(flat), *flat]
+
+
+def _bound(streams: list[Read]) -> int | None:
+    """The last seq that is sure: a stream whose reply was cut (truncated) may have more after its last
+    entry, so nothing beyond the smallest such last entry may be applied yet."""
+    return min((entry_to_seq(entries[-1][0]) for _, entries, cut in streams if cut and entries), default=None)
+
+
+def _included(entries: list[Entry], bound: int | None) -> int:
+    """How many of a stream's entries, a prefix, lie within `bound`; an id that is no seq keeps the place
+    of the entry before it."""
+    last = _entry_seq(entries[-1][0]) if entries else None
+    if bound is None or (last is not None and last <= bound):
+        return len(entries)
+    prev = 0
+    for n, (raw_id, _) in enumerate(entries):
+        seq = _entry_seq(raw_id)
+        prev = prev if seq is None else seq
+        if prev > bound:
+            return n
+    return len(entries)
 
 
 def _crosses_symbols(rows: list[tuple[SymbolState, bytes, int, int]], results: list[list[Event]]) -> bool:
@@ -276,20 +298,16 @@ class VenueMatcher(Matcher):
             await self._renew_if_due()
         return replayed
 
-    def _merge(self, streams: list[tuple[SymbolState, list[Entry], bool]]) -> list[Merged]:
-        """The entries of several streams in id order, up to the last one that is sure: a stream whose
-        reply was cut (truncated) may have more after its last entry, so nothing beyond the smallest
-        such last entry goes yet. Ties cannot happen with the venue clock; stream order breaks them."""
-        bound = min((entry_to_seq(entries[-1][0]) for _, entries, cut in streams if cut and entries),
-                    default=None)  # fmt: skip
+    def _merge(self, streams: list[Read]) -> list[Merged]:
+        """The entries of several streams in id order, up to the last one that is sure (_bound).
+        Ties cannot happen with the venue clock; stream order breaks them."""
+        bound = _bound(streams)
         runs = []
         for st, entries, _ in streams:
             order, run, prev = self.order[st], [], 0
-            for entry in entries:
+            for entry in entries[: _included(entries, bound)]:
                 seq = _entry_seq(entry[0])
                 prev = prev if seq is None else seq  # an id that is no seq keeps its stream's place
-                if bound is not None and prev > bound:
-                    break
                 run.append((prev, order, st, entry))
             runs.append(run)
         if len(runs) == 1:
@@ -297,23 +315,41 @@ class VenueMatcher(Matcher):
         return list(heapq.merge(*runs, key=lambda m: (m[0], m[1])))
 
     # Live -------------------------------------------------------------------------------------
-    def _reads(self, states: list[SymbolState]) -> list[bytes]:
-        """A blocking XREAD of one entry as the doorbell, then the read that counts, without BLOCK.
+    def _reads(self, states: list[SymbolState], ids: list[bytes], block: bool = True) -> list[bytes]:
+        """A blocking XREAD of one entry as the doorbell, then the read that counts, without BLOCK
+        (without `block`, only the latter).
 
         A blocked XREAD over several streams is answered with the one stream whose append woke it, and
         one append call gives a whole batch its ids across streams (shared.stream.APPEND_SCRIPT): that
         answer would be no prefix of the venue clock's ids. The second XREAD runs right after the
         first returns, in the same round trip, and sees every stream at one instant: whole batches."""
         streams = [st.k_orders.encode() for st in states]
-        ids = [st.last_id for st in states]
+        read = pack(b"XREAD", b"COUNT", b"%d" % self.cfg.batch, b"STREAMS", *streams, *ids)
+        if not block:
+            return [read]
         doorbell = pack(
             b"XREAD", b"COUNT", b"1", b"BLOCK", b"%d" % self.cfg.block_ms, b"STREAMS", *streams, *ids
         )
-        return [doorbell, pack(b"XREAD", b"COUNT", b"%d" % self.cfg.batch, b"STREAMS", *streams, *ids)]
+        return [doorbell, read]
+
+    def _positions(self, streams: list[tuple[bytes, list[Entry]]]) -> list[bytes]:
+        """Past the read's bound (_merge) nothing is applied: those entries are read again."""
+        read = self._read_streams(streams)
+        bound = _bound(read)
+        last = {st.k_orders.encode(): st.last_id for st in self.states.values()}
+        for st, entries, _ in read:
+            n = _included(entries, bound)
+            if n:
+                last[st.k_orders.encode()] = entries[n - 1][0]
+        return list(last.values())
+
+    def _read_streams(self, streams: list[tuple[bytes, list[Entry]]]) -> list[Read]:
+        """A read's streams for _merge: (state, entries, whether the reply was cut at the batch size)."""
+        batch = self.cfg.batch
+        return [(self.by_stream[k], e, len(e) >= batch) for k, e in streams if e]
 
     def _apply_read(self, streams: list[tuple[bytes, list[Entry]]], read_ns: int) -> list[bytes]:
-        batch = self.cfg.batch
-        merged = self._merge([(self.by_stream[k], e, len(e) >= batch) for k, e in streams if e])
+        merged = self._merge(self._read_streams(streams))
         return [
             self._process_merged(merged[i : i + COMMIT_ENTRIES], read_ns)
             for i in range(0, len(merged), COMMIT_ENTRIES)
@@ -403,13 +439,20 @@ class VenueMatcher(Matcher):
                 return
             self._ckpt_task = None
             task.result()
+        if self._venue_due():
+            self._ckpt_task = asyncio.create_task(self._venue_checkpoint(self._capture_venue()))
+
+    def _checkpoint_due(self) -> bool:
+        task = self._ckpt_task
+        return (task is None or task.done()) and self._venue_due()
+
+    def _venue_due(self) -> bool:
         pending = self._applied() - self.ckpt_applied
         due = (
             pending >= self.cfg.checkpoint_every
             or time.monotonic() - self.ckpt_mono >= self.cfg.checkpoint_seconds
         )
-        if pending and due:
-            self._ckpt_task = asyncio.create_task(self._venue_checkpoint(self._capture_venue()))
+        return bool(pending) and due
 
     async def _shutdown_checkpoints(self) -> None:
         if self._ckpt_task is not None:

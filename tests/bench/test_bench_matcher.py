@@ -32,7 +32,8 @@ def test_bench_matcher_commits_the_whole_flow_with_the_cores_outcome(tmp_path: P
     # Same trades as the flow's own engine: every cancel reached the order it names.
     assert report["applied"] == 3000 and report["trades"] == flow.book.trade_seq > 0
     assert report["batches"]["count"] >= 6 and report["batches"]["max"] <= 500
-    assert report["commit_roundtrip_ms"]["count"] == report["batches"]["count"] - 1
+    # Every read's commits go out in one round trip (the next read's, or the one after it).
+    assert report["commit_roundtrip_ms"]["count"] == report["batches"]["count"]
     assert all(report["published"][ch]["messages"] > 0 for ch in ("md", "trades", "exec"))
     cpu = report["cpu_us_per_command"]
     assert cpu["matcher"] > 0 and cpu["redis"] >= 0

@@ -317,3 +317,34 @@ def test_sigint_is_a_clean_stop_too(redis_url: str, tmp_path: Path) -> None:
     proc.wait_live()
     proc.proc.send_signal(signal.SIGINT)
     assert proc.proc.wait(15) == 0
+
+
+async def test_a_backlog_is_applied_while_redis_commits_exactly_as_the_engine_would(
+    r: redis.Redis, collector: Collector, redis_url: str, tmp_path: Path
+) -> None:
+    """A backlog makes every read busy (service.OVERLAP_ENTRIES): the round trip that commits one batch
+    and reads the next goes out before the batch in hand is applied. Checkpoints fall due on the way and
+    snapshot requests keep arriving; both must see only what is committed, in channel order."""
+    flow, record = Flow(23), cast(Record, {})
+    for _ in range(6):
+        add_flow(r, flow, record, (BTC,), 250)
+    total = len(record[BTC])
+    cfg = config(redis_url, tmp_path, checkpoint_every=400, batch=2 * COMMIT_ENTRIES)
+    async with in_process(cfg) as run:
+        while _applied(r, BTC) < total:  # each request is answered by the round after it arrives
+            r.publish(keys.snapshot_request_channel(BTC), b"")
+            await asyncio.sleep(0)
+        assert await run.stop() == 0
+    exp = expected(INSTRUMENTS[BTC], record[BTC])
+    assert stream_events(r, BTC) == _json(exp.events)
+    assert len(ck.list_files(ck.directory(tmp_path, BTC))) >= 2  # during the backlog, and at the stop
+    await await_until(lambda: len(collector.lines(BTC, "exec")) >= len(exp.execs), what="exec reports")
+    assert collector.lines(BTC, "exec") == exp.execs  # each once, exec ids running on
+    await await_until(lambda: len(split_md(collector.lines(BTC, "md"))[0]) >= len(exp.md), what="md")
+    updates, snaps = split_md(collector.lines(BTC, "md"))
+    assert updates == exp.md
+    seen = 0  # updates so far in channel order: each snapshot is of exactly them
+    for m in (orjson.loads(line) for line in collector.lines(BTC, "md")):
+        seen += m["type"] == "l2_update"
+        assert m["seq"] == seen
+    assert len(snaps) >= 2
