@@ -96,3 +96,4 @@ def test_client_options_time_out_commands_and_probe_idle_links() -> None:
     blocking = client_options(5.0, blocking=True)
     assert "socket_timeout" not in blocking, "pub/sub waits for messages by design"
     assert blocking["health_check_interval"] == 5 and blocking["socket_keepalive"] is True
+    assert blocking["protocol"] == 2, "RESP3 pushes cost a str() of every message in redis-py 8.1"
