@@ -97,3 +97,7 @@ def test_client_options_time_out_commands_and_probe_idle_links() -> None:
     assert "socket_timeout" not in blocking, "pub/sub waits for messages by design"
     assert blocking["health_check_interval"] == 5 and blocking["socket_keepalive"] is True
     assert blocking["protocol"] == 2, "RESP3 pushes cost a str() of every message in redis-py 8.1"
+
+
+def test_pack_writes_one_resp_array_of_bulk_strings() -> None:
+    assert pack(b"SET", b"", b"a\r\nb") == b"*3\r\n$3\r\nSET\r\n$0\r\n\r\n$4\r\na\r\nb\r\n"
