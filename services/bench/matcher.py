@@ -78,6 +78,9 @@ _CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("read model", ("matcher/readmodel.py",)),
     ("metrics", ("shared/metrics.py", "prometheus_client/")),
     ("checkpoint", ("matcher/checkpoint.py", "matcher/snapshot.py")),
+    # The service's own code: merging reads, building the commit script call, the loop. Without it
+    # those samples walked on out to asyncio's frames and were charged to the Redis client.
+    ("matcher loop", ("matcher/service.py", "matcher/venue.py")),
     ("redis client", ("shared/resp.py", "redis/", "asyncio/")),
 )
 

@@ -37,7 +37,7 @@ def test_bench_matcher_commits_the_whole_flow_with_the_cores_outcome(tmp_path: P
     assert all(report["published"][ch]["messages"] > 0 for ch in ("md", "trades", "exec"))
     cpu = report["cpu_us_per_command"]
     assert cpu["matcher"] > 0 and cpu["redis"] >= 0
-    assert {"decode", "core", "render", "redis client"} <= set(cpu["matcher_split"])
+    assert {"decode", "core", "render", "matcher loop", "redis client"} <= set(cpu["matcher_split"])
 
 
 def test_bench_matcher_with_balances_runs_the_venue_matcher_to_the_same_trades(tmp_path: Path) -> None:
@@ -88,3 +88,18 @@ def test_the_compiled_renderers_time_is_charged_to_render(monkeypatch: Any) -> N
     sampler._charge(frames[0])
     assert sampler.seconds["render"] > 0 and sampler.seconds["other"] == 0
     assert service.render is wire.render and venue.render is wire.render  # a bench run puts them back
+
+
+def test_the_services_own_code_is_charged_to_the_matcher_loop_not_to_the_redis_client() -> None:
+    """Every stack ends in asyncio's frames (the Redis client's category): a sample in the service's
+    own code must stop at the service's frame."""
+    import sys
+
+    from services.bench import matcher as bench
+    from services.matcher import venue
+
+    frames: list[FrameType] = []
+    exec(compile("frames.append(sys._getframe(0))", venue.__file__, "exec"), {"frames": frames, "sys": sys})
+    sampler = bench.Sampler()
+    sampler._charge(frames[0])
+    assert sampler.seconds["matcher loop"] > 0 and sampler.seconds["redis client"] == 0
