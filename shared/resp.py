@@ -10,17 +10,32 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from typing import Any
+from typing import Any, Final
 
 import hiredis
 from redis.asyncio.connection import parse_url
 
+# "\r\n$<length>\r\n" for the lengths nearly every argument has: a bulk string's header, after the end
+# of the argument before it.
+_SHORT: Final = 4096
+_HEADS: Final = [b"\r\n$%d\r\n" % n for n in range(_SHORT)]
+
 
 def pack(*args: bytes) -> bytes:
-    """One RESP command (array of bulk strings), encoded by hiredis in C: 2.5x a Python join for a
-    5-argument XADD, 1.3x for a 400-argument commit (73 % of 92 us)."""
-    packed: bytes = hiredis.pack_command(args)  # type: ignore[arg-type]  # its stub types a 1-tuple
-    return packed
+    """One RESP command (array of bulk strings).
+
+    The arguments are joined as they are, between ready-made headers. Formatting each into
+    b"$%d\r\n%s\r\n" copies it slowly (bytes %-formatting), and hiredis.pack_command is no faster: a
+    commit carrying 220 KB of payloads took 310 us to pack either way, 5.5 us joined; a 403-argument
+    commit 460 / 330 us, 46 us joined; a 5-argument XADD 1.46 / 0.91 us, 0.65 us joined."""
+    heads = _HEADS
+    parts = [b"*%d" % len(args)]
+    for arg in args:
+        n = len(arg)
+        parts.append(heads[n] if n < _SHORT else b"\r\n$%d\r\n" % n)
+        parts.append(arg)
+    parts.append(b"\r\n")
+    return b"".join(parts)
 
 
 class RespConnection(asyncio.Protocol):

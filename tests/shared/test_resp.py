@@ -101,3 +101,6 @@ def test_client_options_time_out_commands_and_probe_idle_links() -> None:
 
 def test_pack_writes_one_resp_array_of_bulk_strings() -> None:
     assert pack(b"SET", b"", b"a\r\nb") == b"*3\r\n$3\r\nSET\r\n$0\r\n\r\n$4\r\na\r\nb\r\n"
+    long = b"x" * 5000  # beyond the ready-made headers
+    assert pack(b"ECHO", long) == b"*2\r\n$4\r\nECHO\r\n$5000\r\n" + long + b"\r\n"
+    assert pack(*(long, b"y")) == hiredis.pack_command((long, b"y"))
