@@ -20,7 +20,7 @@ import redis
 
 from services.matcher import checkpoint as ck
 from services.matcher.batch import SAMPLE_EVERY
-from services.matcher.service import COMMIT_ENTRIES
+from services.matcher.service import COMMIT_ENTRIES, Matcher, SymbolState
 from shared import keys
 from shared.commands import Cancel, Command, NewOrder
 from shared.ids import entry_to_seq
@@ -320,15 +320,29 @@ def test_sigint_is_a_clean_stop_too(redis_url: str, tmp_path: Path) -> None:
 
 
 async def test_a_backlog_is_applied_while_redis_commits_exactly_as_the_engine_would(
-    r: redis.Redis, collector: Collector, redis_url: str, tmp_path: Path
+    r: redis.Redis, collector: Collector, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A backlog makes every read busy (service.OVERLAP_ENTRIES): the round trip that commits one batch
     and reads the next goes out before the batch in hand is applied. Checkpoints fall due on the way and
-    snapshot requests keep arriving; both must see only what is committed, in channel order."""
+    snapshot requests keep arriving; both must see only what is committed, in channel order.
+
+    A checkpoint of an applied batch whose commit is still in flight would, after a crash or a fenced
+    commit, restore past reports that were never published: each capture is checked against the
+    progress hash (the commit's own record) at that moment."""
+    captured: list[tuple[str, str | None]] = []
+    capture = Matcher._capture
+
+    def checked(self: Matcher, st: SymbolState) -> ck.Checkpoint:
+        committed = r.hget(keys.progress(st.symbol), "last_id")
+        captured.append((st.last_id.decode(), committed.decode() if committed else None))
+        return capture(self, st)
+
+    monkeypatch.setattr(Matcher, "_capture", checked)
     flow, record = Flow(23), cast(Record, {})
     for _ in range(6):
         add_flow(r, flow, record, (BTC,), 250)
     total = len(record[BTC])
+    # 400: due in the middle of a read of 256, so the checkpoint falls due while a commit is in flight.
     cfg = config(redis_url, tmp_path, checkpoint_every=400, batch=2 * COMMIT_ENTRIES)
     async with in_process(cfg) as run:
         while _applied(r, BTC) < total:  # each request is answered by the round after it arrives
@@ -338,6 +352,7 @@ async def test_a_backlog_is_applied_while_redis_commits_exactly_as_the_engine_wo
     exp = expected(INSTRUMENTS[BTC], record[BTC])
     assert stream_events(r, BTC) == _json(exp.events)
     assert len(ck.list_files(ck.directory(tmp_path, BTC))) >= 2  # during the backlog, and at the stop
+    assert len(captured) >= 2 and all(applied == committed for applied, committed in captured)
     await await_until(lambda: len(collector.lines(BTC, "exec")) >= len(exp.execs), what="exec reports")
     assert collector.lines(BTC, "exec") == exp.execs  # each once, exec ids running on
     await await_until(lambda: len(split_md(collector.lines(BTC, "md"))[0]) >= len(exp.md), what="md")

@@ -19,7 +19,7 @@ from services.matcher import checkpoint as ck
 from services.matcher.engine import Engine
 from services.matcher.service import durable_events
 from services.matcher.snapshot import state_hash
-from services.matcher.venue import GROUP
+from services.matcher.venue import GROUP, VenueMatcher
 from shared import codes, keys
 from shared.commands import Cancel, CancelAll, Command, Deposit, NewOrder, Withdraw
 from shared.ids import entry_to_seq, seq_ms
@@ -316,12 +316,22 @@ async def test_recovery_takes_legacy_entries_and_rewrites_a_read_model_of_other_
 
 
 async def test_a_backlog_is_applied_while_redis_commits_exactly_as_the_engine_would(
-    r: redis.Redis, redis_url: str, tmp_path: Path, caplog: Any
+    r: redis.Redis, redis_url: str, tmp_path: Path, caplog: Any, monkeypatch: Any
 ) -> None:
     """A backlog makes every read busy (service.OVERLAP_ENTRIES): the next read goes out before the
     batch in hand is applied, from the positions that batch will leave (VenueMatcher._positions: a
     stream cut at the batch size is applied only up to the read's bound, the rest is read again).
-    Checkpoints fall due on the way and are taken between the overlapped rounds."""
+    Checkpoints fall due on the way and are taken between the overlapped rounds, each of committed
+    state only (every stream's position is the one its progress hash records)."""
+    captured: list[bool] = []
+    capture = VenueMatcher._capture_venue
+
+    def checked(self: VenueMatcher) -> ck.Checkpoint:
+        committed = [r.hget(keys.progress(st.symbol), "last_id") or b"0-0" for st in self.states.values()]
+        captured.append(committed == [st.last_id for st in self.states.values()])
+        return capture(self)
+
+    monkeypatch.setattr(VenueMatcher, "_capture_venue", checked)
     rng, record = random.Random(11), cast(list[tuple[str, str, Command]], [])
     append(r, funding(), record)
     for _ in range(6):
@@ -340,6 +350,7 @@ async def test_a_backlog_is_applied_while_redis_commits_exactly_as_the_engine_wo
     for symbol in (BTC, ETH):
         assert stream_events(r, symbol) == _normalise(events[symbol])
     assert len(ck.list_files(ck.directory(tmp_path, GROUP))) >= 2  # during the backlog, and at the stop
+    assert len(captured) >= 2 and all(captured)
     ids = [orjson.loads(line.partition(b" ")[2])["exec_id"] for line in collector.lines(BTC, "exec")]
     assert ids == list(range(1, len(ids) + 1))
     assert not [m for m in caplog.messages if "skipping entry" in m]
