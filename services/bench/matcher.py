@@ -329,11 +329,14 @@ async def _run_matcher(
     assert sub.stdout is not None
     st = matcher.states[SYMBOL]
 
+    def show(now_ns: int) -> None:
+        rate = st.applied / max(1e-9, (now_ns - t0_ns) / 1e9)
+        _say(quiet, f"\r  matching: {st.applied * 100 // total:3d}%  {rate:>9,.0f} commands/s", end="")
+
     async def progress() -> None:
         while True:
             await asyncio.sleep(0.5)
-            rate = st.applied / max(1e-9, (time.time_ns() - t0_ns) / 1e9)
-            _say(quiet, f"\r  matching: {st.applied * 100 // total:3d}%  {rate:>9,.0f} commands/s", end="")
+            show(time.time_ns())
 
     reporter = asyncio.create_task(progress())
     try:
@@ -341,6 +344,7 @@ async def _run_matcher(
             line = (await sub.stdout.readline()).decode()
             if line.startswith("done "):
                 end_ns = int(line.split()[1])
+                show(end_ns)  # the last line says 100 %, not the last half second's figure
                 break
             if not line or task.done():
                 raise RuntimeError("the matcher or the subscriber stopped before the end of the stream")
