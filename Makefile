@@ -31,7 +31,7 @@ $(TEST_STAMP): pyproject.toml | $(STAMP)
 # The compiled core and renderer (setup.py: mypyc, next to the sources). Rebuilt when their sources
 # change; a build that cannot compile leaves the pure modules in use (shared/build.py picks).
 CORE_STAMP := $(VENV)/.core-built
-$(CORE_STAMP): services/matcher/book.py services/matcher/balances.py services/matcher/engine.py shared/wire.py setup.py | $(STAMP)
+$(CORE_STAMP): services/matcher/book.py services/matcher/balances.py services/matcher/engine.py shared/decimals.py shared/wire.py setup.py | $(STAMP)
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(CORE_STAMP)
 
@@ -53,7 +53,7 @@ test: lint $(CORE_STAMP)
 	bash deploy/install-haproxy.sh
 	bash deploy/install-chromium.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
-	CME_PURE_PYTHON=1 $(BIN)/python -m pytest -q tests/core tests/shared/test_wire.py $(PYTEST_ARGS)
+	CME_PURE_PYTHON=1 $(BIN)/python -m pytest -q tests/core tests/shared/test_decimals.py tests/shared/test_wire.py $(PYTEST_ARGS)
 
 bench: $(CORE_STAMP)
 	$(BIN)/cme bench core $(ARGS)

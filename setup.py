@@ -1,5 +1,6 @@
 """Builds the compiled modules through mypyc, when it can: the core (services/matcher/book.py,
-balances.py, engine.py) and the matcher's renderer (shared/wire.py); shared.build picks them at import.
+balances.py, engine.py) and the matcher's renderer (shared/wire.py, with the decimal formatting it calls,
+shared/decimals.py); shared.build picks them at import.
 
 Everything else is declared in pyproject.toml. The compiled modules are an optional speed-up of the
 same source, never a requirement: with CME_PURE_PYTHON=1 at build time, without mypyc, or when the
@@ -19,7 +20,7 @@ from setuptools.command.build_ext import build_ext
 # decoder and the read model too bought nothing measurable in `cme bench matcher`.
 GROUPS = {
     "services.matcher._core": [f"services/matcher/{name}.py" for name in ("book", "balances", "engine")],
-    "shared._wire": ["shared/wire.py"],
+    "shared._wire": ["shared/decimals.py", "shared/wire.py"],
 }
 
 

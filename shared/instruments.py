@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation, localcontext
 from typing import Any, Final
 
+from shared.decimals import fmt_fixed, fmt_trimmed
+
 FEE_DENOM: Final = 100_000_000  # fee rates are exact multiples of 1e-8 (a literal: compiled code inlines it)
 _EXACT_PREC = 60  # enough digits for any value we accept; bounds are checked before arithmetic
 
@@ -132,28 +134,6 @@ def scale_of(increment: Decimal) -> tuple[int, int]:
     if not isinstance(exp, int):
         raise ValueError("increment must be finite")
     return (m * 10**exp, 0) if exp >= 0 else (m, -exp)
-
-
-def fmt_fixed(n: int, places: int) -> str:
-    """n x 10^-places as a plain decimal string with exactly `places` decimals (integer maths only)."""
-    if places == 0:
-        return str(n)
-    sign = "-" if n < 0 else ""
-    digits = str(-n if n < 0 else n).rjust(places + 1, "0")
-    return f"{sign}{digits[:-places]}.{digits[-places:]}"
-
-
-def fmt_trimmed(n: int, places: int, min_places: int) -> str:
-    """Like fmt_fixed, without trailing zeros beyond min_places. One conversion to digits and slices,
-    no division: balances (two amounts per line, beyond 64 bits) render at 0.35 us instead of 0.58."""
-    if n < 0:
-        return "-" + fmt_trimmed(-n, places, min_places)
-    if places <= min_places:
-        return fmt_fixed(n, places)
-    digits = str(n).rjust(places + 1, "0")
-    decimals = digits[-places:]
-    kept = decimals[:min_places] + decimals[min_places:].rstrip("0")
-    return digits[:-places] + "." + kept if kept else digits[:-places]
 
 
 def units_to_str(units: int, increment: Decimal) -> str:
@@ -396,11 +376,6 @@ def amount_to_units(value: Any, places: int) -> int:
         if units != units.to_integral_value() or not 0 < units < MAX_AMOUNT_UNITS:
             raise OffGrid("amount off the asset's grid")
     return int(units)
-
-
-def units_to_amount(units: int, places: int) -> str:
-    """Asset units as a trimmed decimal string ("1000", "0.5")."""
-    return fmt_trimmed(units, places, 0)
 
 
 def default_instruments() -> dict[str, Instrument]:

@@ -21,7 +21,8 @@ from typing import Any, Final
 import orjson
 
 from shared.commands import CoreCommand, command_from_list, command_to_list
-from shared.instruments import amount_to_units, rescale, units_to_amount
+from shared.decimals import units_to_amount
+from shared.instruments import amount_to_units, rescale
 
 FIELD = b"d"
 _FUNDING: Final = frozenset(("Deposit", "Withdraw", "Grant"))  # the commands with amounts

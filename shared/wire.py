@@ -17,8 +17,9 @@ import orjson
 
 from shared import events as ev
 from shared.codes import reason_for
+from shared.decimals import units_to_amount
 from shared.ids import RESERVED_PREFIX, SEQ_BITS
-from shared.instruments import Instrument, Memo, units_to_amount
+from shared.instruments import Instrument, Memo
 
 Message = dict[str, Any]
 

@@ -37,6 +37,7 @@ from shared.commands import (
     NewOrder,
     Withdraw,
 )
+from shared.decimals import units_to_amount
 from shared.ids import (
     FEES_ACCOUNT,
     MAX_ACCOUNT,
@@ -52,7 +53,6 @@ from shared.instruments import (
     amount_to_units,
     funding_symbol,
     to_units,
-    units_to_amount,
 )
 
 Message = dict[str, Any]

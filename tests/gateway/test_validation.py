@@ -20,8 +20,9 @@ from services.gateway.validation import (
 )
 from shared import codes
 from shared.commands import Amend, Cancel, CancelAll, Command, Deposit, NewOrder, Withdraw
+from shared.decimals import units_to_amount
 from shared.ids import entry_to_seq
-from shared.instruments import Instrument, JsonNumber, asset_scales, default_instruments, units_to_amount
+from shared.instruments import Instrument, JsonNumber, asset_scales, default_instruments
 
 INSTRUMENTS = default_instruments()  # tick 0.01, lot 0.00001, min qty 0.00001, max 10000, min notional 0.01
 

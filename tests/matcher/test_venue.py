@@ -22,8 +22,9 @@ from services.matcher.snapshot import state_hash
 from services.matcher.venue import GROUP, VenueMatcher
 from shared import codes, keys
 from shared.commands import Cancel, CancelAll, Command, Deposit, NewOrder, Withdraw
+from shared.decimals import units_to_amount
 from shared.ids import entry_to_seq, seq_ms
-from shared.instruments import asset_scales, units_to_amount
+from shared.instruments import asset_scales
 from shared.stream import APPEND_SCRIPT, decode_events, encode, encode_events
 from shared.wire import unframe
 from tests.matcher import (

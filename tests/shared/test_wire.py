@@ -17,9 +17,10 @@ from services.matcher.engine import Engine
 from shared import instruments
 from shared.codes import reason_for
 from shared.commands import Command, Deposit, Withdraw
+from shared.decimals import units_to_amount
 from shared.events import REJECTED, Event
 from shared.ids import entry_to_seq, seq_ms, seq_to_entry
-from shared.instruments import Instrument, units_to_amount
+from shared.instruments import Instrument
 from shared.wire import Rendered, count_execs, frame, render, split_exec_line, unframe, unframe_exec
 from tests.matcher import ACCOUNTS, BTC, INSTRUMENTS, Flow
 
