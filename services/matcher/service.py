@@ -686,9 +686,13 @@ class Matcher:
             self._ckpt_task = asyncio.create_task(self._checkpoint(st, self._capture(st)))
 
     def _checkpoint_due(self) -> bool:
-        """Whether _maybe_checkpoint would capture one now."""
+        """Whether _maybe_checkpoint would capture one now: none is being written and one is _due."""
         task = self._ckpt_task
-        return (task is None or task.done()) and self._due_state() is not None
+        return (task is None or task.done()) and self._due()
+
+    def _due(self) -> bool:
+        """A symbol's checkpoint is due (the venue matcher: its one checkpoint of every stream)."""
+        return self._due_state() is not None
 
     def _due_state(self) -> SymbolState | None:
         """The first symbol whose checkpoint is due: enough applied, or long enough ago."""

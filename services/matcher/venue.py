@@ -439,14 +439,11 @@ class VenueMatcher(Matcher):
                 return
             self._ckpt_task = None
             task.result()
-        if self._venue_due():
+        if self._due():
             self._ckpt_task = asyncio.create_task(self._venue_checkpoint(self._capture_venue()))
 
-    def _checkpoint_due(self) -> bool:
-        task = self._ckpt_task
-        return (task is None or task.done()) and self._venue_due()
-
-    def _venue_due(self) -> bool:
+    def _due(self) -> bool:
+        """One checkpoint covers every stream: due by what was applied since, or by its age."""
         pending = self._applied() - self.ckpt_applied
         due = (
             pending >= self.cfg.checkpoint_every
