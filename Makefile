@@ -20,11 +20,14 @@ $(STAMP): pyproject.toml | $(BIN)/python
 # that their adapters' tests run (7 s here; one is an sdist that needs a C++ compiler): where they
 # cannot install, those tests skip and say why.
 TEST_STAMP := $(VENV)/.installed-test
+# $(call extra,NAME): write the requirements of pyproject.toml's optional-dependencies NAME, a line each,
+# to $(VENV)/NAME-requirements.txt.
+extra = $(BIN)/python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['$(1)']))" > $(VENV)/$(1)-requirements.txt
 $(TEST_STAMP): pyproject.toml | $(STAMP)
-	$(BIN)/python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['test']))" > $(VENV)/test-requirements.txt
+	$(call extra,test)
 	$(BIN)/python -m pip install --quiet -r $(VENV)/test-requirements.txt
-	$(BIN)/python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['peers']))" > $(VENV)/peer-requirements.txt
-	$(BIN)/python -m pip install --quiet -r $(VENV)/peer-requirements.txt \
+	$(call extra,peers)
+	$(BIN)/python -m pip install --quiet -r $(VENV)/peers-requirements.txt \
 		|| echo "WARNING: the [peers] engines did not install; tests/bench/test_bench_peers.py skips their tests"
 	touch $(TEST_STAMP)
 
