@@ -7,9 +7,11 @@ Per account and asset there is an ``available`` and a ``held`` amount, integers 
 - an order is accepted: it holds what it may need (``Market.hold_for``): a priced buy its price x
   quantity x (1 + the higher fee rate) of quote, a sell its quantity of base; a market buy holds
   nothing but must be able to pay the fills the book offers it (the engine walks the book);
-- a fill settles at once (``Ledger.trade``): the buyer's hold at its limit price is released and it
-  pays notional + fee, the seller's held base goes to the buyer and it receives notional - fee, and
-  the fees go to the venue's account ``_fees``;
+- a fill settles within its command: the buyer's hold at its limit price is released and it pays
+  notional + fee, the seller's held base goes to the buyer and it receives notional - fee, and the
+  fees go to the venue's account ``_fees``. The maker's side settles at each fill (``Ledger.fill``),
+  the taker's once for all its fills of the command (``Ledger.settle_taker``): its notional and fee
+  are sums of price x lots, so one addition per fill gives them exactly;
 - whatever ends an order without a fill (cancel, expiry, IOC remainder, self-trade prevention, mass
   cancel) releases what the rest still holds (``Ledger.release``).
 
@@ -53,13 +55,17 @@ class Market:
         "bf",
         "buy_rate",
         "fee_balance",
+        "fee_q",
         "fees_due",
+        "maker_buys_net",
         "maker_q",
+        "maker_sells_net",
         "notional",
         "pairs",
         "quote",
         "taker_cost",
         "taker_q",
+        "taker_sells_net",
     )
 
     def __init__(self, inst: Instrument, scales: dict[str, int]) -> None:
@@ -74,7 +80,13 @@ class Market:
         self.taker_q = _per_tick_lot(inst.taker_rate, self.notional)
         # A resting buy may fill as maker or taker: it holds at the higher rate of the two.
         self.buy_rate = self.notional + max(self.maker_q, self.taker_q)
-        self.taker_cost = self.notional + self.taker_q  # a market buy's cost per tick x lot
+        # Per tick x lot of a fill, what each side's quote balance gains or pays; all at least 0, so
+        # that the compiled build multiplies them natively (it takes the slow path for a negative).
+        self.taker_cost = self.notional + self.taker_q  # a buying taker pays this
+        self.taker_sells_net = self.notional - self.taker_q  # a selling taker receives this
+        self.maker_buys_net = self.buy_rate - self.notional - self.maker_q  # a buying maker: freed - paid
+        self.maker_sells_net = self.notional - self.maker_q
+        self.fee_q = self.maker_q + self.taker_q  # the venue's, both sides
         self.fees_due = 0  # the current command's fees on this market, in quote units (Ledger.flush)
         # The ledger's own Balance objects, found once: per account that has traded here its (quote,
         # base) pair, and the venue's fee balance. A fill then needs one lookup per side, not three.
@@ -84,9 +96,13 @@ class Market:
     def hold_for(self, buy: bool, price: int | None, lots: int) -> int:
         """What an open order of `lots` needs held: in quote for a priced buy, in base for a sell,
         nothing for a market buy (it pays as it fills)."""
-        if buy:
-            return 0 if price is None else price * (lots * self.buy_rate)
-        return lots * self.bf
+        if price is None:  # a market order
+            return 0 if buy else lots * self.bf
+        return self.hold_priced(buy, price, lots)
+
+    def hold_priced(self, buy: bool, ticks: int, lots: int) -> int:
+        """hold_for() of an order with a price, as a native int."""
+        return ticks * (lots * self.buy_rate) if buy else lots * self.bf
 
     def asset_of(self, buy: bool) -> str:
         return self.quote if buy else self.base
@@ -97,7 +113,19 @@ class Ledger:
     order from ``head`` (a sentinel) to ``last``: the engine turns them into `balance` events
     (``flush``), which starts the next command's chain; ``touched`` says whether there is any."""
 
-    __slots__ = ("accounts", "commands", "fees_due", "granted", "head", "last", "markets", "scales")
+    __slots__ = (
+        "accounts",
+        "commands",
+        "fees_due",
+        "granted",
+        "head",
+        "last",
+        "markets",
+        "scales",
+        "t_amount",
+        "t_base",
+        "t_quote",
+    )
 
     def __init__(self, instruments: Iterable[Instrument]) -> None:
         insts = list(instruments)
@@ -108,6 +136,11 @@ class Ledger:
         self.commands = 0  # flushes so far: the mark of this command's touched balances
         self.granted: set[str] = set()  # accounts the faucet has funded
         self.fees_due: list[Market] = []  # the markets whose fills' fees this command has not credited
+        # The current taker's balances, found at its first fill, and what its fills so far owe it or
+        # it owes in quote (fill, settle_taker).
+        self.t_quote: Balance | None = None
+        self.t_base: Balance | None = None
+        self.t_amount = 0
 
     def balances(self) -> dict[str, dict[str, list[int]]]:
         """Every pair ever touched, as [available, held] (a snapshot's form)."""
@@ -171,23 +204,38 @@ class Ledger:
         available to held; False (and no change) if available is short."""
         if not amount:
             return True
-        pair = m.pairs.get(account)
-        if pair is None:
-            pair = self._funded_pair(m, account)
-        if pair is not None:
-            bal = pair[0] if buy else pair[1]
-        else:  # an account without both assets: never given a record by a hold it cannot pay
-            wallet = self.accounts.get(account)
-            found = wallet.get(m.asset_of(buy)) if wallet is not None else None
-            if found is None:
-                return False
-            bal = found
-        if bal.available < amount:
+        bal = self._payer(m, account, buy)
+        if bal is None or bal.available < amount:
             return False
         bal.available -= amount
         bal.held += amount
         self._mark(bal)
         return True
+
+    def hold_single(
+        self, m: Market, account: str, buy: bool, ticks: int, lots: int, symbol: str
+    ) -> Event | None:
+        """hold() for a priced order of a command that changes no other balance (a limit order that
+        joins the book): its `balance` event, with nothing recorded as touched; None (and no change)
+        if available is short."""
+        amount = m.hold_priced(buy, ticks, lots)
+        bal = self._payer(m, account, buy)
+        if bal is None or bal.available < amount:
+            return None
+        available = bal.available = bal.available - amount
+        held = bal.held = bal.held + amount
+        return (BALANCE, symbol, account, bal.asset, available, held)
+
+    def _payer(self, m: Market, account: str, buy: bool) -> Balance | None:
+        """The balance an order on `m` pays with (quote for a buy, base for a sell), or None if the
+        account has none: an account is never given a record by a hold it cannot pay."""
+        pair = m.pairs.get(account)
+        if pair is None:
+            pair = self._funded_pair(m, account)
+        if pair is not None:
+            return pair[0] if buy else pair[1]
+        wallet = self.accounts.get(account)  # an account without both assets
+        return wallet.get(m.asset_of(buy)) if wallet is not None else None
 
     def release(self, m: Market, account: str, buy: bool, amount: int) -> None:
         """Give back `amount` that an order on `m` held (see hold)."""
@@ -198,6 +246,19 @@ class Ledger:
         bal.held -= amount
         bal.available += amount
         self._mark(bal)
+
+    def release_single(self, m: Market, account: str, buy: bool, ticks: int, lots: int, symbol: str) -> Event:
+        """release() of what `lots` of a resting order at `ticks` held, for a command that changes no
+        other balance (a cancel): its `balance` event, with nothing recorded as touched."""
+        pair = m.pairs.get(account)
+        if pair is None:
+            bal = self._find(self._wallet(account), account, m.asset_of(buy))
+        else:
+            bal = pair[0] if buy else pair[1]
+        amount = m.hold_priced(buy, ticks, lots)
+        held = bal.held = bal.held - amount
+        available = bal.available = bal.available + amount
+        return (BALANCE, symbol, account, bal.asset, available, held)
 
     def _funded_pair(self, m: Market, account: str) -> tuple[Balance, Balance] | None:
         """The account's (quote, base) of `m` when it has both (kept for the next lookup), else None."""
@@ -210,54 +271,70 @@ class Ledger:
         pair = m.pairs[account] = (quote, base)
         return pair
 
-    def trade(
-        self,
-        m: Market,
-        price: int,
-        fill: int,
-        taker_buys: bool,
-        maker: str,
-        taker: str,
-        taker_price: int | None,
-    ) -> None:
-        """Settle one fill. The buyer's limit is its own price as taker (None: a market order, which
-        holds nothing) or the trade price as maker. Every amount is price x fill times a per-market
-        factor in quote units (Market: notional, maker_q, taker_q, buy_rate), the small factors
+    def fill(self, m: Market, price: int, lots: int, maker: str, maker_buys: bool, taker: str) -> None:
+        """Settle the maker's side of one fill of `lots` at `price`, and add the taker's quote amount
+        and the venue's fees to what the command owes (``t_amount``, ``Market.fees_due``), for
+        settle_taker and flush. The taker's balances are found and marked at its first fill, so that
+        every fill marks the buyer's quote and base, then the seller's base and quote (the events'
+        order). Every amount is price x lots times a per-market factor (Market), the small factors
         multiplied first: the compiled build multiplies natively only when both operands are below
         2^30, and takes the Python-int path otherwise."""
-        notional = price * (fill * m.notional)
-        maker_fee, taker_fee = price * (fill * m.maker_q), price * (fill * m.taker_q)
-        base_units = fill * m.bf
-        if taker_buys:
-            buyer, seller, seller_fee = taker, maker, maker_fee
+        pair = m.pairs.get(maker)
+        quote, base = self._pair(m, maker) if pair is None else pair
+        if maker_buys:  # its hold at its own price, the trade's, is freed
+            quote.held -= price * (lots * m.buy_rate)
+            quote.available += price * (lots * m.maker_buys_net)
+            base.available += lots * m.bf
+            self._mark(quote)
+            self._mark(base)
+            if self.t_base is None:
+                self._taker(m, taker, False)
+            self.t_amount += price * (lots * m.taker_sells_net)
         else:
-            buyer, seller, seller_fee = maker, taker, taker_fee
-        pair = m.pairs.get(buyer)
-        b_quote, b_base = self._pair(m, buyer) if pair is None else pair
-        pair = m.pairs.get(seller)
-        s_quote, s_base = self._pair(m, seller) if pair is None else pair
-        if not taker_buys:  # the maker buys at its own price: its hold there is freed
-            freed = price * (fill * m.buy_rate)
-            b_quote.held -= freed
-            b_quote.available += freed - notional - maker_fee
-        elif taker_price is not None:
-            freed = taker_price * (fill * m.buy_rate)
-            b_quote.held -= freed
-            b_quote.available += freed - notional - taker_fee
-        else:  # a market buy held nothing
-            b_quote.available -= notional + taker_fee
-        b_base.available += base_units
-        s_base.held -= base_units
-        s_quote.available += notional - seller_fee
-        # Marked in this order (buyer's quote and base, seller's base and quote): the events' order.
-        self._mark(b_quote)
-        self._mark(b_base)
-        self._mark(s_base)
-        self._mark(s_quote)
+            if self.t_base is None:
+                self._taker(m, taker, True)
+            base.held -= lots * m.bf
+            quote.available += price * (lots * m.maker_sells_net)
+            self._mark(base)
+            self._mark(quote)
+            self.t_amount += price * (lots * m.taker_cost)
         # The venue's fees are credited once per command (flush): one balance for every fill.
         if not m.fees_due:
             self.fees_due.append(m)
-        m.fees_due += maker_fee + taker_fee
+        m.fees_due += price * (lots * m.fee_q)
+
+    def _taker(self, m: Market, taker: str, buys: bool) -> None:
+        """Find the taker's balances at its first fill and mark them in its side's order (see fill)."""
+        pair = m.pairs.get(taker)
+        quote, base = self._pair(m, taker) if pair is None else pair
+        if buys:
+            self._mark(quote)
+            self._mark(base)
+        else:
+            self._mark(base)
+            self._mark(quote)
+        self.t_quote, self.t_base = quote, base
+
+    def settle_taker(self, m: Market, buys: bool, limit: int | None, lots: int) -> None:
+        """Settle the taker's side of its fills, `lots` in all: what fill added up in ``t_amount``
+        (paid by a buyer, received by a seller) and the base. A buyer's hold at its own `limit` is
+        freed; a market buy (None) held nothing."""
+        quote, base = self.t_quote, self.t_base
+        assert quote is not None and base is not None
+        amount = self.t_amount
+        self.t_quote = self.t_base = None
+        self.t_amount = 0
+        if buys:
+            if limit is not None:
+                freed = limit * (lots * m.buy_rate)
+                quote.held -= freed
+                quote.available += freed - amount
+            else:
+                quote.available -= amount
+            base.available += lots * m.bf
+        else:
+            base.held -= lots * m.bf
+            quote.available += amount
 
     def _pair(self, m: Market, account: str) -> tuple[Balance, Balance]:
         """The account's (quote, base) balances of the market, created at zero, for a fill: it changes
@@ -320,17 +397,6 @@ class Ledger:
             self._get(account, asset).available += amount
             out.append((FUNDED, None, "faucet", account, asset, amount, None))
         return out
-
-    def take_single(self, symbol: str) -> Event | None:
-        """The command's one `balance` event when it has changed a single balance and no fill (a
-        resting order's hold, a cancel's release), which then needs no flush; else None. The engine
-        builds those commands' event lists with it in place: appended by flush instead, the list
-        would be grown (a reallocation) for one event, on most of the commands."""
-        bal = self.head.next
-        if bal is None or bal is not self.last or self.fees_due:
-            return None
-        self._next_command()
-        return (BALANCE, symbol, bal.account, bal.asset, bal.available, bal.held)
 
     def flush(self, symbol: str | None, out: list[Event]) -> None:
         """Credit the command's fees, append its `balance` events and start the next command's list."""

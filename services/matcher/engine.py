@@ -328,19 +328,26 @@ class Engine:
             own, opp = book.asks, book.bids
             limit_key = MAX_KEY if price is None else -ticks
         heap = opp.heap
+        rests = not heap or heap[0] > limit_key  # nothing to trade against
         ledger = self.ledger
+        held: Event | None = None
         if ledger is not None and _reserved(account):  # the venue's own never trade
             return [_rejected(symbol, "new", seq, account, cid, codes.INVALID_ACCOUNT)]
-        if post_only and heap and heap[0] <= limit_key:
+        if post_only and not rests:
             return [_rejected(symbol, "new", seq, account, cid, codes.WOULD_TAKE)]
         if ledger is not None:
-            code = self._hold_new(book, account, buy, price, qty, stp)
-            if code is not None:
-                return [_rejected(symbol, "new", seq, account, cid, code)]
+            if rests and gtc and not ledger.touched:  # its hold is the command's one balance change
+                held = ledger.hold_single(book.market, account, buy, ticks, lots, symbol)  # type: ignore[arg-type]
+                if held is None:
+                    return [_rejected(symbol, "new", seq, account, cid, codes.INSUFFICIENT_FUNDS)]
+            else:
+                code = self._hold_new(book, account, buy, price, qty, stp)
+                if code is not None:
+                    return [_rejected(symbol, "new", seq, account, cid, code)]
         oid: Any = seq  # one int object for the order, its index and its events (else boxed at each)
         accepted = (ACCEPTED, symbol, oid, account, cid, side, otype, tif, price, qty)
 
-        if not heap or heap[0] > limit_key:  # nothing to trade against
+        if rests:
             if not gtc:
                 if self.ledger is not None:
                     self._release(book, account, side, price, lots)
@@ -367,10 +374,8 @@ class Engine:
                     (level.price, total, bbo[2], bbo[3]) if buy else (bbo[0], bbo[1], level.price, total)
                 )
             book_event = (BOOK, symbol, book.book_seq, [(side, level.price, total)], bbo)
-            if ledger is not None:
-                held = ledger.take_single(symbol)
-                if held is not None:
-                    return [accepted, book_event, held]
+            if held is not None:
+                return [accepted, book_event, held]
             return [accepted, book_event]
 
         out: list[Event] = [accepted]
@@ -434,6 +439,7 @@ class Engine:
         stopped = False
         ledger = self.ledger
         market = book.market
+        entry_leaves = t_leaves
         taker_buys = t_side == BUY
         stamp: Any = ts  # one int object for all the trades (the compiled build would box ts per trade)
         # The heap again, typed as a list of objects: read through it, heap[0] is the heap's own int
@@ -505,7 +511,7 @@ class Engine:
                 trade_seq += 1
                 traded_at = price
                 if market is not None:
-                    ledger.trade(market, ticks, fill, taker_buys, m_account, account, t_price)  # type: ignore[union-attr]
+                    ledger.fill(market, ticks, fill, m_account, not taker_buys, account)  # type: ignore[union-attr]
                 # fmt: off
                 append((TRADE, symbol, trade_seq, price, fill, t_side,
                         m_id, m_account, m_cid, m_qty, m_rest, notional * maker_rate,
@@ -526,6 +532,8 @@ class Engine:
         if trade_seq != first_trade:
             book.trade_seq = trade_seq
             book.last_price = traded_at
+            if market is not None:
+                ledger.settle_taker(market, taker_buys, t_price, entry_leaves - t_leaves)  # type: ignore[union-attr]
         taker[O_LEAVES] = t_leaves
         return stopped
 
@@ -554,9 +562,14 @@ class Engine:
             ice = book.icebergs.pop(order[O_ID], None)
             if ice is not None:
                 leaves += ice[1]
-        if self.ledger is not None:
-            self._release(book, account, side, price, leaves)
         buy = side == BUY
+        ledger = self.ledger
+        released: Event | None = None
+        if ledger is not None:
+            if ledger.touched:  # expiries before it changed balances: the release joins them (flush)
+                self._release(book, account, side, price, leaves)
+            else:  # the command's one balance change
+                released = ledger.release_single(book.market, account, buy, price, leaves, symbol)  # type: ignore[arg-type]
         bbo = book.bbo
         was_best = price == (bbo[0] if buy else bbo[2])
         level = (book.bids if buy else book.asks).remove(order)
@@ -573,10 +586,8 @@ class Engine:
         cancelled = (CANCELLED, symbol, order[O_ID], account, order[O_CID], side, price, order[O_QTY],
                      leaves, codes.REASON_USER)  # fmt: skip
         book_event = (BOOK, symbol, book.book_seq, [(side, price, total)], bbo)
-        if self.ledger is not None:
-            released = self.ledger.take_single(symbol)
-            if released is not None:
-                return [cancelled, book_event, released]
+        if released is not None:
+            return [cancelled, book_event, released]
         return [cancelled, book_event]
 
     def _amend(self, cmd: Amend) -> list[Event]:
