@@ -35,13 +35,20 @@ class Balance:
     ``seen`` is the ledger's command count when it was last recorded as touched, so a command lists
     each balance it changed once, in first-touch order, without a lookup; ``next`` links the
     command's list (Ledger._mark). A chain, not a list: a command's list is a few balances, and a
-    list's buffer would be freed and allocated again on every command."""
+    list's buffer would be freed and allocated again on every command.
 
-    __slots__ = ("account", "asset", "available", "held", "next", "seen")
+    ``held_box`` is ``held`` as the int object the last `balance` event carried, ``boxed`` the value
+    it holds: a fill leaves the buyer's held base and the seller's held quote as they were, and the
+    compiled build, which keeps ``held`` unboxed, then gives the next event that object instead of
+    allocating a new one (2 of the 5 balances of a typical fill)."""
+
+    __slots__ = ("account", "asset", "available", "boxed", "held", "held_box", "next", "seen")
 
     def __init__(self, account: str, asset: str, available: int = 0, held: int = 0) -> None:
         self.account, self.asset = account, asset
         self.available, self.held = available, held
+        self.held_box: object = held
+        self.boxed = held
         self.seen = -1
         self.next: Balance | None = None
 
@@ -56,10 +63,10 @@ class Market:
         "buy_rate",
         "fee_balance",
         "fee_q",
-        "fees_due",
         "maker_buys_net",
         "maker_q",
         "maker_sells_net",
+        "max_lot_cost",
         "notional",
         "pairs",
         "quote",
@@ -87,7 +94,7 @@ class Market:
         self.maker_buys_net = self.buy_rate - self.notional - self.maker_q  # a buying maker: freed - paid
         self.maker_sells_net = self.notional - self.maker_q
         self.fee_q = self.maker_q + self.taker_q  # the venue's, both sides
-        self.fees_due = 0  # the current command's fees on this market, in quote units (Ledger.flush)
+        self.max_lot_cost = inst.max_price_ticks * self.taker_cost  # a buying taker's most per lot
         # The ledger's own Balance objects, found once: per account that has traded here its (quote,
         # base) pair, and the venue's fee balance. A fill then needs one lookup per side, not three.
         self.pairs: dict[str, tuple[Balance, Balance]] = {}
@@ -116,6 +123,7 @@ class Ledger:
     __slots__ = (
         "accounts",
         "commands",
+        "fee_market",
         "fees_due",
         "granted",
         "head",
@@ -125,6 +133,7 @@ class Ledger:
         "t_amount",
         "t_base",
         "t_quote",
+        "touched",
     )
 
     def __init__(self, instruments: Iterable[Instrument]) -> None:
@@ -133,9 +142,13 @@ class Ledger:
         self.markets = {inst.symbol: Market(inst, self.scales) for inst in insts}
         self.accounts: dict[str, dict[str, Balance]] = {}
         self.head = self.last = Balance("", "")
+        self.touched = False  # whether the current command has changed any balance (head.next onwards)
         self.commands = 0  # flushes so far: the mark of this command's touched balances
         self.granted: set[str] = set()  # accounts the faucet has funded
-        self.fees_due: list[Market] = []  # the markets whose fills' fees this command has not credited
+        # The current command's fees, in quote units of the market its fills are on, not yet credited
+        # (flush): one balance for all the fills.
+        self.fee_market: Market | None = None
+        self.fees_due = 0
         # The current taker's balances, found at its first fill, and what its fills so far owe it or
         # it owes in quote (fill, settle_taker).
         self.t_quote: Balance | None = None
@@ -156,9 +169,7 @@ class Ledger:
             for account, assets in balances.items()
         }
         self._next_command()
-        for m in self.fees_due:
-            m.fees_due = 0
-        self.fees_due.clear()
+        self.fee_market, self.fees_due = None, 0
         for m in self.markets.values():
             m.pairs.clear()
             m.fee_balance = None
@@ -185,11 +196,6 @@ class Ledger:
             bal = assets[asset] = Balance(account, asset)
         return bal
 
-    @property
-    def touched(self) -> bool:
-        """Whether the current command has changed any balance."""
-        return self.last is not self.head
-
     def _mark(self, bal: Balance) -> Balance:
         """Record `bal` as changed by this command, once, in first-touch order."""
         if bal.seen != self.commands:
@@ -197,6 +203,7 @@ class Ledger:
             bal.next = None
             self.last.next = bal
             self.last = bal
+            self.touched = True
         return bal
 
     def hold(self, m: Market, account: str, buy: bool, amount: int) -> bool:
@@ -273,7 +280,7 @@ class Ledger:
 
     def fill(self, m: Market, price: int, lots: int, maker: str, maker_buys: bool, taker: str) -> None:
         """Settle the maker's side of one fill of `lots` at `price`, and add the taker's quote amount
-        and the venue's fees to what the command owes (``t_amount``, ``Market.fees_due``), for
+        and the venue's fees to what the command owes (``t_amount``, ``fees_due``), for
         settle_taker and flush. The taker's balances are found and marked at its first fill, so that
         every fill marks the buyer's quote and base, then the seller's base and quote (the events'
         order). Every amount is price x lots times a per-market factor (Market), the small factors
@@ -298,10 +305,23 @@ class Ledger:
             self._mark(base)
             self._mark(quote)
             self.t_amount += price * (lots * m.taker_cost)
-        # The venue's fees are credited once per command (flush): one balance for every fill.
-        if not m.fees_due:
-            self.fees_due.append(m)
-        m.fees_due += price * (lots * m.fee_q)
+        if m is not self.fee_market:
+            self._fees_on(m)
+        self.fees_due += price * (lots * m.fee_q)
+
+    def _fees_on(self, m: Market) -> None:
+        """Fees accrue on `m` from now on. The fills of a command are all on its own book, so the
+        previous market's fees are credited here only by a command that trades on two (none does)."""
+        if self.fee_market is not None:
+            self._credit_fees(self.fee_market)
+        self.fee_market = m
+
+    def _credit_fees(self, m: Market) -> None:
+        fees = m.fee_balance
+        if fees is None:
+            fees = m.fee_balance = self._get(FEES_ACCOUNT, m.quote)
+        self._mark(fees).available += self.fees_due
+        self.fees_due = 0
 
     def _taker(self, m: Market, taker: str, buys: bool) -> None:
         """Find the taker's balances at its first fill and mark them in its side's order (see fill)."""
@@ -400,17 +420,15 @@ class Ledger:
 
     def flush(self, symbol: str | None, out: list[Event]) -> None:
         """Credit the command's fees, append its `balance` events and start the next command's list."""
-        if self.fees_due:
-            for m in self.fees_due:
-                fees = m.fee_balance
-                if fees is None:
-                    fees = m.fee_balance = self._get(FEES_ACCOUNT, m.quote)
-                self._mark(fees).available += m.fees_due
-                m.fees_due = 0
-            self.fees_due.clear()
+        if self.fee_market is not None:
+            self._credit_fees(self.fee_market)
+            self.fee_market = None
         bal = self.head.next
         while bal is not None:
-            out.append((BALANCE, symbol, bal.account, bal.asset, bal.available, bal.held))
+            held = bal.held
+            if held != bal.boxed:
+                bal.held_box, bal.boxed = held, held
+            out.append((BALANCE, symbol, bal.account, bal.asset, bal.available, bal.held_box))
             bal = bal.next
         self._next_command()
 
@@ -418,6 +436,7 @@ class Ledger:
         """Empty the touched list; a new mark makes every balance's `seen` stale at once."""
         self.head.next = None
         self.last = self.head
+        self.touched = False
         self.commands += 1
 
 

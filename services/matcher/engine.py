@@ -858,8 +858,14 @@ class Engine:
         ledger, market = self.ledger, book.market
         assert ledger is not None and market is not None
         if buy and price is None:  # a market buy holds nothing: it must afford what the book offers it now
+            have = ledger.available(account, market.quote)
+            # No fill is above the instrument's highest price: an account that could pay its whole
+            # quantity there can pay any walk of the book, which is then not needed (a floor division
+            # instead of a product, which would leave the compiled build's native range).
+            if have // market.max_lot_cost >= qty:
+                return None
             cost = _market_notional(book.asks, account, stp, qty, book.icebergs) * market.taker_cost
-            return None if ledger.available(account, market.quote) >= cost else codes.INSUFFICIENT_FUNDS
+            return None if have >= cost else codes.INSUFFICIENT_FUNDS
         held = ledger.hold(market, account, buy, market.hold_for(buy, price, qty))
         return None if held else codes.INSUFFICIENT_FUNDS
 

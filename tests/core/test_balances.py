@@ -432,6 +432,50 @@ def test_a_market_buy_is_checked_against_the_cost_of_its_real_fills() -> None:
     assert v.bal("b", "BTC") == (20_000, 0)
 
 
+def test_a_market_buy_that_could_pay_at_the_highest_price_skips_the_walk_with_the_same_outcome() -> None:
+    """With enough to pay the whole quantity at the instrument's highest price (10,000,000 USDT x
+    1.002 per BTC), a market buy is accepted without walking the book; one unit less and the walk
+    decides, against the real fills. Both settle the same trade: the bound changes no outcome."""
+    qty = 1_000  # 0.01 BTC: at most 100,200 USDT at the highest price
+    bound = 100_200 * USDT
+    outcomes = []
+    for have in (bound, bound - 1):
+        v = Venue()
+        v.fund("s", BTC=ONE)
+        v(limit("s", SELL, P, qty))
+        v.fund("b", USDT=have)
+        events = v(market("b", BUY, qty))
+        assert [e[4] for e in events if e[0] == "trade"] == [qty]
+        outcomes.append((v.bal("b", "USDT")[0] - have, v.bal("b", "BTC"), v.bal("s", "USDT")))
+    assert outcomes[0] == outcomes[1] == (-501 * USDT, (qty, 0), (4_995 * USDT // 10, 0))  # 500 - 0.5
+    v = Venue()  # short of the bound and of the book's cost: refused
+    v.fund("s", BTC=ONE)
+    v(limit("s", SELL, P, qty))
+    v.fund("b", USDT=501 * USDT - 1)
+    assert rejected(v(market("b", BUY, qty))) == codes.INSUFFICIENT_FUNDS
+
+
+def test_fees_of_fills_on_two_markets_in_one_command_go_to_each_quote() -> None:
+    """No command fills on two books today (a command's stops are on its own), but the ledger keeps
+    each market's fees apart if one did: each goes to the fee account's balance of its own quote."""
+    insts = [Instrument("BTC-USDT"), Instrument("ETH-BTC")]
+    v = Venue(instruments=insts)
+    ledger = v.engine.ledger
+    assert ledger is not None
+    rich = {asset: [10**20, 0] for asset in ledger.scales}
+    ledger.set_balances({"m": rich, "t": rich})
+    fees = []
+    for inst in insts:
+        m = ledger.markets[inst.symbol]
+        ledger.fill(m, 100, 10, "m", False, "t")  # the maker sells 10 lots at 100 ticks
+        ledger.settle_taker(m, True, 100, 10)
+        fees.append(100 * 10 * m.fee_q)
+    out: list[Event] = []
+    ledger.flush(None, out)
+    credited = {e[3]: e[4] for e in out if e[2] == "_fees"}
+    assert credited == {"USDT": fees[0], "BTC": fees[1]} and all(fees)
+
+
 def test_a_market_buy_cost_skips_its_own_orders_under_cancel_maker() -> None:
     """Its own 0.1 at 50,000 is cancelled (cancel_maker), so it pays only for the 0.1 at 60,000."""
     v = Venue()
