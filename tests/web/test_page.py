@@ -241,7 +241,8 @@ async def test_the_balances_panel_shows_the_faucet_and_a_resting_buy_moves_usdt_
     # After a reload the panel and the open orders come from the login's queries, not from replays.
     browser.refresh()
     await until(lambda: js(browser, "window.__cme.ordersSynced()"), "the open orders after a reload")
-    assert list(order_rows(browser)) == [order_id]
+    # The answer is drawn at the page's next animation frame, not when it arrives.
+    await until(lambda: list(order_rows(browser)) == [order_id], "the resting buy from the login's answer")
     await until(lambda: balance_rows(browser) == held, "the hold after a reload")
 
     click(browser, f'button.cancel[data-order-id="{order_id}"]')
