@@ -248,8 +248,7 @@ class Ledger:
         """Give back `amount` that an order on `m` held (see hold)."""
         if not amount:
             return
-        pair = m.pairs.get(account)
-        bal = self._get(account, m.asset_of(buy)) if pair is None else pair[0] if buy else pair[1]
+        bal = self._holder(m, account, buy)
         bal.held -= amount
         bal.available += amount
         self._mark(bal)
@@ -257,15 +256,19 @@ class Ledger:
     def release_single(self, m: Market, account: str, buy: bool, ticks: int, lots: int, symbol: str) -> Event:
         """release() of what `lots` of a resting order at `ticks` held, for a command that changes no
         other balance (a cancel): its `balance` event, with nothing recorded as touched."""
-        pair = m.pairs.get(account)
-        if pair is None:
-            bal = self._find(self._wallet(account), account, m.asset_of(buy))
-        else:
-            bal = pair[0] if buy else pair[1]
+        bal = self._holder(m, account, buy)
         amount = m.hold_priced(buy, ticks, lots)
         held = bal.held = bal.held - amount
         available = bal.available = bal.available + amount
         return (BALANCE, symbol, account, bal.asset, available, held)
+
+    def _holder(self, m: Market, account: str, buy: bool) -> Balance:
+        """The balance an order on `m` holds in (see _payer), for a release: it exists, since the
+        hold made it."""
+        pair = m.pairs.get(account)
+        if pair is None:
+            return self._find(self._wallet(account), account, m.asset_of(buy))
+        return pair[0] if buy else pair[1]
 
     def _funded_pair(self, m: Market, account: str) -> tuple[Balance, Balance] | None:
         """The account's (quote, base) of `m` when it has both (kept for the next lookup), else None."""
@@ -289,7 +292,7 @@ class Ledger:
         pair = m.pairs.get(maker)
         quote, base = self._pair(m, maker) if pair is None else pair
         if maker_buys:  # its hold at its own price, the trade's, is freed
-            quote.held -= price * (lots * m.buy_rate)
+            quote.held -= m.hold_priced(True, price, lots)
             quote.available += price * (lots * m.maker_buys_net)
             base.available += lots * m.bf
             self._mark(quote)
@@ -300,7 +303,7 @@ class Ledger:
         else:
             if self.t_base is None:
                 self._taker(m, taker, True)
-            base.held -= lots * m.bf
+            base.held -= m.hold_priced(False, price, lots)
             quote.available += price * (lots * m.maker_sells_net)
             self._mark(base)
             self._mark(quote)
@@ -337,23 +340,20 @@ class Ledger:
 
     def settle_taker(self, m: Market, buys: bool, limit: int | None, lots: int) -> None:
         """Settle the taker's side of its fills, `lots` in all: what fill added up in ``t_amount``
-        (paid by a buyer, received by a seller) and the base. A buyer's hold at its own `limit` is
-        freed; a market buy (None) held nothing."""
+        (paid by a buyer, received by a seller), the base, and what those lots held at the taker's
+        own `limit` (hold_for: nothing for a market buy, None) is freed."""
         quote, base = self.t_quote, self.t_base
         assert quote is not None and base is not None
         amount = self.t_amount
         self.t_quote = self.t_base = None
         self.t_amount = 0
+        freed = m.hold_for(buys, limit, lots)
         if buys:
-            if limit is not None:
-                freed = limit * (lots * m.buy_rate)
-                quote.held -= freed
-                quote.available += freed - amount
-            else:
-                quote.available -= amount
+            quote.held -= freed
+            quote.available += freed - amount
             base.available += lots * m.bf
         else:
-            base.held -= lots * m.bf
+            base.held -= freed
             quote.available += amount
 
     def _pair(self, m: Market, account: str) -> tuple[Balance, Balance]:
