@@ -37,20 +37,45 @@ class Balance:
     command's list (Ledger._mark). A chain, not a list: a command's list is a few balances, and a
     list's buffer would be freed and allocated again on every command.
 
-    ``held_box`` is ``held`` as the int object the last `balance` event carried, ``boxed`` the value
-    it holds: a fill leaves the buyer's held base and the seller's held quote as they were, and the
-    compiled build, which keeps ``held`` unboxed, then gives the next event that object instead of
-    allocating a new one (2 of the 5 balances of a typical fill)."""
+    ``held_box`` is ``held`` as the int object the last `balance` event of a fill carried,
+    ``held_boxed`` the value it holds, and the same for ``available``: a fill leaves the buyer's held
+    base and the seller's held quote as they were, and the seller's available base too, and the
+    compiled build, which keeps the amounts unboxed, then gives the next event that object instead
+    of allocating a new one (3 of the 10 amounts of a typical fill's 5 balances)."""
 
-    __slots__ = ("account", "asset", "available", "boxed", "held", "held_box", "next", "seen")
+    __slots__ = (
+        "account",
+        "asset",
+        "available",
+        "available_box",
+        "available_boxed",
+        "held",
+        "held_box",
+        "held_boxed",
+        "next",
+        "seen",
+    )
 
     def __init__(self, account: str, asset: str, available: int = 0, held: int = 0) -> None:
         self.account, self.asset = account, asset
         self.available, self.held = available, held
+        self.available_box: object = available
+        self.available_boxed = available
         self.held_box: object = held
-        self.boxed = held
+        self.held_boxed = held
         self.seen = -1
         self.next: Balance | None = None
+
+
+class Funds:
+    """One account's two balances on one market, made once (Market.pairs) and kept by its orders
+    (book.O_FUNDS): an object, not a tuple, as the compiled build would copy a tuple into a new one
+    wherever it is stored."""
+
+    __slots__ = ("base", "quote")
+
+    def __init__(self, quote: Balance, base: Balance) -> None:
+        self.quote, self.base = quote, base
 
 
 class Market:
@@ -95,9 +120,10 @@ class Market:
         self.maker_sells_net = self.notional - self.maker_q
         self.fee_q = self.maker_q + self.taker_q  # the venue's, both sides
         self.max_lot_cost = inst.max_price_ticks * self.taker_cost  # a buying taker's most per lot
-        # The ledger's own Balance objects, found once: per account that has traded here its (quote,
-        # base) pair, and the venue's fee balance. A fill then needs one lookup per side, not three.
-        self.pairs: dict[str, tuple[Balance, Balance]] = {}
+        # The ledger's own Balance objects, found once: per account that has traded here its Funds
+        # (quote and base), and the venue's fee balance. A fill then needs no lookup at all for an
+        # order that keeps its Funds, and one per side otherwise.
+        self.pairs: dict[str, Funds] = {}
         self.fee_balance: Balance | None = None
 
     def hold_for(self, buy: bool, price: int | None, lots: int) -> int:
@@ -181,7 +207,9 @@ class Ledger:
 
     def _get(self, account: str, asset: str) -> Balance:
         """The pair's balance (created at zero), recorded as touched by this command."""
-        return self._mark(self._find(self._wallet(account), account, asset))
+        bal = self._find(self._wallet(account), account, asset)
+        self._mark(bal)
+        return bal
 
     def _wallet(self, account: str) -> dict[str, Balance]:
         assets = self.accounts.get(account)
@@ -196,7 +224,7 @@ class Ledger:
             bal = assets[asset] = Balance(account, asset)
         return bal
 
-    def _mark(self, bal: Balance) -> Balance:
+    def _mark(self, bal: Balance) -> None:
         """Record `bal` as changed by this command, once, in first-touch order."""
         if bal.seen != self.commands:
             bal.seen = self.commands
@@ -204,14 +232,17 @@ class Ledger:
             self.last.next = bal
             self.last = bal
             self.touched = True
-        return bal
 
-    def hold(self, m: Market, account: str, buy: bool, amount: int) -> bool:
+    def hold(self, m: Market, account: str, buy: bool, amount: int, funds: Funds | None = None) -> bool:
         """Move `amount` of what an order on `m` pays with (quote for a buy, base for a sell) from
-        available to held; False (and no change) if available is short."""
+        available to held; False (and no change) if available is short. `funds`: the account's, if
+        the caller has them (self.funds)."""
         if not amount:
             return True
-        bal = self._payer(m, account, buy)
+        if funds is not None:
+            bal: Balance | None = funds.quote if buy else funds.base
+        else:
+            bal = self._payer(m, account, buy)
         if bal is None or bal.available < amount:
             return False
         bal.available -= amount
@@ -219,14 +250,25 @@ class Ledger:
         self._mark(bal)
         return True
 
+    def funds(self, m: Market, account: str) -> Funds | None:
+        """The account's (quote, base) balances on `m`, None unless it has both; always None for the
+        venue's own accounts (reserved names), which never trade. The engine looks them up once per
+        order: the order's hold, its fills and its cancel use them (an order keeps them, see
+        book.O_FUNDS)."""
+        pair = m.pairs.get(account)
+        return pair if pair is not None else self._funded_pair(m, account)
+
     def hold_single(
-        self, m: Market, account: str, buy: bool, ticks: int, lots: int, symbol: str
+        self, m: Market, funds: Funds | None, account: str, buy: bool, ticks: int, lots: int, symbol: str
     ) -> Event | None:
         """hold() for a priced order of a command that changes no other balance (a limit order that
         joins the book): its `balance` event, with nothing recorded as touched; None (and no change)
-        if available is short."""
+        if available is short. `funds` is the account's (self.funds)."""
         amount = m.hold_priced(buy, ticks, lots)
-        bal = self._payer(m, account, buy)
+        if funds is not None:
+            bal: Balance | None = funds.quote if buy else funds.base
+        else:
+            bal = self._payer(m, account, buy)
         if bal is None or bal.available < amount:
             return None
         available = bal.available = bal.available - amount
@@ -240,7 +282,7 @@ class Ledger:
         if pair is None:
             pair = self._funded_pair(m, account)
         if pair is not None:
-            return pair[0] if buy else pair[1]
+            return pair.quote if buy else pair.base
         wallet = self.accounts.get(account)  # an account without both assets
         return wallet.get(m.asset_of(buy)) if wallet is not None else None
 
@@ -253,10 +295,16 @@ class Ledger:
         bal.available += amount
         self._mark(bal)
 
-    def release_single(self, m: Market, account: str, buy: bool, ticks: int, lots: int, symbol: str) -> Event:
+    def release_single(
+        self, m: Market, funds: Funds | None, account: str, buy: bool, ticks: int, lots: int, symbol: str
+    ) -> Event:
         """release() of what `lots` of a resting order at `ticks` held, for a command that changes no
-        other balance (a cancel): its `balance` event, with nothing recorded as touched."""
-        bal = self._holder(m, account, buy)
+        other balance (a cancel): its `balance` event, with nothing recorded as touched. `funds` is
+        what the order kept (book.O_FUNDS)."""
+        if funds is not None:
+            bal = funds.quote if buy else funds.base
+        else:
+            bal = self._holder(m, account, buy)
         amount = m.hold_priced(buy, ticks, lots)
         held = bal.held = bal.held - amount
         available = bal.available = bal.available + amount
@@ -268,29 +316,39 @@ class Ledger:
         pair = m.pairs.get(account)
         if pair is None:
             return self._find(self._wallet(account), account, m.asset_of(buy))
-        return pair[0] if buy else pair[1]
+        return pair.quote if buy else pair.base
 
-    def _funded_pair(self, m: Market, account: str) -> tuple[Balance, Balance] | None:
-        """The account's (quote, base) of `m` when it has both (kept for the next lookup), else None."""
+    def _funded_pair(self, m: Market, account: str) -> Funds | None:
+        """The account's (quote, base) of `m` when it has both (kept for the next lookup), else None
+        (and for a reserved name: Market.pairs never holds one, see funds)."""
         wallet = self.accounts.get(account)
-        if wallet is None:
+        if wallet is None or account.startswith(RESERVED_PREFIX):
             return None
         quote, base = wallet.get(m.quote), wallet.get(m.base)
         if quote is None or base is None:
             return None
-        pair = m.pairs[account] = (quote, base)
+        pair = m.pairs[account] = Funds(quote, base)
         return pair
 
-    def fill(self, m: Market, price: int, lots: int, maker: str, maker_buys: bool, taker: str) -> None:
-        """Settle the maker's side of one fill of `lots` at `price`, and add the taker's quote amount
-        and the venue's fees to what the command owes (``t_amount``, ``fees_due``), for
-        settle_taker and flush. The taker's balances are found and marked at its first fill, so that
-        every fill marks the buyer's quote and base, then the seller's base and quote (the events'
-        order). Every amount is price x lots times a per-market factor (Market), the small factors
-        multiplied first: the compiled build multiplies natively only when both operands are below
-        2^30, and takes the Python-int path otherwise."""
-        pair = m.pairs.get(maker)
-        quote, base = self._pair(m, maker) if pair is None else pair
+    def fill(
+        self,
+        m: Market,
+        price: int,
+        lots: int,
+        maker: Funds,
+        maker_buys: bool,
+        taker: str,
+        taker_funds: Funds | None,
+    ) -> None:
+        """Settle the maker's side of one fill of `lots` at `price` (`maker`: the maker's balances,
+        see pair), and add the taker's quote amount and the venue's fees to what the command owes
+        (``t_amount``, ``fees_due``), for settle_taker and flush. The taker's balances (its
+        `taker_funds`, or found) are marked at its first fill, so that every fill marks the buyer's
+        quote and base, then the seller's base and quote (the events' order). Every amount is price x
+        lots times a per-market factor (Market), the small factors multiplied first: the compiled
+        build multiplies natively only when both operands are below 2^30, and takes the Python-int
+        path otherwise."""
+        quote, base = maker.quote, maker.base
         if maker_buys:  # its hold at its own price, the trade's, is freed
             quote.held -= m.hold_priced(True, price, lots)
             quote.available += price * (lots * m.maker_buys_net)
@@ -298,11 +356,11 @@ class Ledger:
             self._mark(quote)
             self._mark(base)
             if self.t_base is None:
-                self._taker(m, taker, False)
+                self._taker(m, taker, taker_funds, False)
             self.t_amount += price * (lots * m.taker_sells_net)
         else:
             if self.t_base is None:
-                self._taker(m, taker, True)
+                self._taker(m, taker, taker_funds, True)
             base.held -= m.hold_priced(False, price, lots)
             quote.available += price * (lots * m.maker_sells_net)
             self._mark(base)
@@ -323,13 +381,15 @@ class Ledger:
         fees = m.fee_balance
         if fees is None:
             fees = m.fee_balance = self._get(FEES_ACCOUNT, m.quote)
-        self._mark(fees).available += self.fees_due
+        fees.available += self.fees_due
+        self._mark(fees)
         self.fees_due = 0
 
-    def _taker(self, m: Market, taker: str, buys: bool) -> None:
-        """Find the taker's balances at its first fill and mark them in its side's order (see fill)."""
-        pair = m.pairs.get(taker)
-        quote, base = self._pair(m, taker) if pair is None else pair
+    def _taker(self, m: Market, taker: str, funds: Funds | None, buys: bool) -> None:
+        """Take the taker's balances at its first fill and mark them in its side's order (see fill)."""
+        if funds is None:
+            funds = self.pair(m, taker)
+        quote, base = funds.quote, funds.base
         if buys:
             self._mark(quote)
             self._mark(base)
@@ -356,11 +416,15 @@ class Ledger:
             base.held -= freed
             quote.available += amount
 
-    def _pair(self, m: Market, account: str) -> tuple[Balance, Balance]:
+    def pair(self, m: Market, account: str) -> Funds:
         """The account's (quote, base) balances of the market, created at zero, for a fill: it changes
         (and marks, in its own order) all four of its two sides'."""
+        pair = m.pairs.get(account)
+        if pair is not None:
+            return pair
         wallet = self._wallet(account)
-        pair = m.pairs[account] = (self._find(wallet, account, m.quote), self._find(wallet, account, m.base))
+        quote, base = self._find(wallet, account, m.quote), self._find(wallet, account, m.base)
+        pair = m.pairs[account] = Funds(quote, base)
         return pair
 
     # Funding ----------------------------------------------------------------------------------
@@ -425,10 +489,12 @@ class Ledger:
             self.fee_market = None
         bal = self.head.next
         while bal is not None:
-            held = bal.held
-            if held != bal.boxed:
-                bal.held_box, bal.boxed = held, held
-            out.append((BALANCE, symbol, bal.account, bal.asset, bal.available, bal.held_box))
+            available, held = bal.available, bal.held
+            if available != bal.available_boxed:
+                bal.available_box, bal.available_boxed = available, available
+            if held != bal.held_boxed:
+                bal.held_box, bal.held_boxed = held, held
+            out.append((BALANCE, symbol, bal.account, bal.asset, bal.available_box, bal.held_box))
             bal = bal.next
         self._next_command()
 

@@ -2,9 +2,10 @@
 
 The layout is chosen for CPython speed, because the core must apply about a million commands a second:
 
-- A resting order is a flat list ``[order_id, account, client_order_id, side, price, quantity, leaves]``
-  (the ``O_*`` constants name the slots). Lists are about five times cheaper to create than objects
-  with ``__slots__`` and ``__init__``, and creating one is on the path of every new order.
+- A resting order is a flat list ``[order_id, account, client_order_id, side, price, quantity, leaves,
+  funds]`` (the ``O_*`` constants name the slots; ``funds`` is the ledger's, opaque here). Lists are
+  about five times cheaper to create than objects with ``__slots__`` and ``__init__``, and creating
+  one is on the path of every new order.
 - Each side keeps ``levels`` (key -> Level) and a binary heap of keys with the best level at ``heap[0]``.
   A key is the price for asks and minus the price for bids, so on both sides "better" means "smaller"
   and one matching loop serves both.
@@ -58,6 +59,7 @@ O_SIDE: Final = 3
 O_PRICE: Final = 4
 O_QTY: Final = 5
 O_LEAVES: Final = 6
+O_FUNDS: Final = 7  # the owner's balances on this market when balances are on (balances.Funds), else None
 Order = list[Any]  # see O_* for the slots
 S_ID: Final = 0
 S_ACCOUNT: Final = 1

@@ -35,11 +35,12 @@ from collections.abc import Iterable, Iterator
 from heapq import heappop, heappush
 from typing import Any, Final
 
-from services.matcher.balances import Ledger
+from services.matcher.balances import Funds, Ledger
 from services.matcher.book import (
     MAX_KEY,
     O_ACCOUNT,
     O_CID,
+    O_FUNDS,
     O_ID,
     O_LEAVES,
     O_PRICE,
@@ -331,17 +332,22 @@ class Engine:
         rests = not heap or heap[0] > limit_key  # nothing to trade against
         ledger = self.ledger
         held: Event | None = None
-        if ledger is not None and _reserved(account):  # the venue's own never trade
-            return [_rejected(symbol, "new", seq, account, cid, codes.INVALID_ACCOUNT)]
+        funds: Funds | None = None  # the account's balances here (balances on), kept by the order
+        if ledger is not None:
+            funds = ledger.funds(book.market, account)  # type: ignore[arg-type]
+            # The venue's own never trade; Ledger.funds gives them none, so only an account without
+            # funds here is checked.
+            if funds is None and _reserved(account):
+                return [_rejected(symbol, "new", seq, account, cid, codes.INVALID_ACCOUNT)]
         if post_only and not rests:
             return [_rejected(symbol, "new", seq, account, cid, codes.WOULD_TAKE)]
         if ledger is not None:
             if rests and gtc and not ledger.touched:  # its hold is the command's one balance change
-                held = ledger.hold_single(book.market, account, buy, ticks, lots, symbol)  # type: ignore[arg-type]
+                held = ledger.hold_single(book.market, funds, account, buy, ticks, lots, symbol)  # type: ignore[arg-type]
                 if held is None:
                     return [_rejected(symbol, "new", seq, account, cid, codes.INSUFFICIENT_FUNDS)]
             else:
-                code = self._hold_new(book, account, buy, price, qty, stp)
+                code = self._hold_new(book, account, buy, price, qty, stp, funds)
                 if code is not None:
                     return [_rejected(symbol, "new", seq, account, cid, code)]
         oid: Any = seq  # one int object for the order, its index and its events (else boxed at each)
@@ -359,7 +365,7 @@ class Engine:
             level = own.levels.get(key)
             if level is None:
                 level = own.new_level(key, price)
-            order: Order = [oid, account, cid, side, level.price, qty, qty]
+            order: Order = [oid, account, cid, side, level.price, qty, qty, funds]
             level.orders.append(order)
             total = level.total = level.total + lots
             book.orders[oid] = order
@@ -385,7 +391,7 @@ class Engine:
             out.append((CANCELLED, symbol, oid, account, cid, side, price, qty, qty, codes.REASON_FOK))
             return out
 
-        order = [oid, account, cid, side, price, qty, qty]
+        order = [oid, account, cid, side, price, qty, qty, funds]
         changes: list[Change] = []
         stopped = self._match(book, opp, order, limit_key, stp, ts, out, changes)
         leaves = order[O_LEAVES]
@@ -430,7 +436,7 @@ class Engine:
         # Typed locals: the compiled build compares and adds them natively (an Any goes the generic way).
         account: str
         t_leaves: int
-        t_id, account, t_cid, t_side, t_price, t_qty, t_leaves = taker
+        t_id, account, t_cid, t_side, t_price, t_qty, t_leaves, t_funds = taker
         levels, heap, opp_side = opp.levels, opp.heap, opp.side
         orders, cids, icebergs = book.orders, book.cids, book.icebergs
         append = out.append
@@ -461,7 +467,7 @@ class Engine:
                     level.dead -= 1
                     continue
                 m_account: str
-                m_id, m_account, m_cid, _, _, m_qty, _ = maker
+                m_id, m_account, m_cid, _, _, m_qty, _, _ = maker
                 if m_account == account:
                     if stp == STP_CANCEL_TAKER:
                         stopped = True
@@ -511,7 +517,10 @@ class Engine:
                 trade_seq += 1
                 traded_at = price
                 if market is not None:
-                    ledger.fill(market, ticks, fill, m_account, not taker_buys, account)  # type: ignore[union-attr]
+                    m_funds = maker[O_FUNDS]
+                    if m_funds is None:  # its account had not both assets when it was placed
+                        m_funds = maker[O_FUNDS] = ledger.pair(market, m_account)  # type: ignore[union-attr]
+                    ledger.fill(market, ticks, fill, m_funds, not taker_buys, account, t_funds)  # type: ignore[union-attr]
                 # fmt: off
                 append((TRADE, symbol, trade_seq, price, fill, t_side,
                         m_id, m_account, m_cid, m_qty, m_rest, notional * maker_rate,
@@ -569,7 +578,15 @@ class Engine:
             if ledger.touched:  # expiries before it changed balances: the release joins them (flush)
                 self._release(book, account, side, price, leaves)
             else:  # the command's one balance change
-                released = ledger.release_single(book.market, account, buy, price, leaves, symbol)  # type: ignore[arg-type]
+                released = ledger.release_single(
+                    book.market,  # type: ignore[arg-type]
+                    order[O_FUNDS],
+                    account,
+                    buy,
+                    price,
+                    leaves,
+                    symbol,
+                )
         bbo = book.bbo
         was_best = price == (bbo[0] if buy else bbo[2])
         level = (book.bids if buy else book.asks).remove(order)
@@ -654,7 +671,7 @@ class Engine:
         else:  # re-queue at the back: a new record under the same id, the old one left dead
             old_level = own.remove(order)
             book.unindex(order)
-            result = [order[O_ID], account, order[O_CID], side, price, qty, qty - filled]
+            result = [order[O_ID], account, order[O_CID], side, price, qty, qty - filled, order[O_FUNDS]]
             level = own.add(result)
             book.index(result)
             changes = [(side, level.price, level.total)]
@@ -852,9 +869,17 @@ class Engine:
         return out
 
     def _hold_new(
-        self, book: OrderBook, account: str, buy: bool, price: int | None, qty: int, stp: str
+        self,
+        book: OrderBook,
+        account: str,
+        buy: bool,
+        price: int | None,
+        qty: int,
+        stp: str,
+        funds: Funds | None,
     ) -> str | None:
-        """Hold what a valid new order needs, or the code it is rejected with (nothing held then)."""
+        """Hold what a valid new order needs, or the code it is rejected with (nothing held then).
+        `funds`: the account's (Ledger.funds)."""
         ledger, market = self.ledger, book.market
         assert ledger is not None and market is not None
         if buy and price is None:  # a market buy holds nothing: it must afford what the book offers it now
@@ -866,7 +891,7 @@ class Engine:
                 return None
             cost = _market_notional(book.asks, account, stp, qty, book.icebergs) * market.taker_cost
             return None if have >= cost else codes.INSUFFICIENT_FUNDS
-        held = ledger.hold(market, account, buy, market.hold_for(buy, price, qty))
+        held = ledger.hold(market, account, buy, market.hold_for(buy, price, qty), funds)
         return None if held else codes.INSUFFICIENT_FUNDS
 
     def _release(self, book: OrderBook, account: str, side: str, price: int | None, lots: int) -> None:

@@ -104,7 +104,8 @@ def restore(engine: Engine, snap: dict[str, Any]) -> None:
                             or not 0 < leaves <= qty
                         ):
                             raise ValueError(f"snapshot {symbol} has an impossible resting order {oid!r}")
-                        order = [oid, account, cid, side.side, price, qty, leaves]
+                        # O_FUNDS is None: the ledger's balances are found at the order's first fill
+                        order = [oid, account, cid, side.side, price, qty, leaves, None]
                         side.add(order)
                         book.index(order)
             _restore_extras(book, data, last_seq)

@@ -467,7 +467,7 @@ def test_fees_of_fills_on_two_markets_in_one_command_go_to_each_quote() -> None:
     fees = []
     for inst in insts:
         m = ledger.markets[inst.symbol]
-        ledger.fill(m, 100, 10, "m", False, "t")  # the maker sells 10 lots at 100 ticks
+        ledger.fill(m, 100, 10, ledger.pair(m, "m"), False, "t", None)  # the maker sells 10 lots at 100 ticks
         ledger.settle_taker(m, True, 100, 10)
         fees.append(100 * 10 * m.fee_q)
     out: list[Event] = []
@@ -579,6 +579,25 @@ def test_fees_can_be_withdrawn_from_the_venue_account() -> None:
 def test_reserved_accounts_cannot_place_orders(order: NewOrder) -> None:
     v = Venue()
     assert rejected(v(order)) == codes.INVALID_ACCOUNT
+
+
+@pytest.mark.parametrize("rests", [True, False])
+@pytest.mark.parametrize("side", [BUY, SELL])
+def test_a_reserved_account_with_both_assets_cannot_trade_them(rests: bool, side: str) -> None:
+    """The fee account may come to hold a market's base too (as the quote of another market): the
+    engine checks the name only of an account that Ledger.funds gives nothing, so funds must never
+    give a reserved one anything, whether the order would rest or take."""
+    v = Venue()
+    ledger = v.engine.ledger
+    assert ledger is not None
+    rich = {"BTC": [10**15, 0], "USDT": [10**20, 0]}
+    ledger.set_balances({"_fees": rich, "s": rich, "b": rich})
+    v(limit("s", SELL, P, ONE))
+    v(limit("b", BUY, P - 10, ONE))
+    price = (P + 5 if side == SELL else P - 15) if rests else (P - 10 if side == SELL else P)
+    assert rejected(v(limit("_fees", side, price, 10))) == codes.INVALID_ACCOUNT
+    assert v.bal("_fees", "BTC") == (10**15, 0) and v.bal("_fees", "USDT") == (10**20, 0)
+    assert ledger.funds(ledger.markets[S], "_fees") is None
 
 
 def test_reserved_account_and_post_only_give_the_same_code_on_every_path() -> None:
