@@ -2,8 +2,9 @@
 
 The layout is chosen for CPython speed, because the core must apply about a million commands a second:
 
-- A resting order is a flat list ``[order_id, account, client_order_id, side, price, quantity, leaves,
-  funds]`` (the ``O_*`` constants name the slots; ``funds`` is the ledger's, opaque here). Lists are
+- A resting order is a flat list ``[order_id, account, client_order_id, side, price, quantity, leaves]``
+  and with balances on ``funds`` after them (the ``O_*`` constants name the slots; ``funds`` is the
+  ledger's, opaque here, and absent without balances, where it would cost 8 bytes an order). Lists are
   about five times cheaper to create than objects with ``__slots__`` and ``__init__``, and creating
   one is on the path of every new order.
 - Each side keeps ``levels`` (key -> Level) and a binary heap of keys with the best level at ``heap[0]``.
@@ -59,7 +60,7 @@ O_SIDE: Final = 3
 O_PRICE: Final = 4
 O_QTY: Final = 5
 O_LEAVES: Final = 6
-O_FUNDS: Final = 7  # the owner's balances on this market when balances are on (balances.Funds), else None
+O_FUNDS: Final = 7  # balances on only: the owner's balances on this market (balances.Funds) or None
 Order = list[Any]  # see O_* for the slots
 S_ID: Final = 0
 S_ACCOUNT: Final = 1

@@ -365,7 +365,11 @@ class Engine:
             level = own.levels.get(key)
             if level is None:
                 level = own.new_level(key, price)
-            order: Order = [oid, account, cid, side, level.price, qty, qty, funds]
+            # O_FUNDS only with balances: without, an order stays the seven slots it was (book.py)
+            if ledger is None:
+                order: Order = [oid, account, cid, side, level.price, qty, qty]
+            else:
+                order = [oid, account, cid, side, level.price, qty, qty, funds]
             level.orders.append(order)
             total = level.total = level.total + lots
             book.orders[oid] = order
@@ -391,7 +395,10 @@ class Engine:
             out.append((CANCELLED, symbol, oid, account, cid, side, price, qty, qty, codes.REASON_FOK))
             return out
 
-        order = [oid, account, cid, side, price, qty, qty, funds]
+        if ledger is None:  # see the resting case
+            order = [oid, account, cid, side, price, qty, qty]
+        else:
+            order = [oid, account, cid, side, price, qty, qty, funds]
         changes: list[Change] = []
         stopped = self._match(book, opp, order, limit_key, stp, ts, out, changes)
         leaves = order[O_LEAVES]
@@ -436,7 +443,8 @@ class Engine:
         # Typed locals: the compiled build compares and adds them natively (an Any goes the generic way).
         account: str
         t_leaves: int
-        t_id, account, t_cid, t_side, t_price, t_qty, t_leaves, t_funds = taker
+        t_id, account, t_cid, t_side = taker[O_ID], taker[O_ACCOUNT], taker[O_CID], taker[O_SIDE]
+        t_price, t_qty, t_leaves = taker[O_PRICE], taker[O_QTY], taker[O_LEAVES]
         levels, heap, opp_side = opp.levels, opp.heap, opp.side
         orders, cids, icebergs = book.orders, book.cids, book.icebergs
         append = out.append
@@ -445,6 +453,7 @@ class Engine:
         stopped = False
         ledger = self.ledger
         market = book.market
+        t_funds = taker[O_FUNDS] if market is not None else None
         entry_leaves = t_leaves
         taker_buys = t_side == BUY
         stamp: Any = ts  # one int object for all the trades (the compiled build would box ts per trade)
@@ -467,7 +476,7 @@ class Engine:
                     level.dead -= 1
                     continue
                 m_account: str
-                m_id, m_account, m_cid, _, _, m_qty, _, _ = maker
+                m_id, m_account, m_cid, m_qty = maker[O_ID], maker[O_ACCOUNT], maker[O_CID], maker[O_QTY]
                 if m_account == account:
                     if stp == STP_CANCEL_TAKER:
                         stopped = True
@@ -671,7 +680,10 @@ class Engine:
         else:  # re-queue at the back: a new record under the same id, the old one left dead
             old_level = own.remove(order)
             book.unindex(order)
-            result = [order[O_ID], account, order[O_CID], side, price, qty, qty - filled, order[O_FUNDS]]
+            if ledger is None:  # see _new
+                result = [order[O_ID], account, order[O_CID], side, price, qty, qty - filled]
+            else:
+                result = [order[O_ID], account, order[O_CID], side, price, qty, qty - filled, order[O_FUNDS]]
             level = own.add(result)
             book.index(result)
             changes = [(side, level.price, level.total)]

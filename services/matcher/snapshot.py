@@ -104,8 +104,10 @@ def restore(engine: Engine, snap: dict[str, Any]) -> None:
                             or not 0 < leaves <= qty
                         ):
                             raise ValueError(f"snapshot {symbol} has an impossible resting order {oid!r}")
-                        # O_FUNDS is None: the ledger's balances are found at the order's first fill
-                        order = [oid, account, cid, side.side, price, qty, leaves, None]
+                        if engine.ledger is None:
+                            order = [oid, account, cid, side.side, price, qty, leaves]
+                        else:  # O_FUNDS, found at the order's first fill
+                            order = [oid, account, cid, side.side, price, qty, leaves, None]
                         side.add(order)
                         book.index(order)
             _restore_extras(book, data, last_seq)
