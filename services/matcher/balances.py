@@ -37,11 +37,11 @@ class Balance:
     command's list (Ledger._mark). A chain, not a list: a command's list is a few balances, and a
     list's buffer would be freed and allocated again on every command.
 
-    ``held_box`` is ``held`` as the int object the last `balance` event of a fill carried,
+    ``held_box`` is ``held`` as the int object the last `balance` event from flush carried,
     ``held_boxed`` the value it holds, and the same for ``available``: a fill leaves the buyer's held
-    base and the seller's held quote as they were, and the seller's available base too, and the
-    compiled build, which keeps the amounts unboxed, then gives the next event that object instead
-    of allocating a new one (3 of the 10 amounts of a typical fill's 5 balances)."""
+    base, the seller's available base and held quote and the fee account's held as they were, and
+    the compiled build, which keeps the amounts unboxed, then gives the next event that object
+    instead of allocating a new one (4 of the 10 amounts of a typical fill's 5 balances)."""
 
     __slots__ = (
         "account",
