@@ -99,6 +99,8 @@ class ExecRouter:
                 for symbol in self.by_channel.values():
                     await self.catch_up(symbol)
                 self.subscribed.set()
+                # Said at every (re)subscription: the chaos soak's logs then show which gateway is not.
+                log.info("execution reports subscribed on %d channels, caught up", len(self.by_channel))
                 while True:
                     message = await pubsub.get_message(timeout=None)
                     if message is None or message["type"] != "message":
