@@ -239,10 +239,7 @@ class Ledger:
         the caller has them (self.funds)."""
         if not amount:
             return True
-        if funds is not None:
-            bal: Balance | None = funds.quote if buy else funds.base
-        else:
-            bal = self._payer(m, account, buy)
+        bal = self._payer(m, funds, account, buy)
         if bal is None or bal.available < amount:
             return False
         bal.available -= amount
@@ -265,24 +262,24 @@ class Ledger:
         joins the book): its `balance` event, with nothing recorded as touched; None (and no change)
         if available is short. `funds` is the account's (self.funds)."""
         amount = m.hold_priced(buy, ticks, lots)
-        if funds is not None:
+        if funds is not None:  # _payer's first step written out: the path of most commands
             bal: Balance | None = funds.quote if buy else funds.base
         else:
-            bal = self._payer(m, account, buy)
+            bal = self._payer(m, None, account, buy)
         if bal is None or bal.available < amount:
             return None
         available = bal.available = bal.available - amount
         held = bal.held = bal.held + amount
         return (BALANCE, symbol, account, bal.asset, available, held)
 
-    def _payer(self, m: Market, account: str, buy: bool) -> Balance | None:
-        """The balance an order on `m` pays with (quote for a buy, base for a sell), or None if the
-        account has none: an account is never given a record by a hold it cannot pay."""
-        pair = m.pairs.get(account)
-        if pair is None:
-            pair = self._funded_pair(m, account)
-        if pair is not None:
-            return pair.quote if buy else pair.base
+    def _payer(self, m: Market, funds: Funds | None, account: str, buy: bool) -> Balance | None:
+        """The balance an order on `m` pays with (quote for a buy, base for a sell): from the
+        account's `funds`, found if the caller has none, or None if the account has no such balance:
+        an account is never given a record by a hold it cannot pay."""
+        if funds is None:
+            funds = self.funds(m, account)
+        if funds is not None:
+            return funds.quote if buy else funds.base
         wallet = self.accounts.get(account)  # an account without both assets
         return wallet.get(m.asset_of(buy)) if wallet is not None else None
 
@@ -301,7 +298,7 @@ class Ledger:
         """release() of what `lots` of a resting order at `ticks` held, for a command that changes no
         other balance (a cancel): its `balance` event, with nothing recorded as touched. `funds` is
         what the order kept (book.O_FUNDS)."""
-        if funds is not None:
+        if funds is not None:  # as in hold_single
             bal = funds.quote if buy else funds.base
         else:
             bal = self._holder(m, account, buy)
