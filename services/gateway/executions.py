@@ -116,6 +116,13 @@ class ExecRouter:
                 REDIS_ERRORS.labels("subscribe").inc()
                 log.warning("execution report subscription lost (%s); will catch up from the exec log", exc)
                 await asyncio.sleep(RESUBSCRIBE_SECONDS)
+            except Exception:
+                # Anything else (a client library surprise, a malformed payload) must not end this task:
+                # the gateway would go on serving connections that never get another report.
+                self.subscribed.clear()
+                REDIS_ERRORS.labels("subscribe").inc()
+                log.exception("execution report subscription failed; resubscribing and catching up")
+                await asyncio.sleep(RESUBSCRIBE_SECONDS)
             finally:
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]

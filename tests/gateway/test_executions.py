@@ -127,6 +127,34 @@ async def test_reports_published_while_the_subscription_is_down_arrive_once(
         await subscriber.aclose()
 
 
+async def test_a_payload_it_cannot_read_does_not_end_the_subscription(
+    redis_url: str, rds: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An error that is no Redis error (here a header that is no clock) is logged, and the router
+    subscribes again and catches up: it never leaves the gateway without reports."""
+    subscriber = aioredis.Redis.from_url(redis_url)
+    got: list[bytes] = []
+    router = ExecRouter(rds, subscriber, [BTC], got.append)
+    task = asyncio.create_task(router.run())
+    try:
+        await asyncio.wait_for(router.subscribed.wait(), 5)
+        channel = keys.exec_channel(BTC)
+        assert await rds.publish(channel, await log_batch(rds, 1, ["alice"])) == 1
+        await until(lambda: len(got) == 1, "the first report")
+
+        assert await rds.publish(channel, b"#not-a-clock\nalice {}") == 1
+        await until(lambda: "subscription failed" in caplog.text, "the failure to be logged")
+        await log_batch(rds, 2, ["bob"])  # committed while the router was resubscribing
+        await until(lambda: router.subscribed.is_set() and len(got) == 2, "the catch-up")
+        assert await rds.publish(channel, await log_batch(rds, 3, ["alice"])) == 1
+        await until(lambda: len(got) == 3, "the next report")
+        assert ids(got) == [1, 2, 3] and not task.done()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await subscriber.aclose()
+
+
 async def test_executions_answer_filters_the_account_and_continues(rds: aioredis.Redis) -> None:
     await log_batch(rds, 1, ["alice", "bob", "alice"])
     await log_batch(rds, 4, ["bob"])
