@@ -111,17 +111,18 @@ class ExecRouter:
                     published_ns = await self.on_payload(channel, message["data"])
                     if published_ns:
                         sent.observe(max(0, time.time_ns() - published_ns) / 1e9)
-            except (RedisError, OSError) as exc:
+            except Exception as exc:
+                # Not only a dropped connection: anything else (a client library surprise, a malformed
+                # payload) must not end this task either, or the gateway would go on serving
+                # connections that never get another report. Those get their traceback logged.
                 self.subscribed.clear()
                 REDIS_ERRORS.labels("subscribe").inc()
-                log.warning("execution report subscription lost (%s); will catch up from the exec log", exc)
-                await asyncio.sleep(RESUBSCRIBE_SECONDS)
-            except Exception:
-                # Anything else (a client library surprise, a malformed payload) must not end this task:
-                # the gateway would go on serving connections that never get another report.
-                self.subscribed.clear()
-                REDIS_ERRORS.labels("subscribe").inc()
-                log.exception("execution report subscription failed; resubscribing and catching up")
+                if isinstance(exc, RedisError | OSError):
+                    log.warning(
+                        "execution report subscription lost (%s); will catch up from the exec log", exc
+                    )
+                else:
+                    log.exception("execution report subscription failed; resubscribing and catching up")
                 await asyncio.sleep(RESUBSCRIBE_SECONDS)
             finally:
                 with contextlib.suppress(RedisError, OSError):

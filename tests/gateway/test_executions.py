@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -99,32 +100,39 @@ async def test_payloads_without_ids_are_delivered_as_published(rds: aioredis.Red
     assert got == [b"alice {}", b"bob {}"]
 
 
-async def test_reports_published_while_the_subscription_is_down_arrive_once(
-    redis_url: str, rds: aioredis.Redis
-) -> None:
+@contextlib.asynccontextmanager
+async def running_router(
+    redis_url: str, rds: aioredis.Redis, got: list[bytes]
+) -> AsyncIterator[tuple[ExecRouter, asyncio.Task[None]]]:
+    """A router running on a subscriber connection of its own, subscribed, report 1 delivered."""
     subscriber = aioredis.Redis.from_url(redis_url)
-    got: list[bytes] = []
     router = ExecRouter(rds, subscriber, [BTC], got.append)
     task = asyncio.create_task(router.run())
     try:
         await asyncio.wait_for(router.subscribed.wait(), 5)
-        channel = keys.exec_channel(BTC)
-        assert await rds.publish(channel, await log_batch(rds, 1, ["alice"])) == 1
+        assert await rds.publish(keys.exec_channel(BTC), await log_batch(rds, 1, ["alice"])) == 1
         await until(lambda: len(got) == 1, "the first report")
+        yield router, task
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await subscriber.aclose()
 
+
+async def test_reports_published_while_the_subscription_is_down_arrive_once(
+    redis_url: str, rds: aioredis.Redis
+) -> None:
+    got: list[bytes] = []
+    async with running_router(redis_url, rds, got) as (router, _):
         await rds.client_kill_filter(_type="pubsub")  # a network blip or a Redis restart
         await until(lambda: not router.subscribed.is_set(), "the router to notice the drop")
         # Committed while the subscription was down: only the exec log has it.
         await log_batch(rds, 2, ["alice", "bob"])
 
         await asyncio.wait_for(router.subscribed.wait(), 5)
-        assert await rds.publish(channel, await log_batch(rds, 4, ["alice"])) == 1
+        assert await rds.publish(keys.exec_channel(BTC), await log_batch(rds, 4, ["alice"])) == 1
         await until(lambda: len(got) >= 4, "every report")
         assert ids(got) == [1, 2, 3, 4]
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await subscriber.aclose()
 
 
 async def test_a_payload_it_cannot_read_does_not_end_the_subscription(
@@ -132,16 +140,9 @@ async def test_a_payload_it_cannot_read_does_not_end_the_subscription(
 ) -> None:
     """An error that is no Redis error (here a header that is no clock) is logged, and the router
     subscribes again and catches up: it never leaves the gateway without reports."""
-    subscriber = aioredis.Redis.from_url(redis_url)
     got: list[bytes] = []
-    router = ExecRouter(rds, subscriber, [BTC], got.append)
-    task = asyncio.create_task(router.run())
-    try:
-        await asyncio.wait_for(router.subscribed.wait(), 5)
+    async with running_router(redis_url, rds, got) as (router, task):
         channel = keys.exec_channel(BTC)
-        assert await rds.publish(channel, await log_batch(rds, 1, ["alice"])) == 1
-        await until(lambda: len(got) == 1, "the first report")
-
         assert await rds.publish(channel, b"#not-a-clock\nalice {}") == 1
         await until(lambda: "subscription failed" in caplog.text, "the failure to be logged")
         await log_batch(rds, 2, ["bob"])  # committed while the router was resubscribing
@@ -149,10 +150,6 @@ async def test_a_payload_it_cannot_read_does_not_end_the_subscription(
         assert await rds.publish(channel, await log_batch(rds, 3, ["alice"])) == 1
         await until(lambda: len(got) == 3, "the next report")
         assert ids(got) == [1, 2, 3] and not task.done()
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await subscriber.aclose()
 
 
 async def test_executions_answer_filters_the_account_and_continues(rds: aioredis.Redis) -> None:
