@@ -433,9 +433,13 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument(
         "--stack-risk",
         dest="stack_risk",
-        choices=("on", "off"),
+        choices=("on", "off", "both"),
         default="on",
-        help="balances in the stack the bench starts (default: on, as cme up)",
+        help="balances in the stack the bench starts (default: on, as cme up); both: two stacks, one"
+        " without and one with, driven in turn with the same plan (--rounds), reporting on / off",
+    )
+    e2e.add_argument(
+        "--rounds", type=int, default=6, help="with --stack-risk both: legs per stack, --duration each"
     )
     e2e.add_argument(
         "--rate", type=float, default=0.0, help="offered orders/s in total (0: as fast as possible)"

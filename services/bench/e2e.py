@@ -480,19 +480,39 @@ class _Progress:
             print(file=sys.stderr)
 
 
-def _say(quiet: bool, text: str) -> None:
+def say(quiet: bool, text: str) -> None:
     if not quiet:
         print(text, file=sys.stderr, flush=True)
 
 
-def run_from_args(args: argparse.Namespace) -> int:
-    quiet: bool = args.quiet
+@dataclass(frozen=True)
+class Load:
+    """What a run offers the stack, from the command line."""
+
+    clients: int
+    procs: int
+    rate: float  # orders/s in total; 0: as fast as the window allows
+    duration: float
+    window: int
+    commands: int  # the flow's size
+    seed: int
+
+
+def load_from_args(args: argparse.Namespace) -> Load:
     clients: int = max(1, args.clients)
     rate: float = max(0.0, args.rate)
-    duration: float = args.duration
-    commands: int = args.commands or int((rate or DEFAULT_RATE_PER_S) * duration)
+    commands: int = args.commands or int((rate or DEFAULT_RATE_PER_S) * args.duration)
     window: int = args.window or _default_window(clients)
     procs: int = min(clients, args.procs or _default_procs(clients))
+    return Load(clients, procs, rate, args.duration, window, commands, args.seed)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    quiet: bool = args.quiet
+    load = load_from_args(args)
+    clients, procs, rate, duration, window, commands = (
+        load.clients, load.procs, load.rate, load.duration, load.window, load.commands,
+    )  # fmt: skip
     order_types: str = getattr(args, "order_types", "plain")
     if order_types not in ORDER_TYPES:
         raise SystemExit(f"--order-types must be one of {', '.join(ORDER_TYPES)}")
@@ -506,18 +526,18 @@ def run_from_args(args: argparse.Namespace) -> int:
     reports: list[dict[str, Any]] = []
     try:
         if url is None:
-            stack, tmp = _start_stack(quiet, getattr(args, "stack_risk", "on"))
+            stack, tmp = start_stack(quiet, getattr(args, "stack_risk", "on"))
             url = stack.endpoints()["gateway"]
         mode = f"{rate:,.0f}/s" if rate else f"as fast as possible (window {window} per client)"
-        _say(
+        say(
             quiet,
             f"cme bench e2e: {clients} clients in {procs} process(es) on {url}, rate {mode}, {duration:g} s",
         )
         for variant in variants:
-            _say(quiet, f"[order types {variant}]")
+            say(quiet, f"[order types {variant}]")
             tag = uuid.uuid4().hex[:6]  # fresh accounts: no client order id of an earlier run collides
             plan = build_plan(commands, args.seed, clients, tag, quiet, variant, duration)
-            reports.append(_drive(url, plan, procs, rate, duration, window, quiet, stack))
+            reports.append(drive(url, plan, procs, rate, duration, window, quiet, stack))
     except (RuntimeError, OSError) as exc:
         print(f"cme bench e2e: {exc}", file=sys.stderr)
         return 2
@@ -586,7 +606,7 @@ def _print_comparison(cmp: dict[str, Any]) -> None:
         print("  CPU per command: " + ", ".join(f"{name} {f(v)}" for name, v in cpu.items()))
 
 
-def _start_stack(quiet: bool, risk: str) -> tuple[Any, str]:
+def start_stack(quiet: bool, risk: str) -> tuple[Any, str]:
     import logging
 
     from services.supervisor import Stack, StackConfig
@@ -600,7 +620,7 @@ def _start_stack(quiet: bool, risk: str) -> tuple[Any, str]:
         log_dir=Path(tmp) / "logs", log_level="WARNING", extra={"gateway": ["--rate-limit", "0"]}, risk=risk,
     )  # fmt: skip
     stack = Stack(cfg)
-    _say(quiet, f"starting a stack in {tmp} (logs in {cfg.log_dir})")
+    say(quiet, f"starting a stack in {tmp} (logs in {cfg.log_dir})")
     stack.start()
     if not stack.wait_ready(30):
         stack.stop()
@@ -608,7 +628,7 @@ def _start_stack(quiet: bool, risk: str) -> tuple[Any, str]:
     return stack, tmp
 
 
-def _drive(
+def drive(
     url: str, plan: Plan, procs: int, rate: float, duration: float, window: int, quiet: bool, stack: Any
 ) -> dict[str, Any]:
     ctx = mp.get_context("spawn")  # a clean interpreter per load process: no inherited sockets or threads
@@ -625,7 +645,7 @@ def _drive(
     try:
         _wait_ready(ready, workers)
         start_at.value = time.monotonic() + 0.2
-        services = _stack_pids(stack)
+        services = stack_pids(stack)
         cpu0 = _cpu(services)
         go.set()
         progress = _Progress(quiet, duration, sum(len(m) for m in plan.messages))
@@ -654,7 +674,7 @@ def _drive(
     return report
 
 
-def _stack_pids(stack: Any) -> dict[str, int]:
+def stack_pids(stack: Any) -> dict[str, int]:
     """Name -> pid of every process of a private stack (none for an external gateway)."""
     if stack is None:
         return {}

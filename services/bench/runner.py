@@ -24,6 +24,10 @@ def run(args: argparse.Namespace) -> int:
         from services.bench.peers import run_from_args as run_peers
 
         return run_peers(args)
+    if getattr(args, "stack_risk", "on") == "both":
+        from services.bench.e2e_risk import run_from_args as run_e2e_pairs
+
+        return run_e2e_pairs(args)
     from services.bench.e2e import run_from_args as run_e2e
 
     return run_e2e(args)
