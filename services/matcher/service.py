@@ -185,7 +185,19 @@ def durable_events(events: list[Event]) -> list[Event]:
     from the commands (a replay makes them again), reach their owners as exec lines (the exec log keeps
     them) and the balances read model; encoding their wide integers cost the matcher more than every
     other event of the command together (stdlib JSON, since orjson refuses beyond 64 bits)."""
-    return [e for e in events if e[0] != BALANCE]
+    return split_balances(events, {})
+
+
+def split_balances(events: list[Event], latest: dict[str, dict[str, tuple[int, int]]]) -> list[Event]:
+    """durable_events(events), while each balance event sets latest[account][asset] to its (available,
+    held): the venue matcher's commit walks a command's events once for both."""
+    durable: list[Event] = []
+    for e in events:
+        if e[0] == BALANCE:
+            latest.setdefault(e[2], {})[e[3]] = (e[4], e[5])
+        else:
+            durable.append(e)
+    return durable
 
 
 def commit_block(

@@ -45,7 +45,7 @@ from services.matcher.service import (
     SymbolState,
     _entry_seq,
     commit_block,
-    durable_events,
+    split_balances,
 )
 from services.matcher.snapshot import restore, snapshot
 from shared import keys, metrics
@@ -124,7 +124,9 @@ return 1
 """
 _REWRITE_ACCOUNTS: Final = 500  # balances hashes per script call
 
-Merged = tuple[int, int, SymbolState, Entry]  # (seq, stream order, state, entry)
+# (place, stream order, state, entry, its seq): the place is the seq, or for an id that is no seq
+# (None) the place of the entry before it in its stream
+Merged = tuple[int, int, SymbolState, Entry, int | None]
 Read = tuple[SymbolState, list[Entry], bool]  # (state, entries, whether the reply was cut at the batch size)
 
 
@@ -283,8 +285,7 @@ class VenueMatcher(Matcher):
                         list[Entry], await self.r.xrange(st.k_orders, after, end, count=REPLAY_CHUNK)
                     )
                     streams.append((st, entries, len(entries) >= REPLAY_CHUNK))
-            for _, _, st, (raw_id, fields) in self._merge(streams):
-                seq = _entry_seq(raw_id)
+            for _, _, st, (raw_id, fields), seq in self._merge(streams):
                 cmd, _ = decode(fields, self.scales, self.legacy_scales)
                 engine = self.engine
                 if cmd is not None and seq is not None and seq > engine.last_seq:
@@ -308,7 +309,7 @@ class VenueMatcher(Matcher):
             for entry in entries[: _included(entries, bound)]:
                 seq = _entry_seq(entry[0])
                 prev = prev if seq is None else seq  # an id that is no seq keeps its stream's place
-                run.append((prev, order, st, entry))
+                run.append((prev, order, st, entry, seq))
             runs.append(run)
         if len(runs) == 1:
             return runs[0]
@@ -365,11 +366,11 @@ class VenueMatcher(Matcher):
         last = engine.last_seq
         items: list[Item] = []
         rows: list[tuple[SymbolState, bytes, int, int]] = []  # state, entry id, item index (-1), recv
-        for seq, _, st, (raw_id, fields) in chunk:
+        for _, _, st, (raw_id, fields), seq in chunk:
             cmd, recv_ns = decode(fields, self.scales, self.legacy_scales)
             if type(cmd) is Tick:
                 st.tick_pending = False
-            if cmd is None or seq <= last or _entry_seq(raw_id) is None:
+            if cmd is None or seq is None or seq <= last:
                 log.warning("%s: skipping entry %r: not a command", st.symbol, raw_id)
                 rows.append((st, raw_id, -1, 0))
                 continue
@@ -393,15 +394,13 @@ class VenueMatcher(Matcher):
             if block is None:
                 block = by_state[st] = _Block(st)
                 blocks.append(block)
-            events: list[Event] = results[index] if index >= 0 else []
-            block.pairs.append([raw_id.decode(), durable_events(events)])
             if index >= 0:
-                ts = items[index][2]
+                events, ts = results[index], items[index][2]
                 render(events, st.inst, ts, block.rendered, recv_ns, now_ns, self.scales)
                 records.add(events, st.inst, ts)
-                for e in events:
-                    if e[0] == BALANCE:
-                        balances.setdefault(e[2], {})[e[3]] = (e[4], e[5])
+                block.pairs.append([raw_id.decode(), split_balances(events, balances)])
+            else:
+                block.pairs.append([raw_id.decode(), []])
             st.last_id = raw_id
             st.applied += 1
             st.exec_seq = block.rendered.exec_seq

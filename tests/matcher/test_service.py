@@ -20,10 +20,13 @@ import redis
 
 from services.matcher import checkpoint as ck
 from services.matcher.batch import SAMPLE_EVERY
-from services.matcher.service import COMMIT_ENTRIES, Matcher, SymbolState
+from services.matcher.engine import Engine
+from services.matcher.service import COMMIT_ENTRIES, Matcher, SymbolState, durable_events, split_balances
 from shared import keys
-from shared.commands import Cancel, Command, NewOrder
+from shared.commands import Cancel, Command, Deposit, NewOrder
+from shared.events import BALANCE, TRADE
 from shared.ids import entry_to_seq
+from shared.instruments import Instrument
 from tests.matcher import (
     BTC,
     ETH,
@@ -363,3 +366,24 @@ async def test_a_backlog_is_applied_while_redis_commits_exactly_as_the_engine_wo
         seen += m["type"] == "l2_update"
         assert m["seq"] == seen
     assert len(snaps) >= 2
+
+
+def test_split_balances_keeps_the_other_events_in_order_and_each_balances_last_state() -> None:
+    """As the venue matcher's commit uses it: over a chunk's commands, in order, into one `latest`."""
+    engine = Engine([Instrument("BTC-USDT")], risk=True)
+    assert engine.ledger is not None
+    usdt, coin = (10 ** engine.ledger.scales[a] for a in ("USDT", "BTC"))
+    for seq, cmd in enumerate([Deposit("alice", "USDT", 10_000 * usdt), Deposit("bob", "BTC", 2 * coin)], 1):
+        engine.apply(cmd, seq, seq)
+    buy = engine.apply(NewOrder("BTC-USDT", "alice", "buy", "limit", "gtc", 100_00, 100_000, "b1"), 3, 3)
+    sell = engine.apply(NewOrder("BTC-USDT", "bob", "sell", "limit", "gtc", 100_00, 100_000, "s1"), 4, 4)
+    latest: dict[str, dict[str, tuple[int, int]]] = {"carol": {"BTC": (1, 0)}}
+    for events in (buy, sell):
+        durable = split_balances(events, latest)
+        assert durable == [e for e in events if e[0] != BALANCE] == durable_events(events)
+    assert any(e[0] == TRADE for e in durable)
+    held = next(e for e in buy if e[0] == BALANCE and e[2:4] == ("alice", "USDT"))
+    paid = next(e for e in sell if e[0] == BALANCE and e[2:4] == ("alice", "USDT"))
+    assert held[5] > 0 and paid[5] == 0 and latest["alice"]["USDT"] == paid[4:6]  # the last state wins
+    assert latest["bob"]["BTC"] == next(e[4:6] for e in sell if e[0] == BALANCE and e[2:4] == ("bob", "BTC"))
+    assert latest["carol"] == {"BTC": (1, 0)}  # what was there stays
