@@ -1,11 +1,11 @@
 """`cme bench e2e --stack-risk both`: what balances cost the whole stack, measured as a pair.
 
-Two private stacks, one without balances and one with, start side by side and stay up. Each round
-drives one freshly generated plan through one stack and then the same plan through the other, the
-first of each round alternating (off-on, on-off, ...), so that the neighbours' noise, when it lasts
-longer than a leg, falls on both alike; runs alternated by hand, minutes apart, spread 0.72-1.19x on a
-busy day. Before each leg the driver waits until both stacks are idle, so that the last leg's
-checkpoint or read-model writes do not fall into the next one's window. The figure is the median of
+Each round starts two private stacks side by side, one without balances and one with, drives one
+freshly generated plan through one and then the same plan through the other, the first of each round
+alternating (off-on, on-off, ...), and stops both: the neighbours' noise, when it lasts longer than a
+leg, falls on both alike (runs alternated by hand, minutes apart, spread 0.72-1.19x on a busy day).
+Before each leg the driver waits until both stacks are idle, so that the other's start or its last
+leg's checkpoint and read-model writes do not fall into the window. The figure is the median of
 the rounds' ratios, as `cme bench core --risk both` takes the median of its lockstep slices.
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from services.bench.e2e import Load, build_plan, drive, load_from_args, say, stack_pids, start_stack
+from services.bench.e2e import Load, Plan, build_plan, drive, load_from_args, say, stack_pids, start_stack
 from services.bench.matcher import proc_cpu_s
 
 RISKS = ("off", "on")
@@ -40,36 +40,18 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def run_pairs(load: Load, rounds: int, quiet: bool, json_path: str | None) -> int:
-    stacks: dict[str, Any] = {}
-    tmps: list[str] = []
     legs: list[dict[str, dict[str, Any]]] = []
+    say(quiet, f"cme bench e2e --stack-risk both: {rounds} rounds of {load.duration:g} s per stack")
     try:
-        for risk in RISKS:
-            stack, tmp = start_stack(quiet, risk)
-            stacks[risk] = stack
-            tmps.append(tmp)
-        say(quiet, f"cme bench e2e --stack-risk both: {rounds} rounds of {load.duration:g} s per stack")
         for r in range(rounds):
             order = RISKS if r % 2 == 0 else RISKS[::-1]
             plan = build_plan(load.commands, load.seed, load.clients, uuid.uuid4().hex[:6], quiet, "plain",
                               load.duration)  # fmt: skip
-            got: dict[str, dict[str, Any]] = {}
-            for risk in order:
-                _wait_idle(list(stacks.values()))
-                say(quiet, f"[round {r + 1}/{rounds}: balances {risk}]")
-                url = stacks[risk].endpoints()["gateway"]
-                got[risk] = drive(url, plan, load.procs, load.rate, load.duration, load.window, quiet,
-                                  stacks[risk])  # fmt: skip
-            legs.append(got)
-            say(quiet, f"  round {r + 1}: on / off {_ratio(got['on'], got['off']):.3f}")
+            legs.append(_round(plan, order, load, quiet))
+            say(quiet, f"  round {r + 1}/{rounds}: on / off {_ratio(legs[-1]['on'], legs[-1]['off']):.3f}")
     except (RuntimeError, OSError) as exc:
         print(f"cme bench e2e: {exc}", file=sys.stderr)
         return 2
-    finally:
-        for stack in stacks.values():
-            stack.stop()
-        for tmp in tmps:
-            shutil.rmtree(tmp, ignore_errors=True)
     report = summarise(legs, load)
     _print(report)
     if json_path:
@@ -80,6 +62,30 @@ def run_pairs(load: Load, rounds: int, quiet: bool, json_path: str | None) -> in
         for leg in got.values()
     )
     return 0 if clean else 1
+
+
+def _round(plan: Plan, order: tuple[str, ...], load: Load, quiet: bool) -> dict[str, dict[str, Any]]:
+    """One leg per stack, in `order`, each on a stack of its own started for the round: every leg
+    then meets what a single `cme bench e2e` meets (an empty book, a short AOF, no rewrite of it
+    under way), and the two of a round run back to back."""
+    stacks: dict[str, Any] = {}
+    tmps: list[str] = []
+    try:
+        for risk in order:
+            stacks[risk], tmp = start_stack(quiet, risk)
+            tmps.append(tmp)
+        got: dict[str, dict[str, Any]] = {}
+        for risk in order:
+            _wait_idle(list(stacks.values()))
+            say(quiet, f"[balances {risk}]")
+            got[risk] = drive(stacks[risk].endpoints()["gateway"], plan, load.procs, load.rate, load.duration,
+                              load.window, quiet, stacks[risk])  # fmt: skip
+        return got
+    finally:
+        for stack in stacks.values():
+            stack.stop()
+        for tmp in tmps:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def summarise(legs: list[dict[str, dict[str, Any]]], load: Load) -> dict[str, Any]:
